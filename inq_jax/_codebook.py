@@ -1,0 +1,173 @@
+"""Power-of-two codebooks: exponent bounds (paper Sec. 2.1) and Eq. 4 rounding.
+
+A b-bit INQ codebook for one layer (or one output channel) is
+
+    P = {0} U {+-2^k : n2 <= k <= n1},   n1 = floor(log2(4 s / 3)),
+                                         n2 = n1 + 1 - 2^(b-2),
+
+where s is the largest |w| of the *pretrained* weights. Everything here is exact:
+no float log2 is taken, the exponent comes from `frexp`, whose mantissa comparison
+against 0.75 is exact in every binary float format.
+
+Reference: Zhou et al., "Incremental Network Quantization", ICLR 2017,
+arXiv:1702.03044, Eqs. 2-4.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+import numpy as np
+
+# n1 of a layer (or channel) whose pretrained weights are all zero. Its codebook is
+# {0}: every weight rounds to 0 and stays there. Far below any float exponent, so it
+# can never collide with a real n1, and n2 = n1 + 1 - 2^(b-2) still fits in int32.
+ZERO_CODEBOOK = -(2**30)
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits) -> int:
+  """Returns `bits` if it is a Python int in [2, 8], else raises a clear error."""
+  if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+    raise TypeError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r} "
+                    f"({type(bits).__name__})")
+  if not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {bits}")
+  return int(bits)
+
+
+def num_exponents(bits: int) -> int:
+  """Number of non-zero magnitudes 2^n2..2^n1 in a b-bit codebook: 2^(b-2)."""
+  return 2 ** (check_bits(bits) - 2)
+
+
+def max_distinct_values(bits: int) -> int:
+  """Size of a b-bit codebook: zero plus both signs of 2^(b-2) powers = 2^(b-1)+1."""
+  return 2 * num_exponents(bits) + 1
+
+
+def _compute_dtype(dtype):
+  # float16/bfloat16 upcast to float32 exactly; float32/float64 are used as they are.
+  return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
+
+
+def exponent_bounds(max_abs, bits: int):
+  """The exponent range (n1, n2) of a b-bit INQ codebook.
+
+  n1 = floor(log2(4 * max_abs / 3)) computed exactly: with max_abs = m * 2^e and
+  m in [0.5, 1), n1 = e if m >= 0.75 else e - 1. So max_abs = 0.75 * 2^k gives
+  exactly k, in float16, bfloat16, float32 and float64 alike, where a float log2
+  can land just below the integer. n2 = n1 + 1 - 2^(bits-2).
+
+  Args:
+    max_abs: the largest |w| of the pretrained weights; a scalar or an array
+      (one entry per output channel). Must be finite and >= 0.
+    bits: the codebook's bit-width b, a Python int in [2, 8].
+
+  Returns:
+    `(n1, n2)` as int32 arrays of `max_abs`'s shape. Where max_abs == 0 (an
+    all-zero layer or channel), n1 is `ZERO_CODEBOOK` and the codebook is {0}.
+
+  Example:
+    >>> exponent_bounds(0.75, bits=5)   # 0.75 = 0.75 * 2^0
+    (Array(0, dtype=int32), Array(-7, dtype=int32))
+
+  Reference: arXiv:1702.03044, Eq. 3 and the text after it.
+  """
+  bits = check_bits(bits)
+  s = jnp.asarray(max_abs)
+  if not jnp.issubdtype(s.dtype, jnp.floating):
+    s = s.astype(jnp.float32)
+  s = s.astype(_compute_dtype(s.dtype))
+  mantissa, exponent = jnp.frexp(s)
+  n1 = exponent.astype(jnp.int32) - (mantissa < 0.75).astype(jnp.int32)
+  n1 = jnp.where(s > 0, n1, jnp.int32(ZERO_CODEBOOK))
+  n2 = n1 + jnp.int32(1 - num_exponents(bits))
+  return n1, n2
+
+
+def round_to_pow2(w, n1, n2):
+  """Rounds weights to the codebook {0} U {+-2^k : n2 <= k <= n1} (paper Eq. 4).
+
+  With alpha < beta adjacent in {0, 2^n2, ..., 2^n1}, |w| maps to beta when
+  (alpha + beta)/2 <= |w| < 3 beta / 2; so |w| < 2^(n2-1) -> 0 and
+  0.75 * 2^k <= |w| < 1.5 * 2^k -> 2^k (lower bounds inclusive: ties go up).
+  Eq. 4 read literally would zero |w| >= 1.5 * 2^n1; weights can grow past that
+  during retraining while n1 stays fixed from the pretrained model, so they
+  saturate to +-2^n1 instead. Zero is returned as +0.0.
+
+  Args:
+    w: a floating-point array.
+    n1, n2: int exponent bounds, scalars or arrays broadcastable against `w`
+      (per-output-channel bounds of shape `(w.shape[-1],)` broadcast along the
+      last axis, which is the output axis of Flax Dense and Conv kernels).
+      `n1 == ZERO_CODEBOOK` means the codebook {0}.
+
+  Returns:
+    An array of the same shape and dtype as `w`. NaN stays NaN.
+
+  Example:
+    >>> round_to_pow2(jnp.array([0.3, -0.75, 5.0]), n1=0, n2=-3)
+    Array([ 0.25, -1.  ,  1.  ], dtype=float32)
+
+  Reference: arXiv:1702.03044, Eq. 4.
+  """
+  w = jnp.asarray(w)
+  if not jnp.issubdtype(w.dtype, jnp.floating):
+    raise TypeError(f"round_to_pow2 needs floating-point weights, got dtype {w.dtype}")
+  x = w.astype(_compute_dtype(w.dtype))
+  n1 = jnp.asarray(n1, jnp.int32)
+  n2 = jnp.asarray(n2, jnp.int32)
+  a = jnp.abs(x)
+  mantissa, exponent = jnp.frexp(a)
+  # Nearest power of two with ties up: a in [0.75 * 2^k, 1.5 * 2^k) -> k.
+  k = exponent.astype(jnp.int32) - (mantissa < 0.75).astype(jnp.int32)
+  k = jnp.clip(k, n2, n1)  # below: the [2^(n2-1), 0.75 * 2^n2) bin; above: saturate.
+  k = jnp.where(jnp.isinf(a), n1, k)
+  one = jnp.ones((), x.dtype)
+  # Compared as floats rather than through frexp's exponent, which is wrong for
+  # subnormals on some backends; 2^(n2-1) is a normal number for codebooks that
+  # `init` accepts, and such tiny weights round to zero either way.
+  keep = (a >= jnp.ldexp(one, n2 - 1)) & (n1 != ZERO_CODEBOOK)
+  magnitude = jnp.ldexp(one, k)
+  q = jnp.where(keep, jnp.where(x < 0, -magnitude, magnitude), jnp.zeros((), x.dtype))
+  q = jnp.where(jnp.isnan(x), x, q)
+  return q.astype(w.dtype)
+
+
+def in_codebook(w, n1, n2):
+  """Elementwise: is `w` exactly 0 or +-2^k with n2 <= k <= n1?"""
+  w = jnp.asarray(w)
+  x = w.astype(_compute_dtype(w.dtype))
+  mantissa, exponent = jnp.frexp(jnp.abs(x))
+  k = exponent.astype(jnp.int32) - 1
+  n1 = jnp.asarray(n1, jnp.int32)
+  n2 = jnp.asarray(n2, jnp.int32)
+  is_pow2 = (mantissa == 0.5) & (k >= n2) & (k <= n1) & (n1 != ZERO_CODEBOOK)
+  # Exact round trip guards against frexp quirks on subnormals.
+  is_pow2 &= jnp.ldexp(jnp.ones((), x.dtype), k) == jnp.abs(x)
+  return (x == 0) | is_pow2
+
+
+def representable(n1, n2, dtype) -> bool:
+  """True when every codebook value and bin edge 2^(n2-1)..2^n1 is a normal `dtype`."""
+  info = jnp.finfo(dtype)
+  n1 = np.asarray(n1)
+  n2 = np.asarray(n2)
+  real = n1 != ZERO_CODEBOOK
+  ok = (n1 <= int(info.maxexp) - 1) & (n2 - 1 >= int(info.minexp))
+  return bool(np.all(ok | ~real))
+
+
+def dtype_exponent_range(dtype):
+  """(smallest, largest) k with 2^k a normal number of `dtype`."""
+  info = jnp.finfo(dtype)
+  return int(info.minexp), int(info.maxexp) - 1
+
+
+__all__ = [
+    "ZERO_CODEBOOK", "exponent_bounds", "round_to_pow2", "in_codebook",
+    "max_distinct_values", "num_exponents",
+]

@@ -1,0 +1,101 @@
+"""INQConfig: what to quantize, to how many bits, on which schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+from typing import Optional, Tuple
+
+from inq_jax import _codebook
+from inq_jax import _partition
+
+# Flax Linen and NNX both name Dense/Conv/DenseGeneral/Einsum weights "kernel";
+# biases, batch-norm scale/bias and embeddings are left float, as in the paper.
+DEFAULT_INCLUDE = r"(^|/)kernel$"
+GRANULARITIES = ("layer", "channel")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class INQConfig:
+  """Configuration of an INQ run (validated on construction).
+
+  Attributes:
+    bits: codebook bit-width b in [2, 8]: zero plus 2^(b-2) signed powers of two.
+    portions: accumulated portions sigma_1 < ... < sigma_N = 1.0 of each layer's
+      weights that are quantized and frozen after each step. The paper's 5-bit
+      schedule (0.5, 0.75, 0.875, 1.0) is the default.
+    strategy: "magnitude" (pruning-inspired: largest |w| first) or "random".
+    include: regex (re.search) over '/'-joined parameter paths selecting the
+      leaves to quantize; default: every `kernel` (conv and dense weights).
+    exclude: optional regex removing leaves from the selection (e.g. the first
+      layer). Each regex must match at least one leaf.
+    granularity: "layer" (one n1 per layer, the paper) or "channel" (one n1 per
+      output channel, i.e. per entry of the last kernel axis; an extension).
+    seed: seeds the "random" partition; every host derives the same masks.
+
+  Example:
+    >>> cfg = INQConfig(bits=4, portions=(0.3, 0.5, 0.8, 0.9, 0.95, 1.0))
+
+  Reference: arXiv:1702.03044, Sec. 2 and 3.
+  """
+
+  bits: int = 5
+  portions: Tuple[float, ...] = (0.5, 0.75, 0.875, 1.0)
+  strategy: str = "magnitude"
+  include: str = DEFAULT_INCLUDE
+  exclude: Optional[str] = None
+  granularity: str = "layer"
+  seed: int = 0
+
+  def __post_init__(self):
+    _codebook.check_bits(self.bits)
+    portions = self.portions
+    if isinstance(portions, (str, bytes)) or not hasattr(portions, "__iter__"):
+      raise TypeError(f"portions must be a sequence of floats, got {portions!r}")
+    portions = tuple(portions)
+    if not portions:
+      raise ValueError("portions is empty; give accumulated portions ending at 1.0, "
+                       "e.g. (0.5, 0.75, 0.875, 1.0)")
+    for p in portions:
+      if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise TypeError(f"portions must hold floats, got {p!r} in {portions}")
+      if not 0.0 < p <= 1.0:
+        raise ValueError(f"portion {p} in {portions} is outside (0, 1]")
+    for a, b in zip(portions, portions[1:]):
+      if not a < b:
+        raise ValueError(f"portions must be strictly increasing, got {a} then {b} in "
+                         f"{portions}")
+    if portions[-1] != 1.0:
+      raise ValueError(f"portions must end at 1.0 (every weight quantized), got "
+                       f"{portions[-1]} last in {portions}")
+    object.__setattr__(self, "portions", tuple(float(p) for p in portions))
+    _partition.check_strategy(self.strategy, key=0)
+    for name in ("include", "exclude"):
+      pattern = getattr(self, name)
+      if pattern is None and name == "exclude":
+        continue
+      if not isinstance(pattern, str):
+        raise TypeError(f"{name} must be a regex string, got {pattern!r}")
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f"{name}={pattern!r} is not a valid regex: {e}") from None
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f"unknown granularity {self.granularity!r}; expected one of "
+                       f"{GRANULARITIES}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+      raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+  @property
+  def num_steps(self) -> int:
+    return len(self.portions)
+
+  def selects(self, path: str) -> bool:
+    """Whether the leaf at '/'-joined `path` is quantized under this config."""
+    if not re.search(self.include, path):
+      return False
+    return self.exclude is None or not re.search(self.exclude, path)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self) | {"portions": list(self.portions)}

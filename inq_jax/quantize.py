@@ -1,0 +1,39 @@
+"""Incremental Network Quantization as pure functions over parameter pytrees.
+
+The public module Flax users import::
+
+    from inq_jax import quantize as inq
+
+    state = inq.init(params, inq.INQConfig(bits=5))    # codebooks from pretrained
+    for _ in state.config.portions:
+      params, state = inq.advance(params, state)       # quantize + freeze a portion
+      ...retrain with optax.chain(base, inq_jax.optim.freeze(state.masks))...
+    inq.verify(params, state)                          # every frozen weight in P_l
+
+Works on Linen `variables["params"]`, NNX `nnx.state(model, nnx.Param)` and plain
+nested dicts, with float32, bfloat16 and float16 leaves.
+
+Reference: A. Zhou et al., "Incremental Network Quantization: Towards Lossless
+CNNs with Low-Precision Weights", ICLR 2017, arXiv:1702.03044.
+"""
+
+from inq_jax._codebook import ZERO_CODEBOOK
+from inq_jax._codebook import exponent_bounds
+from inq_jax._codebook import in_codebook
+from inq_jax._codebook import max_distinct_values
+from inq_jax._codebook import round_to_pow2
+from inq_jax._config import DEFAULT_INCLUDE
+from inq_jax._config import INQConfig
+from inq_jax._partition import frozen_count
+from inq_jax._partition import partition
+from inq_jax._state import INQState
+from inq_jax._state import LeafSummary
+from inq_jax._state import advance
+from inq_jax._state import init
+from inq_jax._state import verify
+
+__all__ = [
+    "ZERO_CODEBOOK", "DEFAULT_INCLUDE", "INQConfig", "INQState", "LeafSummary",
+    "advance", "exponent_bounds", "frozen_count", "in_codebook", "init",
+    "max_distinct_values", "partition", "round_to_pow2", "verify",
+]
