@@ -66,7 +66,7 @@ def _show(x) -> str:
 
 def _first_bad(bad: np.ndarray, values: np.ndarray) -> str:
   idx = tuple(int(i) for i in np.argwhere(bad)[0])
-  return f"{values[idx]!r} at index {idx}"
+  return f"{float(values[idx]):.8g} at index {idx}"
 
 
 @jax.jit

@@ -1,0 +1,135 @@
+"""freeze: frozen weights stay bit-identical under every common optimizer."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import inq_jax
+from inq_jax import quantize as inq
+
+OPTIMIZERS = {
+    "sgd_momentum_wd": lambda: optax.chain(optax.add_decayed_weights(5e-4),
+                                           optax.sgd(0.05, momentum=0.9)),
+    "sgd_nesterov_wd": lambda: optax.chain(optax.add_decayed_weights(5e-4),
+                                           optax.sgd(0.05, momentum=0.9, nesterov=True)),
+    "adam": lambda: optax.adam(1e-2),
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+}
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+
+
+def data():
+  x = jax.random.normal(jax.random.key(0), (64, 8))
+  return x, (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0).astype(jnp.int32)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_frozen_bit_identical_through_all_phases(name):
+  model, (x, y) = MLP(), data()
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  state = inq.init(params, inq.INQConfig(bits=4, portions=(0.3, 0.6, 0.9, 1.0)))
+  opt_state = None
+  for step in range(state.config.num_steps - 1):
+    params, state = inq.advance(params, state)
+    tx = optax.chain(OPTIMIZERS[name](), inq_jax.optim.freeze(state.masks))
+    if opt_state is None or step % 2 == 0:
+      opt_state = tx.init(params)
+    else:  # carry the inner optimizer's momentum over, with the new masks
+      opt_state = (opt_state[0], inq_jax.optim.FreezeState(state.masks))
+
+    @jax.jit
+    def train_step(p, s, tx=tx):
+      grads = jax.grad(loss_fn)(p)
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+    before = jax.tree.map(np.asarray, params)
+    for _ in range(5):
+      params, opt_state = train_step(params, opt_state)
+    for path in ("Dense_0", "Dense_1"):
+      m = np.asarray(state.masks[path]["kernel"])
+      old, new = before[path]["kernel"], np.asarray(params[path]["kernel"])
+      assert old[m].tobytes() == new[m].tobytes(), f"{name}: frozen {path} moved"
+      assert np.any(old[~m] != new[~m]), f"{name}: float weights of {path} did not train"
+    assert np.any(before["Dense_0"]["bias"] != np.asarray(params["Dense_0"]["bias"]))
+  params, state = inq.advance(params, state)
+  assert all(s.frozen == s.total for s in inq.verify(params, state).values())
+
+
+def test_nnx_optimizer():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 16, rngs=rngs)
+      self.l2 = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(nnx.relu(self.l1(x)))
+
+  model, (x, y) = Net(nnx.Rngs(0)), data()
+  params = nnx.state(model, nnx.Param)
+  state = inq.init(params, inq.INQConfig())
+  params, state = inq.advance(params, state)
+  nnx.update(model, params)
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.freeze(state.masks))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    grads = nnx.grad(loss_fn)(model)
+    optimizer.update(model, grads)
+
+  before = np.asarray(model.l1.kernel[...])
+  for _ in range(3):
+    train_step(model, optimizer)
+  m = np.asarray(state.masks["l1"]["kernel"][...])
+  after = np.asarray(model.l1.kernel[...])
+  assert before[m].tobytes() == after[m].tobytes()
+  assert np.any(before[~m] != after[~m])
+
+
+def test_python_false_masks_and_zero_exact_for_nan():
+  tx = inq_jax.optim.freeze({"a": jnp.array([True, False]), "b": False})
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+  s = tx.init(params)
+  upd, _ = tx.update({"a": jnp.array([jnp.nan, 1.0]), "b": jnp.ones(3)}, s)
+  np.testing.assert_array_equal(upd["a"], [0.0, 1.0])
+  np.testing.assert_array_equal(upd["b"], [1.0] * 3)
+
+
+def test_masks_mismatch():
+  with pytest.raises(ValueError, match="masks' tree does not match"):
+    inq_jax.optim.freeze({"a": False}).init({"a": jnp.zeros(2), "b": jnp.zeros(2)})
+  with pytest.raises(ValueError, match=r"a has shape \(2,\) but its mask has shape \(3,\)"):
+    inq_jax.optim.freeze({"a": jnp.zeros(3, bool)}).init({"a": jnp.zeros(2)})
+
+
+def test_masks_are_arguments_not_constants():
+  # A 1M-weight mask baked in as a constant would put megabytes into the program.
+  params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (1024, 1024))}}
+  state = inq.init(params, inq.INQConfig())
+  params, state = inq.advance(params, state)
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.freeze(state.masks))
+  opt_state = tx.init(params)
+
+  def step(p, s):
+    updates, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  text = jax.jit(step).lower(params, opt_state).as_text()
+  assert len(text) < 20_000, len(text)
