@@ -1,0 +1,58 @@
+"""Fields every experiment config has; each config file overrides what it needs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "lenet"
+  c.dtype = "float32"  # computation dtype; params stay float32
+  c.seed = 0
+  c.distributed = False  # call jax.distributed.initialize() (multi-host runs)
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "fashion_mnist"
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  c.dataset.train_split = "train"
+  c.dataset.test_split = "test"
+  c.dataset.augment = False
+  c.dataset.image_size = 224
+
+  c.batch_size = 128       # global, split over all devices
+  c.eval_batch_size = 500
+
+  # SGD with momentum; weight decay is part of the loss E (paper Sec. 2.3).
+  c.optimizer = "sgd"      # sgd | adam
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 5e-4
+  c.lr_schedule = "cosine"  # cosine | step (x step_factor every step_epochs) | constant
+  c.step_epochs = 1
+  c.step_factor = 0.1
+  c.warmup_epochs = 0.0
+
+  # Stage 1: the full-precision model, trained here or restored.
+  c.baseline = ml_collections.ConfigDict()
+  c.baseline.epochs = 10
+  c.baseline.learning_rate = 0.05
+  c.init_checkpoint = ml_collections.FieldReference(None, field_type=str)   # orbax dir
+  c.init_torchvision = ml_collections.FieldReference(None, field_type=str)  # .pth/.safetensors
+
+  # Stage 2: INQ. The learning-rate schedule restarts every phase.
+  c.inq = ml_collections.ConfigDict()
+  c.inq.bits = 5
+  c.inq.portions = (0.5, 0.75, 0.875, 1.0)
+  c.inq.strategy = "magnitude"  # magnitude (pruning-inspired) | random
+  c.inq.granularity = "layer"   # layer (paper) | channel
+  c.inq.include = r"(^|/)kernel$"
+  c.inq.exclude = ml_collections.FieldReference(None, field_type=str)
+  c.inq.epochs_per_phase = 2
+  c.inq.learning_rate = 0.01
+  c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step
+  c.inq.final_finetune_epochs = 0      # train biases/BN with every kernel frozen
+
+  c.checkpoint_every_epochs = 1
+  c.max_checkpoints_to_keep = 2
+  c.plot_layer = ""  # regex for weights.png; "" = the largest quantized layer
+  return c
