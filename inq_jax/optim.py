@@ -49,7 +49,9 @@ def freeze(frozen_masks) -> optax.GradientTransformation:
   """
 
   def init_fn(params):
-    masks = jax.tree.map(lambda m: jnp.asarray(m, bool), frozen_masks)
+    # Copies, so that donating the optimizer state to a jitted step never
+    # deletes the caller's masks (e.g. `INQState.masks`).
+    masks = jax.tree.map(lambda m: jnp.array(m, bool, copy=True), frozen_masks)
     flat, treedef = leaves_with_paths(params)
     mflat, mtreedef = leaves_with_paths(masks)
     if treedef != mtreedef:

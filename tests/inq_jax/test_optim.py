@@ -133,3 +133,13 @@ def test_masks_are_arguments_not_constants():
 
   text = jax.jit(step).lower(params, opt_state).as_text()
   assert len(text) < 20_000, len(text)
+
+
+def test_donating_opt_state_keeps_callers_masks():
+  params = {"d": {"kernel": jnp.ones((4, 4))}}
+  state = inq.init(params, inq.INQConfig())
+  params, state = inq.advance(params, state)
+  tx = inq_jax.optim.freeze(state.masks)
+  step = jax.jit(lambda p, s: tx.update(p, s), donate_argnums=1)
+  jax.block_until_ready(step(params, tx.init(params)))
+  assert int(jnp.sum(state.masks["d"]["kernel"])) == 8  # not deleted by the donation

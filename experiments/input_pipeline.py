@@ -1,0 +1,441 @@
+"""Datasets for the experiments: Fashion-MNIST, CIFAR-10, ImageNet, without TensorFlow.
+
+`get_dataset(config.dataset)` returns a `Dataset` whose batches are numpy
+arrays, normalized with the usual per-dataset mean/std:
+
+  train_batches(batch_size, epoch, seed)  {'image' f32 [b,H,W,C], 'label' i32 [b]}
+  test_batches(batch_size)                same plus 'mask' bool [b]
+
+`batch_size` is global; each process gets its own b = batch_size / processes
+slice of every global batch. The order and the augmentation of epoch `e` are a
+pure function of (seed, e), and independent of the number of processes, so a
+run that is killed and resumed at epoch `e` sees exactly the same batches.
+
+Storage: TFDS datasets prepared as array_record in `data_dir`, read with
+`tfds.data_source` (random access, no TensorFlow). Fashion-MNIST and CIFAR-10
+are loaded into memory once as uint8 and cached as an .npz next to the prepared
+files, since decoding 60k PNGs through TFDS takes ~20 s. ImageNet streams:
+decode, crop and resize per example with PIL in a thread pool.
+
+Where the data comes from:
+  * fashion_mnist: `fashion_mnist_idx.FashionMnistIdx`, built from the four IDX
+    files in `manual_dir` (default: where Debian's dataset-fashion-mnist puts
+    them). Without them: TFDS's own `fashion_mnist` if already prepared, or
+    downloaded with it where TensorFlow is installed (its builder needs TF), or
+    else the original files fetched with urllib (checked against TFDS's SHA-256
+    sums) and built with our builder. If nothing works, DatasetNotFoundError
+    says how to get the files.
+  * cifar10, imagenet2012: TFDS's builders. Preparing with them needs
+    TensorFlow (they read files with tf.io.gfile); reading a prepared copy does
+    not. ImageNet needs ILSVRC2012_img_{train,val}.tar in `manual_dir`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import os
+import re
+from typing import Any, Iterator, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+import tensorflow_datasets as tfds
+from absl import logging
+
+from experiments import fashion_mnist_idx
+
+# (mean, std) per channel, of images scaled to [0, 1].
+NORMALIZATION = {
+    "fashion_mnist": ((0.2860,), (0.3230,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+_READ_CHUNK = 4096  # examples per __getitems__ call while filling the cache
+
+
+class DatasetNotFoundError(FileNotFoundError):
+  """The dataset is not prepared and cannot be prepared here; the message says how."""
+
+
+def _tensorflow_available() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+# ----------------------------------------------------------------- sources
+
+
+class _ArraySource:
+  """A split held in memory as uint8 images [n, H, W, C] and int32 labels [n]."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray, name: str):
+    self.images, self.labels, self.name = images, labels, name
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def load(self, indices: np.ndarray, rng: Optional[np.random.Generator],
+           local: slice) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images and labels of indices[local]; rng (train only) augments.
+
+    Augmentation parameters are drawn for the whole global batch `indices` and
+    then sliced, so an example's crop does not depend on the process count.
+    """
+    images = self.images[indices[local]]
+    if rng is not None and self.name == "cifar10":
+      n = len(indices)
+      offsets = rng.integers(0, 9, size=(n, 2))[local]  # pad 4 -> 9 crop positions
+      flips = (rng.random(n) < 0.5)[local]
+      padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
+      images = np.stack([p[y:y + 32, x:x + 32] for p, (y, x) in zip(padded, offsets)])
+      images[flips] = images[flips, :, ::-1]
+    return images, self.labels[indices[local]]
+
+
+class _ImageNetSource:
+  """An ImageNet split read on demand from a TFDS data source."""
+
+  def __init__(self, data_source, image_size: int, pool: concurrent.futures.Executor):
+    self.data_source, self.image_size, self.pool = data_source, image_size, pool
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def load(self, indices: np.ndarray, rng: Optional[np.random.Generator],
+           local: slice) -> tuple[np.ndarray, np.ndarray]:
+    mine = indices[local].tolist()
+    # One seed per example of the global batch, so crops don't depend on the process count.
+    seeds = (rng.integers(0, 2**63, size=len(indices))[local].tolist() if rng is not None
+             else [None] * len(mine))
+    # Concurrent reads of a TFDS ArrayRecordDataSource are supported (Grain does
+    # the same); PIL releases the GIL while decoding and resizing.
+    out = list(self.pool.map(self._example, mine, seeds))
+    return (np.stack([image for image, _ in out]),
+            np.array([label for _, label in out], np.int32))
+
+  def _example(self, index: int, seed: Optional[int]) -> tuple[np.ndarray, int]:
+    example = self.data_source[index]
+    image = np.asarray(example["image"])
+    if image.ndim == 3 and image.shape[-1] == 1:
+      image = image[..., 0]
+    pil = PIL.Image.fromarray(image)
+    if pil.mode != "RGB":
+      pil = pil.convert("RGB")
+    size = self.image_size
+    if seed is None:
+      out = center_crop(pil, size)
+    else:
+      rng = np.random.default_rng(seed)
+      x, y, w, h = random_resized_crop_box(rng, pil.width, pil.height)
+      out = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR, box=(x, y, x + w, y + h)))
+      if rng.random() < 0.5:
+        out = out[:, ::-1]
+    return out, int(example["label"])
+
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
+                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
+  """(x, y, w, h) as torchvision's RandomResizedCrop picks it (10 tries, then center)."""
+  area = width * height
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = int(round(math.sqrt(target * aspect)))
+    h = int(round(math.sqrt(target / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, int(round(width / ratio[0]))
+  elif in_ratio > ratio[1]:
+    w, h = int(round(height * ratio[1])), height
+  else:
+    w, h = width, height
+  return (width - w) // 2, (height - h) // 2, w, h
+
+
+def center_crop(pil: PIL.Image.Image, size: int) -> np.ndarray:
+  """Shorter side to size*256/224 (256 for 224), then the central size x size."""
+  resize = int(round(size * 256 / 224))
+  width, height = pil.size
+  if width <= height:
+    new = (resize, int(resize * height / width))
+  else:
+    new = (int(resize * width / height), resize)
+  image = np.asarray(pil.resize(new, PIL.Image.BILINEAR))
+  top = int(round((new[1] - size) / 2.0))
+  left = int(round((new[0] - size) / 2.0))
+  return image[top:top + size, left:left + size]
+
+
+# ----------------------------------------------------------------- dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A train and a test split, as batches of normalized numpy arrays.
+
+  Attributes:
+    name: 'fashion_mnist', 'cifar10' or 'imagenet2012'.
+    num_classes: number of labels.
+    image_shape: (H, W, C) of every batch image.
+    train_size: examples in the train split.
+    test_size: examples in the test split.
+    augment: whether `train_batches` augments (cifar10: pad-4 random crop + flip;
+      imagenet2012: random-resized-crop + flip; fashion_mnist: never).
+  """
+
+  name: str
+  num_classes: int
+  image_shape: tuple
+  train_size: int
+  test_size: int
+  augment: bool = False
+  train_source: Any = dataclasses.field(default=None, repr=False, compare=False)
+  test_source: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Full global batches per epoch; the remainder of the shuffled split is dropped."""
+    return self.train_size // batch_size
+
+  def train_batches(self, batch_size: int, epoch: int, seed: int,
+                    augment: Optional[bool] = None) -> Iterator[dict]:
+    """This process's slice of each global batch of epoch `epoch`.
+
+    Args:
+      batch_size: global batch size (a multiple of jax.process_count()).
+      epoch: epoch number; every epoch is a different shuffle.
+      seed: with `epoch`, determines the order and augmentation completely.
+      augment: overrides `self.augment` (False gives plain train images, e.g.
+        to evaluate on the train split).
+
+    Yields:
+      steps_per_epoch(batch_size) dicts {'image': float32 [b, H, W, C],
+      'label': int32 [b]}, b = batch_size // jax.process_count().
+    """
+    local = self._local_slice(batch_size)
+    augment = self.augment if augment is None else augment
+    seed = int(seed) % 2**64  # SeedSequence entropy must be >= 0
+    order = np.random.default_rng([seed, int(epoch), 0]).permutation(self.train_size)
+    steps = self.steps_per_epoch(batch_size)
+
+    def batch(step):
+      indices = order[step * batch_size:(step + 1) * batch_size]
+      rng = np.random.default_rng([seed, int(epoch), step + 1]) if augment else None
+      images, labels = self.train_source.load(indices, rng, local)
+      return {"image": self._normalize(images), "label": labels.astype(np.int32)}
+
+    return self._iterate(batch, steps)
+
+  def test_batches(self, batch_size: int) -> Iterator[dict]:
+    """Every test example once, in order; the last batch padded, with 'mask' False there.
+
+    With several processes, global batch k is [k*B, (k+1)*B) and each process
+    gets its slice; every process yields the same number of batches.
+    """
+    local = self._local_slice(batch_size)
+    b = local.stop - local.start
+    steps = -(-self.test_size // batch_size)
+
+    def batch(step):
+      indices = np.arange(step * batch_size, min((step + 1) * batch_size, self.test_size))
+      real = len(indices[local])
+      image = np.zeros((b,) + tuple(self.image_shape), np.float32)
+      label = np.zeros((b,), np.int32)
+      if real:
+        images, labels = self.test_source.load(indices, None, local)
+        image[:real], label[:real] = self._normalize(images), labels
+      return {"image": image, "label": label, "mask": np.arange(b) < real}
+
+    return self._iterate(batch, steps)
+
+  def _local_slice(self, batch_size: int) -> slice:
+    count, index = jax.process_count(), jax.process_index()
+    if batch_size <= 0 or batch_size % count:
+      raise ValueError(f"batch_size={batch_size} must be a positive multiple of the "
+                       f"{count} processes")
+    b = batch_size // count
+    return slice(index * b, (index + 1) * b)
+
+  def _normalize(self, images: np.ndarray) -> np.ndarray:
+    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[self.name])
+    return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
+
+  def _iterate(self, make_batch, steps: int) -> Iterator[dict]:
+    if not isinstance(self.train_source, _ImageNetSource):
+      return (make_batch(step) for step in range(steps))
+    return _prefetch(make_batch, steps)
+
+
+def _prefetch(make_batch, steps: int, depth: int = 2) -> Iterator[dict]:
+  """make_batch(0..steps-1), computed up to `depth` batches ahead in a thread."""
+  with concurrent.futures.ThreadPoolExecutor(1) as executor:
+    pending = [executor.submit(make_batch, step) for step in range(min(depth, steps))]
+    for step in range(steps):
+      result = pending.pop(0).result()
+      if step + depth < steps:
+        pending.append(executor.submit(make_batch, step + depth))
+      yield result
+
+
+# ----------------------------------------------------------------- loading
+
+
+def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
+  """The dataset `config` (the `config.dataset` block) describes.
+
+  Fields (all but `name` optional): name, data_dir (TFDS data dir, None = TFDS
+  default), manual_dir, train_split ('train'), test_split ('test'), augment
+  (False), image_size (224, imagenet2012 only).
+
+  Raises:
+    DatasetNotFoundError: the data is not prepared and cannot be prepared here.
+    fashion_mnist_idx.BadIdxFileError: a Fashion-MNIST IDX file is corrupt.
+    ValueError: an unknown dataset name.
+  """
+  name = config.get("name", "fashion_mnist")
+  data_dir = config.get("data_dir", None)
+  manual_dir = config.get("manual_dir", None)
+  train_split = config.get("train_split", "train")
+  test_split = config.get("test_split", "test")
+  augment = bool(config.get("augment", False))
+  if name == "fashion_mnist":
+    builder = _fashion_mnist_builder(data_dir, manual_dir)
+    augment = False  # 28x28 grayscale: the experiments train without augmentation
+  elif name == "cifar10":
+    builder = _official_builder("cifar10", data_dir, None)
+  elif name == "imagenet2012":
+    builder = _official_builder("imagenet2012", data_dir, manual_dir)
+  else:
+    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(NORMALIZATION)}")
+  num_classes = builder.info.features["label"].num_classes
+
+  if name == "imagenet2012":
+    size = int(config.get("image_size", 224))
+    pool = concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1))
+    train, test = (_ImageNetSource(builder.as_data_source(split=split), size, pool)
+                   for split in (train_split, test_split))
+    image_shape = (size, size, 3)
+  else:
+    train, test = (_ArraySource(*_load_split(builder, split), name)
+                   for split in (train_split, test_split))
+    image_shape = tuple(train.images.shape[1:])
+  logging.info("%s (%s): %s %d examples, %s %d examples, classes %d, images %s",
+               name, builder.name, train_split, len(train), test_split, len(test),
+               num_classes, image_shape)
+  return Dataset(name=name, num_classes=num_classes, image_shape=image_shape,
+                 train_size=len(train), test_size=len(test), augment=augment,
+                 train_source=train, test_source=test)
+
+
+def _load_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images, int32 labels) of a split, from the .npz cache when present.
+
+  The cache sits in the prepared dataset's folder (immutable once prepared)
+  and is checked against the split's length, so a stale one is rebuilt.
+  """
+  source = builder.as_data_source(split=split)
+  n = len(source)
+  tag = re.sub(r"[^A-Za-z0-9]+", "_", split).strip("_")
+  digest = hashlib.sha1(split.encode()).hexdigest()[:8]
+  cache = os.path.join(builder.data_dir, f"inq_cache-{tag}-{digest}.npz")
+  if os.path.isfile(cache):
+    with np.load(cache) as f:
+      if len(f["labels"]) == n:
+        return f["images"], f["labels"]
+
+  first = source[0]
+  images = np.empty((n,) + np.shape(first["image"]), np.uint8)
+  labels = np.empty((n,), np.int32)
+  for start in range(0, n, _READ_CHUNK):
+    keys = list(range(start, min(start + _READ_CHUNK, n)))
+    # __getitems__ is ~2.5x faster than one __getitem__ per record.
+    for i, example in zip(keys, source.__getitems__(keys)):
+      images[i], labels[i] = example["image"], example["label"]
+
+  # Only into an existing local folder: never create one (e.g. under TFDS's
+  # test mocks, whose data_dir does not exist) or write to remote storage.
+  if os.path.isdir(builder.data_dir):
+    tmp = f"{cache}.tmp{os.getpid()}"
+    try:
+      with open(tmp, "wb") as f:
+        np.savez(f, images=images, labels=labels)
+      os.replace(tmp, cache)
+    except OSError as e:  # a read-only data_dir: fine, just slower next time
+      logging.warning("could not cache %s split %r in %s: %s", builder.name, split, cache, e)
+      if os.path.exists(tmp):
+        os.remove(tmp)
+  return images, labels
+
+
+def _fashion_mnist_builder(data_dir: Optional[str], manual_dir: Optional[str]):
+  """A prepared Fashion-MNIST builder; see the module docstring for the order tried."""
+  manual_dir = manual_dir or fashion_mnist_idx.DEBIAN_DIR
+  own = fashion_mnist_idx.FashionMnistIdx(data_dir=data_dir, file_format="array_record")
+  if own.is_prepared() or fashion_mnist_idx.has_idx_files(manual_dir):
+    own.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir))
+    return own
+
+  logging.warning("Fashion-MNIST: no IDX files in %s; trying to download them", manual_dir)
+  official = tfds.builder("fashion_mnist", data_dir=data_dir, file_format="array_record")
+  download_dir = os.path.join(os.fspath(own.data_dir_root), "downloads", "manual",
+                              "fashion_mnist_idx")
+  try:
+    if official.is_prepared():
+      return official
+    if _tensorflow_available():
+      official.download_and_prepare()
+      return official
+    # TFDS's fashion_mnist builder reads the files with tf.io.gfile, so without
+    # TensorFlow fetch the same files (same SHA-256 checks) for our builder.
+    fashion_mnist_idx.download_idx_files(download_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST is not prepared in {own.data_dir_root}, there are no IDX files in "
+        f"manual_dir={manual_dir}, and downloading failed ({type(e).__name__}: {e}).\n"
+        f"{fashion_mnist_idx.HOW_TO_GET}") from e
+  own.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=download_dir))
+  return own
+
+
+def _official_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str]):
+  """TFDS's `name` builder, prepared as array_record (downloading if need be)."""
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+  if builder.is_prepared():
+    return builder
+  if name == "imagenet2012":
+    manual_dir = manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads",
+                                            "manual")
+    missing = [t for t in IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, t))]
+    if missing:
+      raise DatasetNotFoundError(
+          f"imagenet2012 is not prepared in {builder.data_dir_root}, and manual_dir="
+          f"{manual_dir} lacks {', '.join(missing)}. Download {' and '.join(IMAGENET_TARS)} "
+          "from https://image-net.org (registration needed) into a folder DIR and pass "
+          "--config.dataset.manual_dir=DIR.")
+  how = ("prepare it where TensorFlow is installed (`tfds build "
+         f"{name} --file_format=array_record --data_dir=DIR`) and pass "
+         "--config.dataset.data_dir=DIR")
+  if not _tensorflow_available():
+    raise DatasetNotFoundError(
+        f"{name} is not prepared in {builder.data_dir_root}, and TFDS's {name} builder "
+        f"needs TensorFlow to prepare it (reading it does not): `pip install tensorflow`, "
+        f"or {how}.")
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DatasetNotFoundError(
+        f"could not prepare {name} in {builder.data_dir_root} ({type(e).__name__}: {e}). "
+        f"It needs network access{' and the ImageNet tars' if manual_dir else ''}; or {how}."
+    ) from e
+  return builder

@@ -1,0 +1,156 @@
+"""End to end: the smoke pipeline through every phase, resume, refusal, outputs."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train
+from experiments.configs import smoke
+from inq_jax._tree import leaves_with_paths
+
+
+def tiny_config(data_dir, **overrides):
+  c = smoke.get_config()
+  c.dataset.data_dir = str(data_dir)
+  c.dataset.train_split = "train[:1024]"
+  c.dataset.test_split = "test[:300]"
+  c.batch_size = 64
+  c.eval_batch_size = 100
+  c.baseline.epochs = 1
+  c.inq.epochs_per_phase = 1
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+class Recorder:
+  """Callback that keeps params/masks at each phase end and can interrupt."""
+
+  def __init__(self, stop_at_steps=()):
+    self.phase_end, self.steps, self.stop_at = {}, 0, set(stop_at_steps)
+
+  def __call__(self, event, **info):
+    if event == "step":
+      self.steps += 1
+      if info["step"] in self.stop_at:
+        self.stop_at.discard(info["step"])
+        raise KeyboardInterrupt(f"simulated kill at step {info['step']}")
+    if event == "phase_end":
+      self.phase_end[info["phase"]] = (
+          jax.tree.map(np.asarray, info["params"]),
+          jax.tree.map(np.asarray, info["inq_state"].masks))
+
+
+@pytest.fixture(scope="module")
+def finished(fmnist_data_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("run")
+  rec = Recorder()
+  results = train.train_and_evaluate(tiny_config(fmnist_data_dir), str(workdir), callback=rec)
+  return workdir, results, rec
+
+
+def test_results_contract(finished):
+  workdir, results, _ = finished
+  on_disk = json.loads((workdir / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["config"]["inq"]["bits"] == 5
+  assert on_disk["num_devices"] == jax.device_count()
+  assert 0.0 <= on_disk["baseline"]["test_accuracy"] <= 1.0
+  assert [p["portion"] for p in on_disk["phases"]] == [0.5, 0.75, 0.875, 1.0]
+  for p in on_disk["phases"]:
+    assert 0.0 <= p["test_accuracy"] <= 1.0
+    assert np.isfinite(p["train_loss"]) and p["seconds"] > 0
+  final = on_disk["final"]
+  assert final["bits"] == 5 and final["all_pow2"] is True
+  assert 1 < final["max_distinct_values"] <= 17
+  assert final["test_accuracy"] == on_disk["phases"][-1]["test_accuracy"]
+  # Better than chance after one small epoch: the pipeline really trains.
+  assert on_disk["baseline"]["test_accuracy"] > 0.4
+
+
+def test_outputs_written(finished):
+  workdir, _, _ = finished
+  for name in ("accuracy.png", "weights.png", "metrics.jsonl", "config.json"):
+    assert (workdir / name).stat().st_size > 0, name
+  assert any(f.startswith("events") for f in os.listdir(workdir / "tensorboard"))
+  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert any("test_accuracy" in l and l.get("phase") == 4 for l in lines)
+  assert any("train_loss" in l and l["stage"] == "baseline" for l in lines)
+
+
+def test_frozen_kernels_kept_through_next_phase(finished):
+  _, _, rec = finished
+  assert sorted(rec.phase_end) == [0, 1, 2, 3]
+  for p in range(3):
+    params_a, masks_a = rec.phase_end[p]
+    params_b, masks_b = rec.phase_end[p + 1]
+    flat_a, flat_b = dict(leaves_with_paths(params_a)[0]), dict(leaves_with_paths(params_b)[0])
+    masks_a, masks_b = dict(leaves_with_paths(masks_a)[0]), dict(leaves_with_paths(masks_b)[0])
+    kernels = [k for k in flat_a if k.endswith("kernel")]
+    assert len(kernels) == 4
+    for k in kernels:
+      m = masks_a[k].astype(bool)
+      assert m.any() and masks_b[k][m].all()
+      assert flat_a[k][m].tobytes() == flat_b[k][m].tobytes(), k
+      if p < 2:  # weights still float after phase p + 1 moved while retraining
+        still = ~masks_b[k].astype(bool)
+        assert np.any(flat_a[k][still] != flat_b[k][still])
+  final, _ = rec.phase_end[3]
+  for path, w in leaves_with_paths(final)[0]:
+    if path.endswith("kernel"):  # independent check: every nonzero is exactly 2^k
+      nz = np.abs(w[w != 0]).astype(np.float64)
+      np.testing.assert_array_equal(np.exp2(np.round(np.log2(nz))), nz)
+
+
+def _data_dir(workdir):
+  return json.loads((workdir / "config.json").read_text())["dataset"]["data_dir"]
+
+
+def test_finished_run_reprints_without_training(finished, capsys):
+  workdir, results, _ = finished
+  rec = Recorder()
+  again = train.train_and_evaluate(tiny_config(_data_dir(workdir)), str(workdir), callback=rec)
+  assert rec.steps == 0
+  assert again == json.loads(json.dumps(results))
+  assert "final 5-bit: test accuracy" in capsys.readouterr().out
+
+
+def test_changed_config_is_refused(finished):
+  workdir, _, _ = finished
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  config = tiny_config(_data_dir(workdir), **{"inq.bits": 4})
+  with pytest.raises(ValueError, match=r"different config.*inq.bits: 5 -> 4"):
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_kill_and_resume_gives_identical_params(finished, fmnist_data_dir, tmp_path):
+  _, results, rec_full = finished
+  config = tiny_config(fmnist_data_dir)
+  # 16 steps per epoch: kill mid-baseline, then mid-way through phase 2's epoch.
+  rec = Recorder(stop_at_steps=(7, 16 + 16 + 5))
+  for _ in range(2):
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path), callback=rec)
+  resumed = train.train_and_evaluate(config, str(tmp_path), callback=rec)
+  want, _ = rec_full.phase_end[3]
+  got, _ = rec.phase_end[3]
+  for (path, a), (_, b) in zip(leaves_with_paths(want)[0], leaves_with_paths(got)[0]):
+    assert a.tobytes() == b.tobytes(), path
+  assert resumed["final"] == json.loads(json.dumps(results["final"]))
+  assert [p["test_accuracy"] for p in resumed["phases"]] == \
+      [p["test_accuracy"] for p in results["phases"]]
+
+
+def test_bad_config_fails_before_writing(tmp_path, fmnist_data_dir):
+  with pytest.raises(ValueError, match="portions must end at 1.0"):
+    train.train_and_evaluate(tiny_config(fmnist_data_dir, **{"inq.portions": (0.5, 0.9)}),
+                             str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
