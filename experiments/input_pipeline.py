@@ -52,7 +52,7 @@ from experiments import fashion_mnist_idx
 
 # (mean, std) per channel, of images scaled to [0, 1].
 NORMALIZATION = {
-    "fashion_mnist": ((0.2860,), (0.3230,)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }

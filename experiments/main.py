@@ -7,6 +7,8 @@ Rerunning the same command resumes an interrupted run, or reprints a finished
 one's results.
 """
 
+import logging as pylogging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,6 +25,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
+  logging.get_absl_handler().addFilter(
+      lambda r: r.levelno >= pylogging.WARNING or "/orbax/" not in r.pathname)
   # Imported here so that --help stays fast and flag errors come first.
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top

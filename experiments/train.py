@@ -372,8 +372,12 @@ def _train_and_evaluate(run: Run) -> dict:
         inner = optax.tree_utils.tree_set(prev_opt_state[0], count=jnp.zeros([], jnp.int32))
         opt_state = (inner, inq_jax.optim.FreezeState(inq_state.masks))
       ts = run.devices.replicate({**ts, "params": params, "opt_state": opt_state})
+      jax.block_until_ready(ts)
       seconds, epoch = time.perf_counter() - start, 0
       run.save(ts, inq_state, _meta("inq", p, 0, seconds, results))
+      logging.info("phase %d/%d: quantized and froze %g of each layer in %.2fs "
+                   "(checkpoint %.2fs)", p + 1, n_phases, portion, seconds,
+                   time.perf_counter() - start - seconds)
       run.callback("advance", phase=p, params=ts["params"], inq_state=inq_state)
     advanced = False
     train_step = make_train_step(run.model, tx, run.devices, config.seed)  # per phase

@@ -59,11 +59,9 @@ def collect(batches) -> dict:
 
 
 @pytest.fixture(scope="session")
-def fm_dir(tmp_path_factory):
-  """A data_dir with fashion_mnist_idx prepared from the Debian files (all 70k)."""
-  if not fashion_mnist_idx.has_idx_files(DEBIAN):
-    pytest.skip(f"no Fashion-MNIST IDX files in {DEBIAN}")
-  return str(tmp_path_factory.mktemp("tfds"))
+def fm_dir(fmnist_data_dir):
+  """The session's data_dir (tests/conftest.py); `fm` prepares all 70k examples in it."""
+  return fmnist_data_dir
 
 
 @pytest.fixture(scope="session")
