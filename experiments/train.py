@@ -45,8 +45,10 @@ def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   inq_cfg = inq_config(config)
   if config.optimizer not in ("sgd", "adam"):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
-  if config.lr_schedule not in ("cosine", "step", "constant"):
-    raise ValueError(f"lr_schedule must be cosine, step or constant, got {config.lr_schedule!r}")
+  for stage in ("baseline", "inq"):
+    if config[stage].lr_schedule not in ("cosine", "step", "constant"):
+      raise ValueError(f"{stage}.lr_schedule must be cosine, step or constant, got "
+                       f"{config[stage].lr_schedule!r}")
   for name in ("baseline.epochs", "inq.epochs_per_phase", "inq.final_finetune_epochs"):
     value = config[name.split(".")[0]][name.split(".")[1]]
     if not isinstance(value, int) or value < 0:
@@ -60,7 +62,9 @@ def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   return inq_cfg
 
 
-def learning_rate(config, base_lr: float, steps_per_epoch: int, epochs: int):
+def learning_rate(config, steps_per_epoch: int, epochs: int):
+  """The schedule of one stage/phase; `config` is `config.baseline` or `config.inq`."""
+  base_lr = config.learning_rate
   total = max(1, steps_per_epoch * epochs)
   if config.lr_schedule == "cosine":
     schedule = optax.cosine_decay_schedule(base_lr, total)
@@ -237,7 +241,8 @@ class Run:
       batches = self.data.test_batches(self.config.eval_batch_size)
     else:  # the train split in eval mode (used where a phase has no training)
       batches = ({**b, "mask": np.ones(len(b["label"]), bool)} for b in
-                 self.data.train_batches(self.config.eval_batch_size, 0, self.config.seed))
+                 self.data.train_batches(self.config.eval_batch_size, 0, self.config.seed,
+                                         augment=False))
     for batch in batches:
       out = self.eval_step(ts["params"], ts["batch_stats"], self.devices.put_batch(batch))
       if self.devices.sync_each_step:
@@ -318,7 +323,7 @@ def _train_and_evaluate(run: Run) -> dict:
   # ---------------------------------------------------------------- baseline
   if stage == "baseline":
     epochs = 0 if pretrained else config.baseline.epochs
-    schedule = learning_rate(config, config.baseline.learning_rate, run.steps_per_epoch, epochs)
+    schedule = learning_rate(config.baseline, run.steps_per_epoch, epochs)
     tx = make_optimizer(config, schedule)
     ts = run.train_state(variables, tx)
     start_epoch, seconds = 0, 0.0
@@ -355,7 +360,7 @@ def _train_and_evaluate(run: Run) -> dict:
     portion = inq_cfg.portions[p]
     last = p == n_phases - 1
     epochs = config.inq.final_finetune_epochs if last else config.inq.epochs_per_phase
-    schedule = learning_rate(config, config.inq.learning_rate, run.steps_per_epoch, epochs)
+    schedule = learning_rate(config.inq, run.steps_per_epoch, epochs)
     if advanced:  # resuming inside phase p: rebuild the templates, then restore
       template_inq = inq.init(variables["params"], inq_cfg)
       tx = make_optimizer(config, schedule, template_inq.masks)

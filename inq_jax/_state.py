@@ -157,7 +157,17 @@ def init(params, config: INQConfig) -> INQState:
 
 
 def _mask_like(leaf, selected: bool):
-  return jnp.zeros(jnp.shape(leaf), bool) if selected else jnp.zeros((), bool)
+  if not selected:
+    return jnp.zeros((), bool)
+  return _place_like(jnp.zeros(jnp.shape(leaf), bool), leaf)
+
+
+def _place_like(x, leaf):
+  # Masks live where (and sharded how) their weights live: the per-leaf kernels
+  # then see the same input shardings every phase and compile only once.
+  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
+    return jax.device_put(x, leaf.sharding)
+  return x
 
 
 def _aligned(params, state: INQState):
@@ -247,7 +257,7 @@ def advance(params, state: INQState):
       continue
     n1, n2 = state.bounds(path)
     k = _partition.frozen_count(jnp.size(leaf), portion)
-    w, m = _advance_leaf(leaf, mask, n1, n2, _leaf_key(config.seed, step, path),
+    w, m = _advance_leaf(leaf, _place_like(mask, leaf), n1, n2, _leaf_key(config.seed, step, path),
                          jnp.int32(k), strategy=config.strategy)
     new_leaves.append(w)
     new_masks.append(m)

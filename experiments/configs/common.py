@@ -23,36 +23,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 500
 
   # SGD with momentum; weight decay is part of the loss E (paper Sec. 2.3).
-  c.optimizer = "sgd"      # sgd | adam
+  c.optimizer = "sgd"      # sgd | adam (AdamW)
   c.momentum = 0.9
   c.nesterov = False
   c.weight_decay = 5e-4
-  c.lr_schedule = "cosine"  # cosine | step (x step_factor every step_epochs) | constant
-  c.step_epochs = 1
-  c.step_factor = 0.1
-  c.warmup_epochs = 0.0
 
   # Stage 1: the full-precision model, trained here or restored.
-  c.baseline = ml_collections.ConfigDict()
-  c.baseline.epochs = 10
-  c.baseline.learning_rate = 0.05
+  c.baseline = stage_schedule(epochs=10, learning_rate=0.05)
   c.init_checkpoint = ml_collections.FieldReference(None, field_type=str)   # orbax dir
   c.init_torchvision = ml_collections.FieldReference(None, field_type=str)  # .pth/.safetensors
 
   # Stage 2: INQ. The learning-rate schedule restarts every phase.
-  c.inq = ml_collections.ConfigDict()
+  c.inq = stage_schedule(epochs=2, learning_rate=0.01, epochs_key="epochs_per_phase")
   c.inq.bits = 5
   c.inq.portions = (0.5, 0.75, 0.875, 1.0)
   c.inq.strategy = "magnitude"  # magnitude (pruning-inspired) | random
   c.inq.granularity = "layer"   # layer (paper) | channel
   c.inq.include = r"(^|/)kernel$"
   c.inq.exclude = ml_collections.FieldReference(None, field_type=str)
-  c.inq.epochs_per_phase = 2
-  c.inq.learning_rate = 0.01
   c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step
   c.inq.final_finetune_epochs = 0      # train biases/BN with every kernel frozen
 
-  c.checkpoint_every_epochs = 1
   c.max_checkpoints_to_keep = 2
   c.plot_layer = ""  # regex for weights.png; "" = the largest quantized layer
+  return c
+
+
+def stage_schedule(epochs: int, learning_rate: float,
+                   epochs_key: str = "epochs") -> ml_collections.ConfigDict:
+  """A stage's epochs and learning-rate schedule (restarted at every stage/phase)."""
+  c = ml_collections.ConfigDict()
+  c[epochs_key] = epochs
+  c.learning_rate = learning_rate
+  c.lr_schedule = "cosine"  # cosine | step (x step_factor every step_epochs) | constant
+  c.step_epochs = 1.0
+  c.step_factor = 0.1
+  c.warmup_epochs = 0.0
   return c

@@ -1,0 +1,25 @@
+"""ResNet-50 on ImageNet: 5-bit INQ with the paper's schedule (arXiv:1702.03044).
+
+Command, on a TPU VM (e.g. v4-8 / v5e-8; one host) with ILSVRC-2012 prepared by
+TFDS in gs://BUCKET/tensorflow_datasets (or the two ILSVRC2012 tars in a manual
+dir) and a pretrained model:
+
+  python -m experiments.main --config=experiments/configs/imagenet_resnet50.py \
+      --workdir=gs://BUCKET/inq/resnet50 \
+      --config.dataset.data_dir=gs://BUCKET/tensorflow_datasets \
+      --config.init_torchvision=resnet50.pth
+
+Paper settings kept: portions (0.5, 0.75, 0.875, 1.0), batch 32, weight decay 5e-4, SGD
+momentum 0.9. Chosen here (the paper gives none): lr 1e-3 per phase, x0.1 after
+2 epochs, 4 epochs per phase (see imagenet_common.py).
+
+Expected result (paper, ImageNet val top-1 / top-5 error %): fp32 26.78 / 8.76,
+INQ 5-bit 25.19 / 7.55. Not run here (no ImageNet, no TPU); only smoke-tested on mock data.
+"""
+
+from experiments.configs import imagenet_common
+
+
+def get_config():
+  return imagenet_common.imagenet_config("resnet50", batch_size=32, weight_decay=5e-4,
+                                         portions=(0.5, 0.75, 0.875, 1.0))
