@@ -71,6 +71,9 @@ def _tensorflow_available() -> bool:
 # ----------------------------------------------------------------- sources
 
 
+_CROP_PADDING = {"cifar10": 4, "fashion_mnist": 2}
+
+
 class _ArraySource:
   """A split held in memory as uint8 images [n, H, W, C] and int32 labels [n]."""
 
@@ -88,12 +91,16 @@ class _ArraySource:
     then sliced, so an example's crop does not depend on the process count.
     """
     images = self.images[indices[local]]
-    if rng is not None and self.name == "cifar10":
-      n = len(indices)
-      offsets = rng.integers(0, 9, size=(n, 2))[local]  # pad 4 -> 9 crop positions
+    if rng is not None:
+      # Random crop of the zero-padded image (pad 4 on 32x32 CIFAR, 2 on 28x28
+      # Fashion-MNIST) and a horizontal flip: shifts and mirror images of
+      # objects and garments are the same class.
+      n, pad = len(indices), _CROP_PADDING[self.name]
+      h, w = images.shape[1:3]
+      offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))[local]
       flips = (rng.random(n) < 0.5)[local]
-      padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
-      images = np.stack([p[y:y + 32, x:x + 32] for p, (y, x) in zip(padded, offsets)])
+      padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+      images = np.stack([p[y:y + h, x:x + w] for p, (y, x) in zip(padded, offsets)])
       images[flips] = images[flips, :, ::-1]
     return images, self.labels[indices[local]]
 
@@ -189,7 +196,8 @@ class Dataset:
     train_size: examples in the train split.
     test_size: examples in the test split.
     augment: whether `train_batches` augments (cifar10: pad-4 random crop + flip;
-      imagenet2012: random-resized-crop + flip; fashion_mnist: never).
+      fashion_mnist: pad-2 random crop + flip; imagenet2012: random-resized-crop
+      + flip).
   """
 
   name: str
@@ -308,7 +316,6 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
   augment = bool(config.get("augment", False))
   if name == "fashion_mnist":
     builder = _fashion_mnist_builder(data_dir, manual_dir)
-    augment = False  # 28x28 grayscale: the experiments train without augmentation
   elif name == "cifar10":
     builder = _official_builder("cifar10", data_dir, None)
   elif name == "imagenet2012":

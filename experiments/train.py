@@ -346,6 +346,10 @@ def _train_and_evaluate(run: Run) -> dict:
     run.writer.write(int(ts["step"]), stage="baseline", test_accuracy=ev["accuracy"],
                      test_loss=ev["loss"])
     logging.info("baseline (fp32): test accuracy %.4f", ev["accuracy"])
+    # The fp32 model on its own, reusable as `config.init_checkpoint` (e.g. to
+    # run several INQ settings from one baseline).
+    checkpoints.save_variables(os.path.join(workdir, BASELINE_DIR),
+                               {"params": ts["params"], "batch_stats": ts["batch_stats"]})
     inq_state = inq.init(ts["params"], inq_cfg)
     _save_plot_layer(run, ts["params"], inq_state)
     phase, epoch, advanced, seconds = 0, 0, False, 0.0
@@ -452,6 +456,7 @@ def _last_logged_train_loss(workdir, phase) -> float:
 
 
 PLOT_FILE = "inq_start_layer.npz"
+BASELINE_DIR = "baseline_variables"
 
 
 def _save_plot_layer(run, params, inq_state):

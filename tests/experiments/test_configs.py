@@ -54,7 +54,13 @@ def mock_tfds(monkeypatch, tmp_path):
   return tmp_path
 
 
-@pytest.mark.parametrize("name", MOCKED)
+# The big ImageNet nets take minutes each on a 2-core CPU (XLA compile time and
+# 60-140M-parameter checkpoints); they run with `pytest -m slow`.
+SLOW = {"imagenet_alexnet", "imagenet_vgg16", "imagenet_googlenet", "imagenet_resnet50"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in MOCKED])
 def test_full_run_on_mock_data(name, mock_tfds, tmp_path):
   config = load(name).get_config()
   config.dataset.manual_dir = str(mock_tfds)

@@ -85,7 +85,21 @@ def test_fashion_mnist_prepared_with_full_counts(fm, fm_dir):
   assert builder.info.splits["test"].num_examples == 10000
   assert (fm.name, fm.num_classes, fm.image_shape) == ("fashion_mnist", 10, (28, 28, 1))
   assert (fm.train_size, fm.test_size) == (2048, 10000)
-  assert fm.augment is False  # documented: never augments Fashion-MNIST
+  assert fm.augment is True
+
+
+def test_fashion_mnist_augmentation_is_a_shift_or_mirror(fm):
+  aug = next(fm.train_batches(32, epoch=2, seed=5))
+  plain = next(fm.train_batches(32, epoch=2, seed=5, augment=False))
+  np.testing.assert_array_equal(aug["label"], plain["label"])
+  assert not np.array_equal(aug["image"], plain["image"])
+  mean, std = ip.NORMALIZATION["fashion_mnist"]
+  to_uint8 = lambda x: np.round((x * std[0] + mean[0]) * 255).astype(np.uint8)
+  for image, original in zip(to_uint8(aug["image"]), to_uint8(plain["image"])):
+    padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
+    windows = [padded[y:y + 28, x:x + 28] for y in range(5) for x in range(5)]
+    assert any(np.array_equal(w, image) or np.array_equal(w[:, ::-1], image)
+               for w in windows)
 
 
 def test_fashion_mnist_pixels_and_labels_match_idx(fm, idx):
