@@ -191,12 +191,17 @@ class AlexNet(nn.Module):
     x = nn.max_pool(nn.relu(conv(256, 3, 1, 1, "conv5")(x)), (3, 3), (2, 2))
     x = adaptive_avg_pool(x, (6, 6))
     # torchvision flattens NCHW; the order only matters for weight import.
-    x = x.reshape((x.shape[0], -1))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc6")(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc7")(x))
-    return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x))
+    return _fc_classifier(x, self.num_classes, self.dtype, train)
+
+
+def _fc_classifier(x, num_classes: int, dtype: Dtype, train: bool):
+  """AlexNet's and VGG's head: dropout-fc6 4096-dropout-fc7 4096-fc8 (inside a compact call)."""
+  x = x.reshape((x.shape[0], -1))
+  x = nn.Dropout(0.5, deterministic=not train)(x)
+  x = nn.relu(nn.Dense(4096, dtype=dtype, name="fc6")(x))
+  x = nn.Dropout(0.5, deterministic=not train)(x)
+  x = nn.relu(nn.Dense(4096, dtype=dtype, name="fc7")(x))
+  return _logits(nn.Dense(num_classes, dtype=dtype, name="fc8")(x))
 
 
 class VGG16(nn.Module):
@@ -220,12 +225,7 @@ class VGG16(nn.Module):
         x = nn.relu(x)
       x = nn.max_pool(x, (2, 2), (2, 2))
     x = adaptive_avg_pool(x, (7, 7))
-    x = x.reshape((x.shape[0], -1))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc6")(x))
-    x = nn.Dropout(0.5, deterministic=not train)(x)
-    x = nn.relu(nn.Dense(4096, dtype=self.dtype, name="fc7")(x))
-    return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc8")(x))
+    return _fc_classifier(x, self.num_classes, self.dtype, train)
 
 
 # ------------------------------------------------------------------ GoogLeNet
