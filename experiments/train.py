@@ -379,7 +379,7 @@ def _train_and_evaluate(run: Run) -> dict:
       if config.inq.carry_optimizer_state and p > 0:
         # Keep momentum, restart the schedule (count) and take the new masks.
         inner = optax.tree_utils.tree_set(prev_opt_state[0], count=jnp.zeros([], jnp.int32))
-        opt_state = (inner, inq_jax.optim.FreezeState(inq_state.masks))
+        opt_state = (inner, opt_state[1])  # freeze's own copy of the new masks
       ts = run.devices.replicate({**ts, "params": params, "opt_state": opt_state})
       jax.block_until_ready(ts)
       seconds, epoch = time.perf_counter() - start, 0

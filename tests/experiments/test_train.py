@@ -154,3 +154,26 @@ def test_bad_config_fails_before_writing(tmp_path, fmnist_data_dir):
     train.train_and_evaluate(tiny_config(fmnist_data_dir, **{"inq.portions": (0.5, 0.9)}),
                              str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
+
+
+def test_from_init_checkpoint_with_carry_and_final_finetune(finished, tmp_path):
+  workdir, results, rec = finished
+  config = tiny_config(_data_dir(workdir), **{
+      "init_checkpoint": str(workdir / "baseline_variables"),
+      "inq.portions": (0.5, 1.0), "inq.carry_optimizer_state": True,
+      "inq.final_finetune_epochs": 1})
+  rec2 = Recorder()
+  out = train.train_and_evaluate(config, str(tmp_path), callback=rec2)
+  # The restored baseline is the finished run's fp32 model, not retrained.
+  assert out["baseline"]["epochs"] == 0
+  assert out["baseline"]["test_accuracy"] == results["baseline"]["test_accuracy"]
+  assert out["final"]["all_pow2"] is True
+  assert rec2.steps == 2 * 16  # one epoch after portion 0.5, one finetune epoch
+  # The finetune moved biases only: every kernel is identical to the phase-1 end
+  # except the weights quantized by the last step.
+  final, masks = rec2.phase_end[1]
+  flat = dict(leaves_with_paths(final)[0])
+  assert all(m.all() for p, m in leaves_with_paths(masks)[0] if p.endswith("kernel"))
+  before, _ = rec2.phase_end[0]
+  before = dict(leaves_with_paths(before)[0])
+  assert any(np.any(before[p] != flat[p]) for p in flat if p.endswith("bias"))
