@@ -14,9 +14,11 @@ rerun after a kill replays the interrupted epoch bit-for-bit.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import inq_jax
 from experiments import checkpoints, input_pipeline, models, reporting
 from inq_jax import quantize as inq
+from inq_jax._tree import leaves_with_paths
 
 Callback = Callable[..., None]
 
@@ -439,13 +442,11 @@ def _final(inq_cfg, ts, inq_state, results) -> dict:
 
 
 def _mask_leaves(inq_state):
-  from inq_jax._tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
   flat, _ = leaves_with_paths(inq_state.masks)
   return [(p, m) for p, m in flat if p in inq_state.exponents]
 
 
 def _last_logged_train_loss(workdir, phase) -> float:
-  import json  # pylint: disable=g-import-not-at-top
   loss = float("nan")
   with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
     for line in f:
@@ -461,8 +462,6 @@ BASELINE_DIR = "baseline_variables"
 
 def _save_plot_layer(run, params, inq_state):
   """Keeps the pretrained weights of the plotted layer for weights.png."""
-  from inq_jax._tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
   flat = [(p, x) for p, x in leaves_with_paths(params)[0] if p in inq_state.exponents]
   pattern = run.config.plot_layer
   chosen = [(p, x) for p, x in flat if pattern and re.search(pattern, p)] or \
@@ -481,7 +480,6 @@ def _finish_outputs(run, results, params, inq_state):
     reporting.plot_accuracy(workdir, results)
     plot_src = os.path.join(workdir, PLOT_FILE)
     if params is not None and os.path.exists(plot_src):
-      from inq_jax._tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
       saved = np.load(plot_src)
       path = str(saved["path"])
       after = dict(leaves_with_paths(params)[0])[path]
