@@ -208,8 +208,14 @@ class Run:
 
   def run_epoch(self, ts, train_step, *, data_seed, epoch, desc, schedule):
     bar = reporting.progress(self.steps_per_epoch, desc)
-    loss_sum, acc_sum, n = 0.0, 0.0, 0
-    pending = []
+    sums, n, pending = {"loss": 0.0, "accuracy": 0.0}, 0, []
+
+    def drain():  # fetch metrics in groups: no host sync per step
+      for m in jax.device_get(pending):
+        for key in sums:
+          sums[key] += float(m[key])
+      pending.clear()
+
     step = int(ts["step"])
     start = time.perf_counter()
     for batch in self.data.train_batches(self.config.batch_size, epoch, data_seed):
@@ -220,19 +226,14 @@ class Run:
       n += 1
       bar.update(1)
       self.callback("step", step=step + n)
-      if len(pending) >= 20:  # fetch metrics in groups: no host sync per step
-        got = jax.device_get(pending)
-        loss_sum += sum(float(m["loss"]) for m in got)
-        acc_sum += sum(float(m["accuracy"]) for m in got)
-        pending = []
-        bar.set_postfix(loss=f"{loss_sum / n:.4f}", acc=f"{acc_sum / n:.3f}")
-    got = jax.device_get(pending)
-    loss_sum += sum(float(m["loss"]) for m in got)
-    acc_sum += sum(float(m["accuracy"]) for m in got)
+      if len(pending) >= 20:
+        drain()
+        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", acc=f"{sums['accuracy'] / n:.3f}")
+    drain()
     bar.close()
     jax.block_until_ready(ts)
     seconds = time.perf_counter() - start
-    loss, acc = loss_sum / max(n, 1), acc_sum / max(n, 1)
+    loss, acc = sums["loss"] / max(n, 1), sums["accuracy"] / max(n, 1)
     lr = float(schedule((epoch + 1) * self.steps_per_epoch - 1))  # at the epoch's end
     logging.info("%s: train loss %.4f, train accuracy %.4f, lr %.2e, %.1fs (%.0f img/s)",
                  desc, loss, acc, lr, seconds, n * self.config.batch_size / seconds)
