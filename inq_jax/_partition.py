@@ -40,9 +40,22 @@ def check_strategy(strategy, key) -> None:
     raise ValueError("strategy='random' needs a PRNG key: partition(..., key=jax.random.key(0))")
 
 
-def frozen_count(size: int, portion: float) -> int:
-  """How many of `size` weights are frozen once `portion` is reached: round(portion*size)."""
-  return min(size, int(round(portion * size)))
+def frozen_count(size: int, portion: float, pruned: int = 0) -> int:
+  """How many of `size` weights are frozen once `portion` is reached.
+
+  Without pruning, round(portion * size). With `pruned` weights pruned before INQ
+  (and frozen at zero from the start), the portion counts only the unpruned ones:
+  pruned + round(portion * (size - pruned)), as in the paper's INQ + pruning runs
+  where the portions apply to "the remaining non-zero weights".
+
+  Example:
+    >>> frozen_count(100, 0.5), frozen_count(100, 0.5, pruned=80)
+    (50, 90)
+
+  Reference: arXiv:1702.03044, Sec. 2.2 and Sec. 3.4 (INQ with network pruning).
+  """
+  unpruned = size - pruned
+  return pruned + min(unpruned, int(round(portion * unpruned)))
 
 
 def _select_largest(keys: jax.Array, k) -> jax.Array:
@@ -97,6 +110,18 @@ def _partition(w, frozen, key, k, *, strategy):
     keys = (jax.random.bits(key, w.shape, jnp.uint32) >> 2).astype(jnp.int32)
   keys = jnp.where(frozen, _FROZEN_KEY, keys)
   return _select_largest(keys, k) | frozen
+
+
+@jax.jit
+def _keep_largest(w, keep, n_keep):
+  """Magnitude pruning: keeps the `n_keep` largest |w| among the `keep` weights.
+
+  Weights outside `keep` (pruned before) rank below every kept one, so they stay
+  pruned as long as `n_keep <= keep.sum()`. Ties in |w| keep the lowest flat
+  index. `w` must be finite.
+  """
+  keys = jnp.where(keep, _magnitude_keys(w) + 1, 0)  # +1: |w| = 0 ranks above pruned.
+  return _select_largest(keys, n_keep)
 
 
 def partition(w, frozen, portion, *, strategy="magnitude", key=None):

@@ -19,7 +19,8 @@ from inq_jax._tree import leaves_with_paths, path_str
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["masks", "exponents", "step"], meta_fields=["config"])
+                   data_fields=["masks", "exponents", "step", "pruned"],
+                   meta_fields=["config"])
 @dataclasses.dataclass(frozen=True)
 class INQState:
   """Where an INQ run stands; a pytree, so it jits and checkpoints.
@@ -33,12 +34,20 @@ class INQState:
       n2 = n1 + 1 - 2^(bits-2); see `bounds`.
     step: int32 scalar, how many portions have been applied (0 after `init`).
     config: the `INQConfig` (static).
+    pruned: {path: int32 scalar} for each quantized leaf, how many of its weights
+      were pruned before INQ (`init(..., pruned=keep)`); those are frozen at zero
+      from step 0 and the portions count only the other weights. Empty (`{}`, no
+      pytree leaves) when `init` got no `pruned`, so an unpruned state flattens,
+      jits and checkpoints exactly as before; a missing path means 0. Fixed at
+      `init`; save and restore it with `masks`, `exponents` and `step` (a state
+      rebuilt without it fails loudly at the next `advance`).
   """
 
   masks: Any
   exponents: Dict[str, jax.Array]
   step: jax.Array
   config: INQConfig
+  pruned: Dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
   def bounds(self, path: str):
     """(n1, n2) of the leaf at `path`."""
@@ -48,6 +57,20 @@ class INQState:
   @property
   def done(self) -> bool:
     return int(self.step) >= self.config.num_steps
+
+  def pruned_count(self, path: str) -> int:
+    """How many weights of the leaf at `path` were pruned before INQ (0 if none)."""
+    return int(self.pruned[path]) if path in self.pruned else 0
+
+  def frozen_target(self, path: str, size: int, step: int) -> int:
+    """Frozen weights in the leaf at `path` (of `size` weights) after `step` portions.
+
+    pruned + round(sigma_step * (size - pruned)), with sigma_0 = 0.
+    """
+    pruned = self.pruned_count(path)
+    if step == 0:
+      return pruned
+    return _partition.frozen_count(size, self.config.portions[step - 1], pruned)
 
 
 class LeafSummary(NamedTuple):
@@ -107,7 +130,7 @@ def _selected(params, config: INQConfig):
   return chosen
 
 
-def init(params, config: INQConfig) -> INQState:
+def init(params, config: INQConfig, *, pruned=None) -> INQState:
   """Starts an INQ run: per-leaf codebooks from the pretrained `params`, no mask set.
 
   n1 comes from the pretrained max |w| (per layer or per output channel) and stays
@@ -115,25 +138,47 @@ def init(params, config: INQConfig) -> INQState:
   saturate to +-2^n1 when quantized. An all-zero layer (or channel) is legal: its
   codebook is {0}, it quantizes to zeros and `verify` passes.
 
+  INQ on a pruned model (paper Sec. 3.4): pass the pruning's keep mask as
+  `pruned`. The pruned weights (keep False) must already be exactly zero (see
+  `inq_jax.prune.apply`); they are frozen from step 0 (`state.masks` True), stay
+  zero (0 is in every codebook), do not change n1 (zeros do not change max |w|),
+  and the portions count only the unpruned weights: after the step with
+  accumulated portion sigma a leaf has pruned + round(sigma * unpruned) frozen
+  weights (`frozen_count(size, sigma, pruned)`), the new ones picked among the
+  unpruned still-float weights by the strategy (largest |w| first, or random).
+
   Args:
     params: Linen `variables["params"]`, `nnx.state(model, nnx.Param)`, or any
       nested dict of arrays.
     config: an `INQConfig`.
+    pruned: optional keep-mask pytree (True = kept, False = pruned), as returned
+      by `inq_jax.prune.prune_masks`: shaped like `params`, a bool array of the
+      leaf's shape or a scalar True (nothing pruned) per leaf. Only leaves that
+      `config` quantizes may have pruned weights. None: no pruning (as before).
 
   Returns:
-    An `INQState` at step 0.
+    An `INQState` at step 0; `state.pruned` holds the per-leaf pruned counts
+    ({} when `pruned` is None).
 
   Raises:
     ValueError/TypeError naming the parameter path: a regex matching nothing, a
     non-float selected leaf, NaN/Inf weights, or a codebook 2^(n2-1)..2^n1 that
-    the leaf's dtype cannot hold as normal numbers (e.g. float16 at 8 bits).
+    the leaf's dtype cannot hold as normal numbers (e.g. float16 at 8 bits); with
+    `pruned`: a mask of the wrong tree, shape or dtype, a pruned weight that is
+    not zero, or pruned weights in a leaf `config` does not quantize.
 
   Example:
     >>> state = init({"dense": {"kernel": w, "bias": b}}, INQConfig(bits=5))
+    >>> keep = inq_jax.prune.prune_masks(params, prune_config, step=3, previous=keep)
+    >>> params = inq_jax.prune.apply(params, keep)   # (then retrain, frozen ~keep)
+    >>> state = init(params, INQConfig(portions=portions), pruned=keep)
+
+  Reference: arXiv:1702.03044, Sec. 2 and Sec. 3.4 (INQ with network pruning).
   """
   if not isinstance(config, INQConfig):
     raise TypeError(f"config must be an INQConfig, got {type(config).__name__}")
   chosen = _selected(params, config)
+  pruned_masks = None if pruned is None else _pruned_masks(params, pruned, config)
   exponents = {}
   for path, leaf in chosen:
     _check_finite(path, leaf)
@@ -150,10 +195,67 @@ def init(params, config: INQConfig) -> INQState:
           f"holds normal numbers 2^{lo}..2^{hi}; use fewer bits or a wider dtype")
     exponents[path] = n1
   chosen_paths = set(exponents)
-  masks = jax.tree_util.tree_map_with_path(
-      lambda p, leaf: _mask_like(leaf, path_str(p) in chosen_paths), params)
+  counts = {}
+  if pruned_masks is not None:
+    counts = {path: jnp.sum(pruned_masks[path], dtype=jnp.int32)
+              if path in pruned_masks else jnp.zeros((), jnp.int32) for path in exponents}
+
+  def mask(p, leaf):
+    path = path_str(p)
+    if path in chosen_paths and pruned_masks is not None and path in pruned_masks:
+      return _place_like(pruned_masks[path], leaf)
+    return _mask_like(leaf, path in chosen_paths)
+
+  masks = jax.tree_util.tree_map_with_path(mask, params)
   return INQState(masks=masks, exponents=exponents, step=jnp.zeros((), jnp.int32),
-                  config=config)
+                  config=config, pruned=counts)
+
+
+def _pruned_masks(params, keep, config: INQConfig):
+  """{path: bool array, True = pruned} for the leaves of `keep` that prune anything.
+
+  Checks `keep` against `params`: same tree, bool masks of the leaf's shape (or
+  scalars), pruning only leaves `config` quantizes, pruned weights exactly zero.
+  """
+  flat, treedef = leaves_with_paths(params)
+  kflat, ktreedef = leaves_with_paths(keep)
+  if treedef != ktreedef:
+    have, want = {p for p, _ in flat}, {p for p, _ in kflat}
+    diff = sorted(have ^ want)
+    where = f"; differing paths: {diff[:6]}" if diff else ""
+    raise ValueError(f"pruned: the keep mask's tree does not match params ({len(kflat)} "
+                     f"mask leaves, {len(flat)} params){where}")
+  out = {}
+  for (path, leaf), (_, m) in zip(flat, kflat):
+    m = jnp.asarray(m)
+    if m.dtype != jnp.bool_:
+      raise TypeError(f"pruned: {path}: the keep mask must be bool (True = kept), got "
+                      f"{m.dtype}")
+    if m.ndim and m.shape != jnp.shape(leaf):
+      raise ValueError(f"pruned: {path}: params have shape {jnp.shape(leaf)} but the "
+                       f"keep mask has shape {m.shape}")
+    if isinstance(m, jax.core.Tracer):
+      if config.selects(path):
+        out[path] = jnp.broadcast_to(~m, jnp.shape(leaf))
+      continue
+    if bool(jnp.all(m)):
+      continue
+    if not config.selects(path):
+      raise ValueError(f"pruned: {path} has {int(jnp.sum(~m))} pruned weights but INQ "
+                       "does not quantize it, so nothing would keep them frozen at zero; "
+                       "add it to INQConfig.include or do not prune it")
+    frozen = jnp.broadcast_to(~m, jnp.shape(leaf))
+    if not isinstance(leaf, jax.core.Tracer):
+      bad = np.asarray(frozen & (jnp.asarray(leaf) != 0))
+      if bad.any():
+        values = np.asarray(jnp.asarray(leaf, jnp.float32))
+        raise ValueError(
+            f"pruned: {path}: {int(bad.sum())} pruned weights (keep mask False) are not "
+            f"zero, first {_first_bad(bad, values)}; zero them with "
+            "inq_jax.prune.apply(params, keep) and pass the keep mask (True = kept), "
+            "not its inverse")
+    out[path] = frozen
+  return out
 
 
 def _mask_like(leaf, selected: bool):
@@ -204,6 +306,25 @@ def _advance_leaf(w, frozen, n1, n2, key, k, *, strategy):
   return w, new
 
 
+@jax.jit
+def _count(mask):
+  return jnp.sum(mask, dtype=jnp.int32)
+
+
+def _check_frozen_count(path: str, mask, state: INQState, step: int) -> None:
+  want = state.frozen_target(path, int(np.prod(jnp.shape(mask))), step)
+  have = int(_count(mask))
+  if have != want:
+    pruned = state.pruned_count(path)
+    how = f"{pruned} pruned + " if pruned else ""
+    sigma = state.config.portions[step - 1] if step else 0.0
+    raise ValueError(
+        f"{path}: the state's mask has {have} frozen weights, but after {step} of "
+        f"{state.config.num_steps} portions there should be {want} ({how}round({sigma} * "
+        f"{int(np.prod(jnp.shape(mask))) - pruned})); the masks do not belong to this "
+        "state (was it rebuilt or restored without its `pruned` counts?)")
+
+
 def _leaf_key(seed: int, step: int, path: str):
   # Derived from the path, not from flatten order or the host: every process of a
   # multi-host run draws the same random partition.
@@ -220,6 +341,10 @@ def advance(params, state: INQState):
   bit-identical. Runs eagerly (once per phase) with a compiled kernel per leaf
   shape; all checks happen before anything is computed.
 
+  After `init(..., pruned=keep)` a leaf with P pruned weights is frozen up to
+  `P + round(portions[step] * (size - P))` (`frozen_count(size, portion, P)`);
+  its pruned zeros are frozen already and come back bit-identical.
+
   Args:
     params: the current params (the same tree `init` saw, retrained or not).
     state: the `INQState` from `init` or the previous `advance`.
@@ -229,7 +354,8 @@ def advance(params, state: INQState):
 
   Raises:
     ValueError naming the problem: all portions already applied, a state made for
-    another tree, or NaN/Inf in a quantized leaf (path and value).
+    another tree, NaN/Inf in a quantized leaf (path and value), or masks whose
+    frozen count is not the schedule's (e.g. a state rebuilt without `pruned`).
 
   Example:
     >>> params, state = advance(params, state)
@@ -249,6 +375,7 @@ def advance(params, state: INQState):
   for path, leaf, mask in leaves:
     if mask is not None:
       _check_finite(path, leaf)
+      _check_frozen_count(path, mask, state, step)
   new_leaves, new_masks = [], []
   for path, leaf, mask in leaves:
     if mask is None:
@@ -256,7 +383,7 @@ def advance(params, state: INQState):
       new_masks.append(jnp.zeros((), bool))
       continue
     n1, n2 = state.bounds(path)
-    k = _partition.frozen_count(jnp.size(leaf), portion)
+    k = _partition.frozen_count(jnp.size(leaf), portion, state.pruned_count(path))
     w, m = _advance_leaf(leaf, _place_like(mask, leaf), n1, n2, _leaf_key(config.seed, step, path),
                          jnp.int32(k), strategy=config.strategy)
     new_leaves.append(w)

@@ -10,6 +10,11 @@ The public module Flax users import::
       ...retrain with optax.chain(base, inq_jax.optim.freeze(state.masks))...
     inq.verify(params, state)                          # every frozen weight in P_l
 
+INQ on a pruned model (paper Sec. 3.4): prune with `inq_jax.prune` (its
+`PruneConfig`, `prune_masks` and `pruned_count` are also re-exported here), then
+`inq.init(params, config, pruned=keep)`: the pruned zeros stay frozen and the
+portions count only the remaining weights.
+
 Works on Linen `variables["params"]`, NNX `nnx.state(model, nnx.Param)` and plain
 nested dicts, with float32, bfloat16 and float16 leaves.
 
@@ -31,9 +36,13 @@ from inq_jax._state import LeafSummary
 from inq_jax._state import advance
 from inq_jax._state import init
 from inq_jax._state import verify
+from inq_jax.prune import PruneConfig
+from inq_jax.prune import prune_masks
+from inq_jax.prune import pruned_count
 
 __all__ = [
     "ZERO_CODEBOOK", "DEFAULT_INCLUDE", "INQConfig", "INQState", "LeafSummary",
-    "advance", "exponent_bounds", "frozen_count", "in_codebook", "init",
-    "max_distinct_values", "partition", "round_to_pow2", "verify",
+    "PruneConfig", "advance", "exponent_bounds", "frozen_count", "in_codebook",
+    "init", "max_distinct_values", "partition", "prune_masks", "pruned_count",
+    "round_to_pow2", "verify",
 ]
