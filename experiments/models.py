@@ -95,6 +95,16 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
 # --------------------------------------------------------------------- LeNet
 
 
+def _max_pool_2x2(x):
+  """nn.max_pool(x, (2, 2), (2, 2)) for even H and W, as a reshape and a max.
+
+  Same values; its gradient avoids XLA:CPU's slow select-and-scatter, which made
+  the LeNet train step about 25% slower on CPU (measured: 129 vs 104 ms at batch 128).
+  """
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class LeNet(nn.Module):
   """LeNet (Caffe variant) for 28x28x1 inputs, with ReLUs; no BN."""
 
@@ -106,9 +116,9 @@ class LeNet(nn.Module):
     del train  # no BN or dropout
     x = jnp.asarray(x, self.dtype)
     x = nn.Conv(20, (5, 5), padding="VALID", dtype=self.dtype, name="conv1")(x)
-    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    x = _max_pool_2x2(nn.relu(x))
     x = nn.Conv(50, (5, 5), padding="VALID", dtype=self.dtype, name="conv2")(x)
-    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+    x = _max_pool_2x2(nn.relu(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(500, dtype=self.dtype, name="fc1")(x))
     return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x))

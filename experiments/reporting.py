@@ -16,17 +16,21 @@ RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def _atomic_write(path: str, text: str) -> None:
+def atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, path)
 
 
+def atomic_write_json(path: str, data) -> None:
+  atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
 def write_results(workdir: str, results: dict) -> None:
   """results.json (the contract in the README), written atomically on host 0."""
   if jax.process_index() == 0:
-    _atomic_write(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=2) + "\n")
+    atomic_write(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=2) + "\n")
 
 
 class MetricWriter:

@@ -54,8 +54,10 @@ def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
                        f"{config[stage].lr_schedule!r}")
   for name in ("baseline.epochs", "inq.epochs_per_phase", "inq.final_finetune_epochs"):
     value = config[name.split(".")[0]][name.split(".")[1]]
-    if not isinstance(value, int) or value < 0:
-      raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+        or value == float("inf"):
+      raise ValueError(f"{name} must be a number of epochs >= 0 (fractions allowed), "
+                       f"got {value!r}")
   n = jax.device_count()
   for name in ("batch_size", "eval_batch_size"):
     if config[name] % n:
@@ -65,10 +67,21 @@ def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   return inq_cfg
 
 
-def learning_rate(config, steps_per_epoch: int, epochs: int):
+def epoch_steps(epochs: float, steps_per_epoch: int) -> list:
+  """Steps in each (possibly partial, last) epoch of a stage of `epochs` epochs.
+
+  Fractional epochs let a study give every INQ phase, say, 0.4 epochs: the
+  last chunk is the first part of a fresh shuffle, and resuming works per chunk.
+  """
+  total = int(round(epochs * steps_per_epoch))
+  full, rest = divmod(total, steps_per_epoch)
+  return [steps_per_epoch] * full + ([rest] if rest else [])
+
+
+def learning_rate(config, steps_per_epoch: int, epochs: float):
   """The schedule of one stage/phase; `config` is `config.baseline` or `config.inq`."""
   base_lr = config.learning_rate
-  total = max(1, steps_per_epoch * epochs)
+  total = max(1, sum(epoch_steps(epochs, steps_per_epoch)))
   if config.lr_schedule == "cosine":
     schedule = optax.cosine_decay_schedule(base_lr, total)
   elif config.lr_schedule == "step":
@@ -206,8 +219,23 @@ class Run:
         "step": jnp.asarray(step, jnp.int32), "params": variables["params"],
         "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])})
 
-  def run_epoch(self, ts, train_step, *, data_seed, epoch, desc, schedule):
-    bar = reporting.progress(self.steps_per_epoch, desc)
+  def compile_step(self, train_step, ts):
+    """Compiles this phase's step ahead of time: (executable, seconds).
+
+    Timed on its own so results.json can show what rebuilding the step for
+    every phase costs (`compile_seconds`).
+    """
+    start = time.perf_counter()
+    shape = (self.config.batch_size,) + tuple(self.data.image_shape)
+    batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.devices.batch),
+             "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=self.devices.batch)}
+    compiled = train_step.lower(ts, batch).compile()
+    return compiled, time.perf_counter() - start
+
+  def run_epoch(self, ts, train_step, *, data_seed, epoch, desc, schedule, steps=None):
+    """One epoch, or its first `steps` steps (the partial last epoch of a stage)."""
+    steps = self.steps_per_epoch if steps is None else steps
+    bar = reporting.progress(steps, desc)
     sums, n, pending = {"loss": 0.0, "accuracy": 0.0}, 0, []
 
     def drain():  # fetch metrics in groups: no host sync per step
@@ -229,12 +257,14 @@ class Run:
       if len(pending) >= 20:
         drain()
         bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", acc=f"{sums['accuracy'] / n:.3f}")
+      if n == steps:
+        break
     drain()
     bar.close()
     jax.block_until_ready(ts)
     seconds = time.perf_counter() - start
     loss, acc = sums["loss"] / max(n, 1), sums["accuracy"] / max(n, 1)
-    lr = float(schedule((epoch + 1) * self.steps_per_epoch - 1))  # at the epoch's end
+    lr = float(schedule(epoch * self.steps_per_epoch + n - 1))  # at the epoch's end
     logging.info("%s: train loss %.4f, train accuracy %.4f, lr %.2e, %.1fs (%.0f img/s)",
                  desc, loss, acc, lr, seconds, n * self.config.batch_size / seconds)
     return ts, {"train_loss": loss, "train_accuracy": acc, "lr": lr, "seconds": seconds}
@@ -328,6 +358,7 @@ def _train_and_evaluate(run: Run) -> dict:
   if stage == "baseline":
     epochs = 0 if pretrained else config.baseline.epochs
     schedule = learning_rate(config.baseline, run.steps_per_epoch, epochs)
+    chunks = epoch_steps(epochs, run.steps_per_epoch)
     tx = make_optimizer(config, schedule)
     ts = run.train_state(variables, tx)
     start_epoch, seconds = 0, 0.0
@@ -336,9 +367,12 @@ def _train_and_evaluate(run: Run) -> dict:
       start_epoch, seconds = meta["epoch"], meta["seconds"]
       logging.info("resuming the baseline after epoch %d", start_epoch)
     train_step = make_train_step(run.model, tx, run.devices, config.seed)
-    for epoch in range(start_epoch, epochs):
+    if start_epoch < len(chunks):
+      train_step, _ = run.compile_step(train_step, ts)
+    for epoch in range(start_epoch, len(chunks)):
       ts, m = run.run_epoch(ts, train_step, data_seed=config.seed * 1000, epoch=epoch,
-                            desc=f"baseline epoch {epoch + 1}/{epochs}", schedule=schedule)
+                            desc=f"baseline epoch {epoch + 1}/{len(chunks)}",
+                            schedule=schedule, steps=chunks[epoch])
       seconds += m["seconds"]
       run.writer.write(int(ts["step"]), stage="baseline", epoch=epoch + 1, **m)
       run.save(ts, None, _meta("baseline", 0, epoch + 1, seconds, results))
@@ -369,6 +403,7 @@ def _train_and_evaluate(run: Run) -> dict:
     last = p == n_phases - 1
     epochs = config.inq.final_finetune_epochs if last else config.inq.epochs_per_phase
     schedule = learning_rate(config.inq, run.steps_per_epoch, epochs)
+    chunks = epoch_steps(epochs, run.steps_per_epoch)
     if advanced:  # resuming inside phase p: rebuild the templates, then restore
       template_inq = inq.init(variables["params"], inq_cfg)
       tx = make_optimizer(config, schedule, template_inq.masks)
@@ -394,11 +429,18 @@ def _train_and_evaluate(run: Run) -> dict:
       run.callback("advance", phase=p, params=ts["params"], inq_state=inq_state)
     advanced = False
     train_step = make_train_step(run.model, tx, run.devices, config.seed)  # per phase
+    compile_seconds = 0.0
+    if epoch < len(chunks):
+      train_step, compile_seconds = run.compile_step(train_step, ts)
+      seconds += compile_seconds
+      logging.info("phase %d/%d: train step compiled in %.2fs", p + 1, n_phases,
+                   compile_seconds)
     last_metrics = None
-    for e in range(epoch, epochs):
+    for e in range(epoch, len(chunks)):
       ts, last_metrics = run.run_epoch(
           ts, train_step, data_seed=config.seed * 1000 + p + 1, epoch=e, schedule=schedule,
-          desc=f"phase {p + 1}/{n_phases} (portion {portion:g}) epoch {e + 1}/{epochs}")
+          steps=chunks[e],
+          desc=f"phase {p + 1}/{n_phases} (portion {portion:g}) epoch {e + 1}/{len(chunks)}")
       seconds += last_metrics["seconds"]
       run.writer.write(int(ts["step"]), stage="inq", phase=p + 1, portion=portion,
                        epoch=e + 1, **last_metrics)
@@ -407,12 +449,13 @@ def _train_and_evaluate(run: Run) -> dict:
     ev = run.evaluate(ts)
     if last_metrics is not None:
       train_loss = last_metrics["train_loss"]
-    elif epochs == 0:  # quantize-only phase: measure the loss it leaves on the train split
+    elif not chunks:  # quantize-only phase: measure the loss it leaves on the train split
       train_loss = run.evaluate(ts, split="train")["loss"]
     else:  # resumed after the last epoch's checkpoint: read it back from the metrics
       train_loss = _last_logged_train_loss(workdir, p + 1)
     entry = {"portion": portion, "test_accuracy": ev["accuracy"], "train_loss": train_loss,
              "seconds": round(seconds, 3), "epochs": epochs, "test_loss": ev["loss"],
+             "compile_seconds": round(compile_seconds, 3),
              **({"top5_accuracy": ev["top5_accuracy"]} if run.top5 else {})}
     results["phases"] = [x for x in results["phases"] if x["portion"] != portion] + [entry]
     run.writer.write(int(ts["step"]), stage="inq", phase=p + 1, portion=portion,

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.inq.include = r"(^|/)kernel$"
   c.inq.exclude = ml_collections.FieldReference(None, field_type=str)
   c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step
-  c.inq.final_finetune_epochs = 0      # train biases/BN with every kernel frozen
+  c.inq.final_finetune_epochs = 0.0    # train biases/BN with every kernel frozen
 
   c.max_checkpoints_to_keep = 2
   c.plot_layer = ""  # regex for weights.png; "" = the largest quantized layer
@@ -53,7 +53,7 @@ def stage_schedule(epochs: int, learning_rate: float,
                    epochs_key: str = "epochs") -> ml_collections.ConfigDict:
   """A stage's epochs and learning-rate schedule (restarted at every stage/phase)."""
   c = ml_collections.ConfigDict()
-  c[epochs_key] = epochs
+  c[epochs_key] = float(epochs)  # fractions allowed (e.g. 0.4 epochs per phase)
   c.learning_rate = learning_rate
   c.lr_schedule = "cosine"  # cosine | step (x step_factor every step_epochs) | constant
   c.step_epochs = 1.0

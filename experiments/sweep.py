@@ -1,0 +1,215 @@
+"""Runs a study of many INQ cells from one fp32 baseline per seed; resumable.
+
+  python -m experiments.sweep --config=experiments/configs/sweep_fashion_mnist.py \
+      --workdir=workdirs/sweep_fashion_mnist
+
+Every cell is an ordinary run of `train.train_and_evaluate` in its own
+directory, WORKDIR/seed{S}/{cell}:
+
+  fp32        the baseline (trained here; its weights seed every other cell)
+  inq{b}      INQ, b bits, the magnitude (pruning-inspired) partition
+  random{b}   INQ, b bits, the random partition, same schedule and epochs
+  ptq{b}      post-training quantization: every weight rounded at once with the
+              same b-bit codebooks, no retraining (portions = (1,))
+  channel{b}  INQ, b bits, one codebook per output channel
+
+A kill loses at most the epoch in flight: rerunning the command skips finished
+cells and resumes the interrupted one from its checkpoint. At the end (and
+after every cell) the report is rewritten: RESULTS.md, results/sweep.json,
+results/sweep_details.json and two plots under `config.report_dir`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from typing import NamedTuple, Optional
+
+import ml_collections
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from experiments import checkpoints, input_pipeline, reporting, sweep_report, train
+
+KINDS = ("fp32", "ptq", "inq", "random", "channel")
+CELLS_FILE = "cells.json"
+
+
+class Cell(NamedTuple):
+  seed: int
+  kind: str   # one of KINDS
+  bits: int   # 0 for fp32
+
+  @property
+  def name(self) -> str:
+    return f"seed{self.seed}/{self.kind}{self.bits or ''}"
+
+
+def check_sweep_config(sc: ml_collections.ConfigDict) -> None:
+  """Every sweep-level error before anything runs (cells check their own)."""
+  if not sc.seeds or len(set(sc.seeds)) != len(sc.seeds):
+    raise ValueError(f"seeds must be distinct and non-empty, got {tuple(sc.seeds)}")
+  for key in ("inq_bits", "random_bits", "ptq_bits", "channel_bits"):
+    for b in sc[key]:
+      if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+        raise ValueError(f"{key}: bits must be ints in 2..8, got {b!r}")
+  for b in sorted(set(sc.inq_bits) | set(sc.random_bits) | set(sc.channel_bits)):
+    if f"b{b}" not in sc.portions:
+      raise ValueError(f"portions has no schedule 'b{b}' for {b}-bit cells; it has "
+                       f"{sorted(sc.portions.keys())}")
+
+
+def cells(sc: ml_collections.ConfigDict) -> list:
+  """Every cell, seed by seed, the baseline first and cheap cells early."""
+  out = []
+  for seed in sc.seeds:
+    out.append(Cell(seed, "fp32", 0))
+    out += [Cell(seed, "ptq", b) for b in sc.ptq_bits]
+    out += [Cell(seed, "inq", b) for b in sc.inq_bits]
+    out += [Cell(seed, "random", b) for b in sc.random_bits]
+    out += [Cell(seed, "channel", b) for b in sc.channel_bits]
+  return out
+
+
+def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
+  """The experiment config of one cell."""
+  c = copy.deepcopy(sc.experiment)
+  c.unlock()
+  c.seed = cell.seed
+  if cell.kind == "fp32":
+    c.inq.portions = (1.0,)  # the run needs some INQ; this cell reports fp32 only
+    return c
+  c.init_checkpoint = os.path.join(baseline_dir(workdir, cell.seed), train.BASELINE_DIR)
+  c.inq.bits = cell.bits
+  if cell.kind == "ptq":
+    c.inq.portions = (1.0,)
+    c.inq.final_finetune_epochs = 0.0
+  else:
+    c.inq.portions = tuple(sc.portions[f"b{cell.bits}"])
+    c.inq.strategy = "random" if cell.kind == "random" else "magnitude"
+    c.inq.granularity = "channel" if cell.kind == "channel" else "layer"
+  return c
+
+
+def baseline_dir(workdir: str, seed: int) -> str:
+  return os.path.join(workdir, Cell(seed, "fp32", 0).name)
+
+
+def cell_steps(config, steps_per_epoch: int) -> int:
+  """Train steps a cell runs (for the overall progress bar)."""
+  if config.init_checkpoint:
+    phases = len(config.inq.portions) - 1
+    return (phases * sum(train.epoch_steps(config.inq.epochs_per_phase, steps_per_epoch))
+            + sum(train.epoch_steps(config.inq.final_finetune_epochs, steps_per_epoch)))
+  return sum(train.epoch_steps(config.baseline.epochs, steps_per_epoch))
+
+
+def _load_json(path: str, default):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def _results(workdir: str) -> Optional[dict]:
+  """A finished cell's results.json (None while the cell is unfinished)."""
+  r = _load_json(os.path.join(workdir, reporting.RESULTS_FILE), None)
+  return r if r and r.get("final") else None
+
+
+def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
+              report_dir: Optional[str] = None) -> dict:
+  """Runs (or resumes) every cell, then writes the report; returns sweep.json's dict."""
+  check_sweep_config(sc)
+  all_cells = cells(sc)
+  configs = {cell: cell_config(sc, cell, workdir) for cell in all_cells}
+  for cell, config in configs.items():  # every config error before any training
+    try:
+      train.check_config(config)
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"sweep cell {cell.name}: {e}") from e
+  checkpoints.claim_workdir(workdir, sc)
+  report_dir = report_dir or sc.report_dir
+
+  spe = input_pipeline.get_dataset(sc.experiment.dataset).steps_per_epoch(
+      sc.experiment.batch_size)
+  steps = {cell: cell_steps(configs[cell], spe) for cell in all_cells}
+  book_path = os.path.join(workdir, CELLS_FILE)
+  book = _load_json(book_path, {})
+  done = {cell for cell in all_cells if _results(os.path.join(workdir, cell.name))}
+  bar = reporting.progress(sum(steps.values()), "sweep")
+  bar.update(sum(steps[c] for c in done))
+  start_all = time.perf_counter()
+
+  for i, cell in enumerate(all_cells):
+    cell_dir = os.path.join(workdir, cell.name)
+    if cell in done:
+      continue
+    bar.set_postfix_str(cell.name)
+    prior = book.get(cell.name, {}).get("seconds", 0.0)
+    start = time.perf_counter()
+
+    def callback(event, _cell=cell, _prior=prior, _start=start, **info):
+      del info
+      if event == "step":
+        bar.update(1)
+      elif event in ("epoch", "phase_end"):  # a kill loses at most this much wall time
+        book[_cell.name] = {"seconds": _prior + time.perf_counter() - _start}
+        reporting.atomic_write_json(book_path, book)
+
+    with open(os.path.join(workdir, "sweep_stdout.log"), "a") as log:
+      old_stdout, sys.stdout = sys.stdout, log  # each run's summary lines
+      try:
+        results = train.train_and_evaluate(configs[cell], cell_dir, callback=callback)
+      finally:
+        sys.stdout = old_stdout
+    book[cell.name] = {"seconds": prior + time.perf_counter() - start}
+    reporting.atomic_write_json(book_path, book)
+    acc = (results["baseline"] if cell.kind == "fp32" else results["final"])["test_accuracy"]
+    elapsed = time.perf_counter() - start_all
+    print(f"[{i + 1}/{len(all_cells)}] {cell.name}: test accuracy {100 * acc:.2f}% "
+          f"({book[cell.name]['seconds']:.0f}s; this invocation {elapsed / 60:.1f} min)",
+          flush=True)
+    # The report after every cell, so a long study can be read while it runs.
+    sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, all_cells, book))
+  bar.close()
+  summary = sweep_report.write(sc, workdir, report_dir,
+                               _collect(sc, workdir, all_cells, book))
+  print(f"report: {os.path.join(report_dir, sweep_report.RESULTS_MD)}", flush=True)
+  return summary
+
+
+def _collect(sc, workdir: str, all_cells, book: dict) -> dict:
+  """{cell: (results, seconds)} of the finished cells."""
+  del sc
+  out = {}
+  for cell in all_cells:
+    r = _results(os.path.join(workdir, cell.name))
+    if r is not None:
+      out[cell] = (r, book.get(cell.name, {}).get("seconds", float("nan")))
+  return out
+
+
+flags.DEFINE_string("workdir", None, "Directory holding every cell's run.")
+flags.DEFINE_string("report_dir", None, "Where RESULTS.md and results/ go "
+                    "(default: config.report_dir).")
+config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
+                                lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # Per-cell INFO logs would bury the progress bar; each cell keeps metrics.jsonl.
+  logging.set_verbosity(logging.WARNING)
+  run_sweep(flags.FLAGS.config, flags.FLAGS.workdir, report_dir=flags.FLAGS.report_dir)
+
+
+if __name__ == "__main__":
+  app.run(main)

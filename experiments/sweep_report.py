@@ -1,0 +1,250 @@
+"""The sweep's report: sweep.json for machines, RESULTS.md and two plots for people."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import jax
+import numpy as np
+
+from experiments import reporting
+
+RESULTS_MD = "RESULTS.md"
+SWEEP_JSON = os.path.join("results", "sweep.json")
+DETAILS_JSON = os.path.join("results", "sweep_details.json")
+BITS_PNG = os.path.join("results", "sweep_bits.png")
+PHASES_PNG = os.path.join("results", "sweep_phases.png")
+NOTES_MD = os.path.join("results", "notes.md")  # hand-written analysis, included verbatim
+
+# issue #4's targets: the INQ b-bit mean minus the fp32 mean, in points.
+TARGETS = {5: 0.0, 4: -0.3, 3: -0.8, 2: -2.0}
+
+
+def _cell(values, seconds) -> dict:
+  values = [float(v) for v in values]
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return {"mean": float(np.mean(values)), "std": std, "values": values,
+          "seconds": round(float(np.sum(seconds)), 1)}
+
+
+def aggregate(finished: dict) -> tuple[dict, dict]:
+  """(sweep.json, details): CELLs by kind and bits, seeds in order; phase curves."""
+  groups = {}
+  for cell, (results, seconds) in sorted(finished.items()):
+    key = (cell.kind, cell.bits)
+    acc = (results["baseline"] if cell.kind == "fp32" else results["final"])["test_accuracy"]
+    groups.setdefault(key, []).append((cell.seed, acc, seconds, results))
+  summary, details = {}, {"phases": {}, "seeds": {}}
+  for (kind, bits), rows in sorted(groups.items()):
+    cell = _cell([r[1] for r in rows], [r[2] for r in rows])
+    details["seeds"][f"{kind}{bits or ''}"] = [r[0] for r in rows]
+    if kind == "fp32":
+      summary["fp32"] = cell
+      continue
+    summary.setdefault(kind, {})[str(bits)] = cell
+    if kind != "ptq":
+      curves = np.array([[p["test_accuracy"] for p in r[3]["phases"]] for r in rows])
+      details["phases"].setdefault(kind, {})[str(bits)] = {
+          "portions": [p["portion"] for p in rows[0][3]["phases"]],
+          "start": [r[3]["baseline"]["test_accuracy"] for r in rows],
+          "mean": curves.mean(0).tolist(),
+          "std": (curves.std(0, ddof=1) if len(rows) > 1 else 0 * curves[0]).tolist()}
+  return summary, details
+
+
+def target_checks(summary: dict) -> list:
+  """(claim, measured, met) for every target whose cells have finished."""
+  out = []
+  if "fp32" not in summary:
+    return out
+  fp32 = summary["fp32"]["mean"]
+  inq, ptq = summary.get("inq", {}), summary.get("ptq", {})
+  for bits, delta in TARGETS.items():
+    if str(bits) in inq:
+      d = 100 * (inq[str(bits)]["mean"] - fp32)
+      out.append((f"INQ {bits}-bit >= fp32 {delta:+.1f} points", f"{d:+.2f} points",
+                  d >= delta - 1e-9))
+  rnd = summary.get("random", {}).get("5")
+  if rnd and "5" in inq:
+    d = 100 * (inq["5"]["mean"] - rnd["mean"])
+    out.append(("magnitude partition above random (5-bit)", f"{d:+.2f} points", d > 0))
+  for bits in (3, 2):
+    if str(bits) in inq and str(bits) in ptq:
+      a, b = inq[str(bits)], ptq[str(bits)]
+      d = 100 * (a["mean"] - b["mean"])
+      spread = 100 * 2 * max(a["std"], b["std"])
+      out.append((f"INQ clearly above no-retraining at {bits} bits (> 1 point and "
+                  f"> 2 std)", f"{d:+.2f} points", d > max(1.0, spread)))
+  return out
+
+
+def _plot_bits(summary, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  if "fp32" in summary:
+    m, s = 100 * summary["fp32"]["mean"], 100 * summary["fp32"]["std"]
+    ax.axhspan(m - s, m + s, color="gray", alpha=0.2)
+    ax.axhline(m, color="gray", ls="--", lw=1, label=f"fp32 {m:.2f}%")
+  styles = {"inq": ("o-", "INQ (magnitude, per layer)"), "ptq": ("s--", "no retraining (PTQ)"),
+            "channel": ("^-", "INQ, per-channel codebooks"), "random": ("D", "INQ, random partition")}
+  for kind, (style, label) in styles.items():
+    cells = summary.get(kind, {})
+    if not cells:
+      continue
+    bits = sorted(cells, key=int, reverse=True)
+    ax.errorbar([int(b) for b in bits], [100 * cells[b]["mean"] for b in bits],
+                yerr=[100 * cells[b]["std"] for b in bits], fmt=style, capsize=3, label=label)
+  ax.set_xlabel("bits per weight")
+  ax.set_ylabel("test accuracy (%), mean +- std over seeds")
+  ax.invert_xaxis()
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower left", fontsize=8)
+  ax.set_title("LeNet on Fashion-MNIST: accuracy vs bit width")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _plot_phases(details, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for kind, by_bits in sorted(details["phases"].items()):
+    for bits, c in sorted(by_bits.items(), key=lambda kv: -int(kv[0])):
+      x = [0.0] + c["portions"]
+      y = [100 * float(np.mean(c["start"]))] + [100 * v for v in c["mean"]]
+      ls = {"inq": "-", "channel": "--", "random": ":"}[kind]
+      ax.plot(x, y, ls, marker="o", ms=3, label=f"{kind} {bits}-bit")
+  ax.set_xlabel("accumulated portion quantized and frozen (0 = fp32)")
+  ax.set_ylabel("test accuracy (%), mean over seeds")
+  ax.grid(alpha=0.3)
+  if details["phases"]:
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+  ax.set_title("Test accuracy after each INQ phase")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _machine() -> str:
+  cpu = platform.processor() or "unknown CPU"
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  return (f"{jax.device_count()} x {jax.devices()[0].device_kind} (JAX {jax.__version__}, "
+          f"backend {jax.default_backend()}); host: {cpu}, {os.cpu_count()} cores")
+
+
+def _fmt(cell, fp32) -> tuple:
+  per_seed = ", ".join(f"{100 * v:.2f}" for v in cell["values"])
+  delta = f"{100 * (cell['mean'] - fp32):+.2f}" if fp32 is not None else ""
+  return (f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}", per_seed, delta,
+          f"{cell['seconds'] / 60:.1f}")
+
+
+def markdown(sc, summary, details, workdir) -> str:
+  e = sc.experiment
+  fp32 = summary.get("fp32", {}).get("mean")
+  rows = []
+  if "fp32" in summary:
+    rows.append(("fp32 baseline", *_fmt(summary["fp32"], None)))
+  names = {"inq": "INQ {b}-bit", "random": "INQ {b}-bit, random partition",
+           "ptq": "no retraining (PTQ) {b}-bit", "channel": "INQ {b}-bit, per-channel"}
+  for kind in ("inq", "random", "ptq", "channel"):
+    for b, cell in sorted(summary.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
+      rows.append((names[kind].format(b=b), *_fmt(cell, fp32)))
+  total = sum(c["seconds"] for c in _all_cells(summary))
+  lines = [
+      "# INQ on Fashion-MNIST (LeNet): bit widths, partitions, no-retraining, per-channel",
+      "",
+      f"Written by `experiments/sweep.py` on {datetime.date.today().isoformat()} from "
+      f"{len(details['seeds'].get('fp32', []))} seed(s) {tuple(sc.seeds)}; the machine-readable "
+      f"copy is [`{SWEEP_JSON}`]({SWEEP_JSON}) (accuracies as fractions; `seconds` is the "
+      f"wall time summed over seeds). Every cell starts from its seed's fp32 baseline.",
+      "",
+      "| cell | test accuracy % (mean ± std) | per seed | Δ vs fp32 (points) | wall time (min, all seeds) |",
+      "|---|---|---|---|---|",
+      *[f"| {' | '.join(r)} |" for r in rows],
+      "",
+      f"Total wall time: {total / 60:.1f} min.",
+      "",
+      "## Targets (issue #4)",
+      "",
+      "| claim | measured | met |",
+      "|---|---|---|",
+      *[f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, m, ok in target_checks(summary)],
+      "",
+      "## Plots",
+      "",
+      f"![accuracy vs bits]({BITS_PNG})",
+      "",
+      f"![accuracy after each phase]({PHASES_PNG})",
+      "",
+      "## Settings",
+      "",
+      f"- data: real Fashion-MNIST ({e.dataset.train_split} / {e.dataset.test_split}), "
+      f"augmentation {'on (2-pixel shifts, mirror images)' if e.dataset.augment else 'off'}",
+      f"- model: {e.model}; batch {e.batch_size}; SGD momentum {e.momentum}, weight decay "
+      f"{e.weight_decay}",
+      f"- fp32 baseline: {e.baseline.epochs:g} epochs, lr {e.baseline.learning_rate} "
+      f"({e.baseline.lr_schedule})",
+      f"- every INQ phase: {e.inq.epochs_per_phase:g} epochs of retraining, lr "
+      f"{e.inq.learning_rate} ({e.inq.lr_schedule}, restarted each phase), fresh optimizer; "
+      f"the last phase (portion 1) has {e.inq.final_finetune_epochs:g} epochs",
+      "- portions (the paper's ResNet-18 schedules): " + "; ".join(
+          f"{k[1:]}-bit {tuple(v)}" for k, v in sorted(sc.portions.items(), reverse=True)),
+      "- PTQ: portions (1,), the same codebooks (n1 from each layer's max |w|), no retraining",
+      "",
+      "## Commands",
+      "",
+      "```",
+      "bash scripts/setup.sh",
+      ".venv/bin/python -m experiments.sweep \\",
+      "    --config=experiments/configs/sweep_fashion_mnist.py \\",
+      f"    --workdir={workdir}",
+      "```",
+      "",
+      "Rerunning the command resumes an interrupted study and rewrites this file. One cell "
+      "alone is an ordinary run, e.g. `python -m experiments.main --config=... "
+      "--config.inq.bits=3 ...`; each cell's directory holds its results.json, "
+      "metrics.jsonl and plots.",
+      "",
+      "## Machine",
+      "",
+      f"- {_machine()}",
+  ]
+  notes = os.path.join(os.path.dirname(__file__), NOTES_MD)
+  if os.path.exists(notes):
+    with open(notes) as f:
+      lines += ["", f.read().rstrip()]
+  return "\n".join(lines) + "\n"
+
+
+def _all_cells(summary):
+  for key, value in summary.items():
+    if key == "fp32":
+      yield value
+    else:
+      yield from value.values()
+
+
+def write(sc, workdir: str, report_dir: str, finished: dict) -> dict:
+  """Writes sweep.json, sweep_details.json, the plots and RESULTS.md; returns sweep.json."""
+  if jax.process_index() != 0 or not finished:
+    return {}
+  summary, details = aggregate(finished)
+  os.makedirs(os.path.join(report_dir, "results"), exist_ok=True)
+  reporting.atomic_write_json(os.path.join(report_dir, SWEEP_JSON), summary)
+  reporting.atomic_write_json(os.path.join(report_dir, DETAILS_JSON), details)
+  _plot_bits(summary, os.path.join(report_dir, BITS_PNG))
+  _plot_phases(details, os.path.join(report_dir, PHASES_PNG))
+  reporting.atomic_write(os.path.join(report_dir, RESULTS_MD),
+                         markdown(sc, summary, details, workdir))
+  return summary

@@ -1,0 +1,99 @@
+"""The sweep on a real-data slice: cells, resume, sweep.json schema, report."""
+
+import json
+import os
+
+import pytest
+
+from experiments import sweep, sweep_report
+from experiments.configs import sweep_fashion_mnist
+
+
+def tiny_config(data_dir, **overrides):
+  sc = sweep_fashion_mnist.get_config()
+  e = sc.experiment
+  e.dataset.data_dir = data_dir
+  e.dataset.train_split = "train[:1024]"
+  e.dataset.test_split = "test[:500]"
+  e.batch_size = 64
+  e.baseline.epochs = 1.0
+  e.inq.epochs_per_phase = 0.5
+  sc.seeds = (0, 1)
+  sc.inq_bits = (2,)
+  sc.random_bits = (2,)
+  sc.ptq_bits = (2,)
+  sc.channel_bits = ()
+  sc.portions.b2 = (0.5, 1.0)
+  for k, v in overrides.items():
+    sc[k] = v
+  return sc
+
+
+def test_cells_and_configs(tmp_path):
+  sc = sweep_fashion_mnist.get_config()
+  names = [c.name for c in sweep.cells(sc)]
+  assert len(names) == 3 * 12 and names[0] == "seed0/fp32"
+  # the baseline of each seed comes before every cell that starts from it
+  for seed in sc.seeds:
+    assert names.index(f"seed{seed}/fp32") < names.index(f"seed{seed}/inq2")
+  c = sweep.cell_config(sc, sweep.Cell(1, "channel", 3), str(tmp_path))
+  assert c.seed == 1 and c.inq.granularity == "channel" and c.inq.bits == 3
+  assert tuple(c.inq.portions) == (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+  assert c.init_checkpoint.endswith(os.path.join("seed1", "fp32", "baseline_variables"))
+  ptq = sweep.cell_config(sc, sweep.Cell(0, "ptq", 2), str(tmp_path))
+  assert tuple(ptq.inq.portions) == (1.0,) and ptq.inq.final_finetune_epochs == 0
+  rnd = sweep.cell_config(sc, sweep.Cell(0, "random", 5), str(tmp_path))
+  assert rnd.inq.strategy == "random" and rnd.inq.epochs_per_phase == 0.5
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("seeds", (0, 0), "distinct"),
+    ("inq_bits", (9,), "2..8"),
+    ("channel_bits", (6,), "b6"),
+])
+def test_bad_sweep_config(tmp_path, key, value, match):
+  sc = sweep_fashion_mnist.get_config()
+  sc[key] = value
+  with pytest.raises(ValueError, match=match):
+    sweep.run_sweep(sc, str(tmp_path / "w"), report_dir=str(tmp_path / "r"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
+  sc = tiny_config(fmnist_data_dir)
+  work, report = str(tmp_path / "w"), str(tmp_path / "r")
+  summary = sweep.run_sweep(sc, work, report_dir=report)
+  with open(os.path.join(report, sweep_report.SWEEP_JSON)) as f:
+    on_disk = json.load(f)
+  assert on_disk == summary
+  assert set(summary) == {"fp32", "inq", "random", "ptq"}
+  for cell in [summary["fp32"], summary["inq"]["2"], summary["random"]["2"],
+               summary["ptq"]["2"]]:
+    assert set(cell) == {"mean", "std", "values", "seconds"}
+    assert len(cell["values"]) == 2 and all(0 < v <= 1 for v in cell["values"])
+    assert cell["seconds"] > 0
+  # every cell's values are the finished runs' own results
+  for seed, value in zip((0, 1), summary["inq"]["2"]["values"]):
+    with open(os.path.join(work, f"seed{seed}", "inq2", "results.json")) as f:
+      r = json.load(f)
+    assert r["final"]["test_accuracy"] == value and r["final"]["all_pow2"]
+    assert r["final"]["bits"] == 2
+    with open(os.path.join(work, f"seed{seed}", "fp32", "results.json")) as f:
+      base = json.load(f)
+    # INQ cells start from the seed's baseline: same fp32 accuracy before phase 1
+    assert r["baseline"]["test_accuracy"] == base["baseline"]["test_accuracy"]
+  md = open(os.path.join(report, sweep_report.RESULTS_MD)).read()
+  assert "INQ 2-bit" in md and "no retraining (PTQ) 2-bit" in md
+  for png in (sweep_report.BITS_PNG, sweep_report.PHASES_PNG):
+    assert os.path.getsize(os.path.join(report, png)) > 1000
+  capsys.readouterr()
+
+  # Resume: a finished sweep reruns nothing and reports the same cells.
+  again = sweep.run_sweep(sc, work, report_dir=report)
+  out = capsys.readouterr().out
+  assert "test accuracy" not in out  # no cell ran again
+  assert again["inq"]["2"]["values"] == summary["inq"]["2"]["values"]
+
+  # A changed sweep config in the same workdir is refused.
+  with pytest.raises(ValueError, match="different config"):
+    sweep.run_sweep(tiny_config(fmnist_data_dir, seeds=(0, 1, 2)), work, report_dir=report)
