@@ -240,11 +240,12 @@ def _pruned_masks(params, keep, config: INQConfig):
       continue
     if bool(jnp.all(m)):
       continue
-    if not config.selects(path):
-      raise ValueError(f"pruned: {path} has {int(jnp.sum(~m))} pruned weights but INQ "
-                       "does not quantize it, so nothing would keep them frozen at zero; "
-                       "add it to INQConfig.include or do not prune it")
     frozen = jnp.broadcast_to(~m, jnp.shape(leaf))
+    if not config.selects(path):
+      raise ValueError(f"pruned: {path} has {int(jnp.sum(frozen))} pruned weights but INQ "
+                       "does not quantize it, so nothing would keep them frozen at zero; "
+                       "add it to INQConfig.include or do not prune it (and pass the keep "
+                       "mask, True = kept, not its inverse)")
     if not isinstance(leaf, jax.core.Tracer):
       bad = np.asarray(frozen & (jnp.asarray(leaf) != 0))
       if bad.any():

@@ -286,3 +286,28 @@ def test_advance_is_eager_only():
   state = inq.init(params, inq.INQConfig())
   with pytest.raises(TypeError, match="outside jax.jit"):
     jax.jit(inq.advance)(params, state)
+
+
+def test_unpruned_state_pytree_unchanged():
+  # No `pruned`: the state flattens to masks, exponents and step only (checkpoints
+  # written before `INQState.pruned` existed restore into it unchanged).
+  params = plain_params()
+  state = inq.init(params, inq.INQConfig())
+  assert state.pruned == {}
+  assert len(jax.tree.leaves(state)) == (len(jax.tree.leaves(state.masks))
+                                         + len(state.exponents) + 1)
+  rebuilt = inq.INQState(masks=state.masks, exponents=state.exponents, step=state.step,
+                         config=state.config)
+  assert rebuilt.pruned == {} and rebuilt.pruned_count("head/kernel") == 0
+  assert rebuilt.frozen_target("head/kernel", 128, 2) == round(0.75 * 128)
+
+
+def test_advance_rejects_masks_off_the_schedule():
+  params = plain_params()
+  state = inq.init(params, inq.INQConfig())
+  params, state = inq.advance(params, state)
+  masks = {**state.masks, "head": {**state.masks["head"],
+                                   "kernel": jnp.ones((32, 4), bool)}}
+  with pytest.raises(ValueError, match=r"head/kernel: the state's mask has 128 frozen weights, "
+                     r"but after 1 of 4 portions there should be 64 \(round\(0.5 \* 128\)\)"):
+    inq.advance(params, dataclasses.replace(state, masks=masks))
