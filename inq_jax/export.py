@@ -76,6 +76,9 @@ def _flatten(tree, what: str, prefix: str = "") -> Tuple[dict, list]:
     if isinstance(value, Mapping):
       skeleton[key], sub = _flatten(value, what, path)
       leaves += sub
+    elif isinstance(value, (list, tuple)) or value is None:
+      raise TypeError(f"{what}: {path} is a {type(value).__name__}; only nested dicts of "
+                      "arrays can be exported (turn lists into dicts with string keys)")
     else:
       skeleton[key] = None
       leaves.append((path, value))
@@ -224,7 +227,7 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
       if group == "params":
         total_weights += w.size
       if group == "params" and leaf_path in state.exponents:
-        if not np.issubdtype(w.dtype, np.floating):
+        if not jnp.issubdtype(w.dtype, jnp.floating):
           raise TypeError(f"{leaf_path}: dtype {w.dtype} is not floating point")
         mask = masks.get(leaf_path)
         if mask is None or np.shape(mask) != w.shape or not np.asarray(mask).all():
@@ -400,7 +403,8 @@ class _File:
         raise self.error(f"{where}: code {int(q.codes[idx])} at index {idx} is not in the "
                          f"{q.bits}-bit codebook (n1 {_show(q.n1)})")
       exact = _packing.decode(q.codes, q.n1, q.bits)
-      out = exact.astype(q.dtype)
+      with np.errstate(over="ignore"):
+        out = exact.astype(q.dtype)
       if not np.array_equal(out.astype(np.float64), exact):
         raise self.error(f"{where}: codebook 2^..2^{_show(q.n1)} does not fit {q.dtype}")
       return out
