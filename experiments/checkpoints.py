@@ -11,6 +11,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from inq_jax import export as inq_export
+from inq_jax import quantize as inq
+
 CONFIG_FILE = "config.json"
 
 
@@ -127,3 +130,128 @@ def load_variables(path: str, template: Any) -> Any:
     raise ValueError(f"init_checkpoint {path} has wrong shapes: {bad[:5]}")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   return checkpointer.restore(path, abstract)
+
+
+# ------------------------------------------------------------- final model
+
+FINAL_DIR = "final"
+FINAL_STATE = "state"      # orbax checkpoint under WORKDIR/final/
+FINAL_JSON = "inq.json"    # INQConfig, tree layout; written last: marks a complete save
+EXPORT_FILE = "model.inq"  # what export_run writes by default (python -m inq_jax.verify)
+_FINAL_VERSION = 1
+
+
+def _spec(tree):
+  """Nested dicts of [shape, dtype] leaves: the layout load_final restores into."""
+  if isinstance(tree, dict):
+    return {str(k): _spec(v) for k, v in tree.items()}
+  return [list(jax.numpy.shape(tree)), str(jax.numpy.result_type(tree))]
+
+
+def _abstract(spec, sharding):
+  if isinstance(spec, dict):
+    return {k: _abstract(v, sharding) for k, v in spec.items()}
+  shape, dtype = spec
+  return jax.ShapeDtypeStruct(tuple(shape), jax.numpy.dtype(dtype), sharding=sharding)
+
+
+def _plain(tree):
+  """Mappings (FrozenDict, ...) as dicts, so the layout is JSON-able."""
+  if hasattr(tree, "items"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def save_final(workdir: str, variables: Any, inq_state: Any) -> None:
+  """Saves the finished model and its INQ state under `workdir/final/`.
+
+  `final/state/` is an orbax checkpoint of {"variables": variables, "inq":
+  {"masks", "exponents", "step", "pruned"}}; `final/inq.json` holds the
+  INQConfig and the tree layout, so `load_final` needs no model code. The JSON
+  is written last (atomically): a save killed half-way leaves no JSON and
+  `load_final` refuses it.
+
+  Args:
+    workdir: the run's directory.
+    variables: {"params": ..., "batch_stats": ...} (nested dicts of arrays).
+    inq_state: the run's final `inq_jax.quantize.INQState`.
+  """
+  final = os.path.abspath(os.path.join(workdir, FINAL_DIR))
+  meta_path = os.path.join(final, FINAL_JSON)
+  if jax.process_index() == 0:
+    os.makedirs(final, exist_ok=True)
+    if os.path.exists(meta_path):
+      os.remove(meta_path)
+  tree = {"variables": _plain(variables),
+          "inq": {"masks": _plain(inq_state.masks), "exponents": dict(inq_state.exponents),
+                  "step": inq_state.step, "pruned": dict(inq_state.pruned)}}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(final, FINAL_STATE), tree, force=True)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    meta = {"version": _FINAL_VERSION, "inq_config": inq_state.config.to_dict(),
+            "exponents": sorted(inq_state.exponents), "pruned": sorted(inq_state.pruned),
+            "tree": _spec(tree)}
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(tmp, meta_path)
+
+
+def load_final(workdir: str):
+  """(variables, inq_state) that `save_final` wrote into `workdir/final/`.
+
+  Arrays come back on the first local device; the INQState is rebuilt from the
+  JSON's INQConfig, so no model code is needed.
+
+  Raises:
+    FileNotFoundError if `workdir` holds no complete final save.
+  """
+  final = os.path.abspath(os.path.join(workdir, FINAL_DIR))
+  meta_path = os.path.join(final, FINAL_JSON)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+        f"{workdir} holds no finished model ({meta_path} is missing): the training "
+        "script writes it with checkpoints.save_final at the end of a run")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("version") != _FINAL_VERSION:
+    raise ValueError(f"{meta_path}: version {meta.get('version')!r}, expected "
+                     f"{_FINAL_VERSION}")
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = _abstract(meta["tree"], sharding)
+  tree = ocp.StandardCheckpointer().restore(os.path.join(final, FINAL_STATE), abstract)
+  cfg = dict(meta["inq_config"])
+  cfg["portions"] = tuple(cfg["portions"])
+  state = inq.INQState(masks=tree["inq"]["masks"], exponents=dict(tree["inq"]["exponents"]),
+                       step=tree["inq"]["step"], config=inq.INQConfig(**cfg),
+                       pruned=dict(tree["inq"]["pruned"]))
+  if sorted(state.exponents) != meta["exponents"]:
+    raise ValueError(f"{final}: restored exponents {sorted(state.exponents)[:6]} do not "
+                     f"match {meta['exponents'][:6]}")
+  return tree["variables"], state
+
+
+def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
+  """Exports the finished run in `workdir` to a `.inq` file (`inq_jax.export`).
+
+  The file holds the params (every quantized kernel as b-bit codes) and the
+  batch statistics as `extras["batch_stats"]`; `python -m experiments.evaluate
+  --weights=FILE` evaluates it.
+
+  Args:
+    workdir: a run directory with a `final/` save (`save_final`).
+    output: the file to write; default `workdir/model.inq`, the file that
+      `python -m inq_jax.verify WORKDIR` checks.
+
+  Returns:
+    `inq_jax.export.save`'s stats plus {"file": output} on process 0; None on
+    the other processes of a multi-host run (only process 0 writes).
+  """
+  variables, state = load_final(workdir)
+  if jax.process_index() != 0:
+    return None
+  output = output or os.path.join(workdir, EXPORT_FILE)
+  extras = {"batch_stats": variables.get("batch_stats", {})}
+  stats = inq_export.save(output, variables["params"], state, extras=extras)
+  return {**stats, "file": output}

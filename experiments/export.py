@@ -1,0 +1,39 @@
+"""Exports a finished run as a compact `.inq` file of b-bit codes.
+
+  python -m experiments.export --workdir=workdirs/fashion_mnist_lenet \
+      [--output=lenet_5bit.inq]
+
+Reads WORKDIR/final/ (written by the training script at the end of every run,
+`checkpoints.save_final`), writes the params (every quantized kernel as b-bit
+codes, see `inq_jax.export`) and the batch statistics, and prints the size
+statistics as one JSON line. The default output is WORKDIR/model.inq, the file
+`python -m inq_jax.verify WORKDIR` checks and that
+
+  python -m experiments.evaluate --config=CONFIG --weights=FILE
+
+evaluates. Refuses (writing nothing) if any quantized kernel is not fully
+quantized or holds a weight outside its codebook.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_string("workdir", None, "A finished run's directory (with final/).")
+flags.DEFINE_string("output", None, "The .inq file to write (default WORKDIR/model.inq).")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  stats = checkpoints.export_run(FLAGS.workdir, FLAGS.output)
+  if stats is not None:
+    print(json.dumps(stats, sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,161 @@
+"""save_final / load_final / export_run, and the export and evaluate commands."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import checkpoints, evaluate, models, train
+from experiments.configs import smoke
+from inq_jax import export, verify
+from inq_jax import quantize as inq
+from inq_jax._tree import leaves_with_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_inq(params, config, pruned=None):
+  state = inq.init(params, config, pruned=pruned)
+  for _ in state.config.portions:
+    params, state = inq.advance(params, state)
+  return params, state
+
+
+def assert_same(a, b):
+  fa, fb = dict(leaves_with_paths(a)[0]), dict(leaves_with_paths(b)[0])
+  assert sorted(fa) == sorted(fb)
+  for path in fa:
+    x, y = np.asarray(fa[path]), np.asarray(fb[path])
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), path
+
+
+def small_variables():
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"block": {"conv": {"kernel": jax.random.normal(k[0], (3, 3, 2, 4)) * 0.2},
+                      "bn": {"scale": jnp.ones(4), "bias": jnp.zeros(4)}},
+            "head": {"kernel": jax.random.normal(k[1], (16, 3)) * 0.1,
+                     "bias": jnp.arange(3, dtype=jnp.float32)}}
+  batch_stats = {"block": {"bn": {"mean": jax.random.normal(k[2], (4,)),
+                                  "var": jnp.full(4, 0.5)}}}
+  return params, batch_stats
+
+
+def test_save_final_load_final_export_round_trip(tmp_path, capsys):
+  params, batch_stats = small_variables()
+  keep = inq.prune_masks(params, inq.PruneConfig(sparsity=0.5), 1)
+  params = jax.tree.map(lambda w, m: jnp.where(m, w, 0.0), params, keep)
+  config = inq.INQConfig(bits=4, portions=(0.5, 1.0), granularity="channel", seed=3)
+  params, state = run_inq(params, config, pruned=keep)
+  checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
+  assert sorted(os.listdir(tmp_path / "final")) == ["inq.json", "state"]
+
+  variables, back = checkpoints.load_final(str(tmp_path))
+  assert_same(variables, {"params": params, "batch_stats": batch_stats})
+  assert back.config == config and int(back.step) == 2
+  assert_same(back.masks, state.masks)
+  assert_same(back.exponents, state.exponents)
+  assert_same(back.pruned, state.pruned) and back.pruned
+  inq.verify(variables["params"], back)  # a usable INQState
+
+  stats = checkpoints.export_run(str(tmp_path))
+  assert stats["file"] == str(tmp_path / "model.inq") and stats["bits"] == 4
+  assert stats["quantized_weights"] == 3 * 3 * 2 * 4 + 16 * 3
+  loaded, extras = export.load_with_extras(tmp_path / "model.inq")
+  assert_same(loaded, params)
+  assert_same(extras, {"batch_stats": batch_stats})
+  assert verify.main([str(tmp_path)]) == 0  # WORKDIR means WORKDIR/model.inq
+  assert "OK" in capsys.readouterr().out
+
+
+def test_save_final_overwrites_and_load_final_refuses_incomplete(tmp_path):
+  with pytest.raises(FileNotFoundError, match="holds no finished model"):
+    checkpoints.load_final(str(tmp_path))
+  params, batch_stats = small_variables()
+  p5, s5 = run_inq(params, inq.INQConfig(bits=5, portions=(1.0,)))
+  checkpoints.save_final(str(tmp_path), {"params": p5, "batch_stats": batch_stats}, s5)
+  p3, s3 = run_inq(params, inq.INQConfig(bits=3, portions=(1.0,)))
+  checkpoints.save_final(str(tmp_path), {"params": p3, "batch_stats": batch_stats}, s3)
+  variables, state = checkpoints.load_final(str(tmp_path))
+  assert state.config.bits == 3 and state.pruned == {}
+  assert_same(variables["params"], p3)
+  os.remove(tmp_path / "final" / "inq.json")  # as if killed before the JSON
+  with pytest.raises(FileNotFoundError):
+    checkpoints.load_final(str(tmp_path))
+
+
+def test_export_refuses_unfinished_run(tmp_path):
+  params, batch_stats = small_variables()
+  state = inq.init(params, inq.INQConfig(bits=5))
+  params, state = inq.advance(params, state)
+  checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
+  with pytest.raises(ValueError, match="only .* weights are quantized and frozen"):
+    checkpoints.export_run(str(tmp_path))
+  assert not (tmp_path / "model.inq").exists()
+
+
+def test_export_command(tmp_path):
+  params, batch_stats = small_variables()
+  params, state = run_inq(params, inq.INQConfig(bits=5))
+  checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
+  out = tmp_path / "out.inq"
+  run = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={tmp_path}",
+                        f"--output={out}"], cwd=REPO, capture_output=True, text=True,
+                       timeout=180)
+  assert run.returncode == 0, run.stderr[-3000:]
+  stats = json.loads(run.stdout.strip().splitlines()[-1])
+  assert stats["file"] == str(out) and stats["bytes"] == os.path.getsize(out)
+  assert_same(export.load(out), params)
+
+
+# ------------------------------------------------------------ evaluation
+
+
+def lenet_config(data_dir):
+  c = smoke.get_config()
+  c.dataset.data_dir = str(data_dir)
+  c.dataset.test_split = "test[:300]"
+  c.eval_batch_size = 128  # 300 = 2 full batches + a padded one
+  return c
+
+
+def test_evaluate_equals_the_runs_own_evaluation(fmnist_data_dir, tmp_path):
+  config = lenet_config(fmnist_data_dir)
+  model = models.get_model("lenet", 10)
+  variables = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))
+  params, state = run_inq(variables["params"], train.inq_config(config))
+  checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": {}}, state)
+  stats = checkpoints.export_run(str(tmp_path))
+
+  # The training script's evaluation of the in-memory quantized params.
+  run = train.Run(config, str(tmp_path / "run"), train.inq_config(config), None)
+  try:
+    want = run.evaluate(run.devices.replicate({"params": params, "batch_stats": {}}))
+  finally:
+    run.ckpt.close()
+    run.writer.close()
+
+  # The exported file through the command line, with config overrides.
+  cli = subprocess.run(
+      [sys.executable, "-m", "experiments.evaluate",
+       "--config=experiments/configs/smoke.py", f"--config.dataset.data_dir={fmnist_data_dir}",
+       "--config.dataset.test_split=test[:300]", "--config.eval_batch_size=128",
+       f"--weights={stats['file']}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 0, cli.stderr[-3000:]
+  got = json.loads(cli.stdout.strip().splitlines()[-1])
+  assert got["test_accuracy"] == want["accuracy"] and got["test_loss"] == want["loss"]
+  assert got["weights"] == stats["file"] and got["test_examples"] == 300
+  assert got["bits"] == 5 and got["model"] == "lenet"
+
+
+def test_evaluate_refuses_weights_of_another_model(fmnist_data_dir, tmp_path):
+  params, batch_stats = small_variables()
+  params, state = run_inq(params, inq.INQConfig(bits=5, portions=(1.0,)))
+  export.save(tmp_path / "m.inq", params, state, extras={"batch_stats": batch_stats})
+  with pytest.raises(ValueError, match=r"does not fit model 'lenet': missing params/conv1/"):
+    evaluate.evaluate(lenet_config(fmnist_data_dir), str(tmp_path / "m.inq"))
