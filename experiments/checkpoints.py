@@ -232,6 +232,55 @@ def load_final(workdir: str):
   return tree["variables"], state
 
 
+def load_done_checkpoint(workdir: str):
+  """(variables, inq_state) from the last checkpoint of a finished run.
+
+  For runs that finished before the training script wrote `final/`: reads the
+  newest `checkpoints/<step>/` (read-only; it must be the "done" one), takes
+  params, batch_stats and the INQ masks/exponents/step from it and rebuilds
+  the INQConfig from `config.json`. No model code is needed.
+
+  Raises:
+    FileNotFoundError if `workdir` has no checkpoint or config.json; ValueError
+    if the newest checkpoint is not of a finished run.
+  """
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  config_path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(directory) or not os.path.exists(config_path):
+    raise FileNotFoundError(f"{workdir} holds neither final/ nor a run's checkpoints and "
+                            f"{CONFIG_FILE}")
+  options = ocp.CheckpointManagerOptions(read_only=True)
+  manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory} holds no checkpoint")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  if meta.get("stage") != "done":
+    raise ValueError(f"{workdir}: the run is not finished (newest checkpoint {step} is at "
+                     f"stage {meta.get('stage')!r}, phase {meta.get('phase')})")
+  path = os.path.join(directory, str(step), "state")
+  checkpointer = ocp.StandardCheckpointer()
+  tree = checkpointer.metadata(path)
+  tree = getattr(tree, "item_metadata", tree)
+  tree = getattr(tree, "tree", tree)
+  sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), tree)
+  tree = checkpointer.restore(path, abstract)
+  with open(config_path) as f:
+    c = json.load(f)
+  config = inq.INQConfig(bits=c["inq"]["bits"], portions=tuple(c["inq"]["portions"]),
+                         strategy=c["inq"]["strategy"], include=c["inq"]["include"],
+                         exclude=c["inq"]["exclude"], granularity=c["inq"]["granularity"],
+                         seed=c["seed"])
+  t = tree["inq"]
+  state = inq.INQState(masks=t["masks"], exponents=dict(t["exponents"]), step=t["step"],
+                       config=config, pruned=dict(t.get("pruned", {})))
+  variables = {"params": tree["train"]["params"],
+               "batch_stats": tree["train"].get("batch_stats", {}) or {}}
+  return variables, state
+
+
 def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
   """Exports the finished run in `workdir` to a `.inq` file (`inq_jax.export`).
 
@@ -240,7 +289,9 @@ def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
   --weights=FILE` evaluates it.
 
   Args:
-    workdir: a run directory with a `final/` save (`save_final`).
+    workdir: a run directory with a `final/` save (`save_final`), or, for runs
+      finished before `final/` existed, with the finished run's checkpoints
+      (`load_done_checkpoint`).
     output: the file to write; default `workdir/model.inq`, the file that
       `python -m inq_jax.verify WORKDIR` checks.
 
@@ -248,7 +299,10 @@ def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
     `inq_jax.export.save`'s stats plus {"file": output} on process 0; None on
     the other processes of a multi-host run (only process 0 writes).
   """
-  variables, state = load_final(workdir)
+  if os.path.exists(os.path.join(workdir, FINAL_DIR, FINAL_JSON)):
+    variables, state = load_final(workdir)
+  else:
+    variables, state = load_done_checkpoint(workdir)
   if jax.process_index() != 0:
     return None
   output = output or os.path.join(workdir, EXPORT_FILE)

@@ -112,6 +112,47 @@ def test_export_command(tmp_path):
   assert_same(export.load(out), params)
 
 
+def test_export_run_falls_back_to_a_finished_runs_checkpoint(tmp_path):
+  """Runs finished before final/ existed: the "done" checkpoint plus config.json."""
+  config = smoke.get_config()
+  config.inq.portions = (0.5, 1.0)
+  config.inq.granularity = "channel"
+  params, batch_stats = small_variables()
+  params, state = run_inq(params, train.inq_config(config))
+  checkpoints.claim_workdir(str(tmp_path), config)
+  ckpt = checkpoints.RunCheckpoints(str(tmp_path))
+  tx = train.make_optimizer(config, 0.01, state.masks)
+  ts = {"step": jnp.asarray(7, jnp.int32), "params": params, "batch_stats": batch_stats,
+        "opt_state": tx.init(params)}
+  tree = {"train": ts, "inq": {"masks": state.masks, "exponents": state.exponents,
+                               "step": state.step}}  # as train.Run.save writes it
+  ckpt.save(tree, {"stage": "inq", "phase": 1, "epoch": 0})
+  ckpt.save(tree, {"stage": "done", "phase": 2, "epoch": 0})
+  ckpt.close()
+  stats = checkpoints.export_run(str(tmp_path))
+  loaded, extras = export.load_with_extras(stats["file"])
+  assert_same(loaded, params)
+  assert_same(extras["batch_stats"], batch_stats)
+  variables, back = checkpoints.load_done_checkpoint(str(tmp_path))
+  assert back.config == train.inq_config(config)
+  assert_same(back.masks, state.masks)
+  assert_same(back.exponents, state.exponents)
+
+
+def test_export_run_refuses_an_unfinished_run(tmp_path):
+  config = smoke.get_config()
+  params, state = run_inq(small_variables()[0], inq.INQConfig(bits=5))
+  checkpoints.claim_workdir(str(tmp_path), config)
+  ckpt = checkpoints.RunCheckpoints(str(tmp_path))
+  ckpt.save({"train": {"params": params}, "inq": {"step": state.step}},
+            {"stage": "inq", "phase": 1, "epoch": 2})
+  ckpt.close()
+  with pytest.raises(ValueError, match="the run is not finished .* stage 'inq', phase 1"):
+    checkpoints.export_run(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="neither final/ nor"):
+    checkpoints.export_run(str(tmp_path / "nothing"))
+
+
 # ------------------------------------------------------------ evaluation
 
 
