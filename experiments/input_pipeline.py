@@ -309,7 +309,7 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     ValueError: an unknown dataset name.
   """
   name = config.get("name", "fashion_mnist")
-  data_dir = config.get("data_dir", None)
+  data_dir = config.get("data_dir", None) or None  # "" (e.g. an empty flag) = default
   manual_dir = config.get("manual_dir", None)
   train_split = config.get("train_split", "train")
   test_split = config.get("test_split", "test")

@@ -184,6 +184,17 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
+def report(sc: ml_collections.ConfigDict, workdir: str, *,
+           report_dir: Optional[str] = None) -> dict:
+  """Rewrites the report from whatever cells have finished (e.g. after editing notes)."""
+  check_sweep_config(sc)
+  book = _load_json(os.path.join(workdir, CELLS_FILE), {})
+  report_dir = report_dir or sc.report_dir
+  summary = sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, cells(sc), book))
+  print(f"report: {os.path.join(report_dir, sweep_report.RESULTS_MD)}", flush=True)
+  return summary
+
+
 def _collect(sc, workdir: str, all_cells, book: dict) -> dict:
   """{cell: (results, seconds)} of the finished cells."""
   del sc
@@ -198,6 +209,8 @@ def _collect(sc, workdir: str, all_cells, book: dict) -> dict:
 flags.DEFINE_string("workdir", None, "Directory holding every cell's run.")
 flags.DEFINE_string("report_dir", None, "Where RESULTS.md and results/ go "
                     "(default: config.report_dir).")
+flags.DEFINE_bool("report_only", False, "Rewrite the report from the finished cells "
+                  "without running or checking anything else.")
 config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
                                 lock_config=True)
 flags.mark_flags_as_required(["config", "workdir"])
@@ -208,7 +221,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   # Per-cell INFO logs would bury the progress bar; each cell keeps metrics.jsonl.
   logging.set_verbosity(logging.WARNING)
-  run_sweep(flags.FLAGS.config, flags.FLAGS.workdir, report_dir=flags.FLAGS.report_dir)
+  if flags.FLAGS.report_only:
+    report(flags.FLAGS.config, flags.FLAGS.workdir, report_dir=flags.FLAGS.report_dir)
+  else:
+    run_sweep(flags.FLAGS.config, flags.FLAGS.workdir, report_dir=flags.FLAGS.report_dir)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The run is a small state machine whose position (stage, phase, epoch) is saved
 with every checkpoint:
 
-  baseline epochs -> evaluate -> for each portion sigma_n:
+  baseline epochs -> evaluate -> [optional pruning: for t in 1..T, prune to
+  sparsity s_t, retrain with the pruned weights frozen at zero] -> for each
+  portion sigma_n:
       advance (partition + quantize + freeze) -> fresh optimizer, re-jitted step,
       learning-rate schedule restarted -> retrain the float weights -> evaluate
   -> verify every quantized leaf -> results.json, plots.
@@ -14,6 +16,7 @@ rerun after a kill replays the interrupted epoch bit-for-bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import inq_jax
 from experiments import checkpoints, input_pipeline, models, reporting
+from inq_jax import prune
 from inq_jax import quantize as inq
 from inq_jax._tree import leaves_with_paths
 
@@ -43,16 +47,30 @@ def inq_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
                        seed=config.seed)
 
 
+def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfig]:
+  """The pruning stage's config, or None when `config.prune.sparsity` is empty."""
+  c = config.get("prune")
+  if c is None or not c.sparsity:
+    return None
+  return prune.PruneConfig(sparsity=tuple(tuple(pair) for pair in c.sparsity),
+                           include=config.inq.include, exclude=config.inq.exclude,
+                           steps=c.steps, schedule=c.schedule)
+
+
 def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   """Every config error, before anything is read or written."""
   inq_cfg = inq_config(config)
+  prune_config(config)
   if config.optimizer not in ("sgd", "adam"):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
-  for stage in ("baseline", "inq"):
-    if config[stage].lr_schedule not in ("cosine", "step", "constant"):
+  for stage in ("baseline", "prune", "inq"):
+    if stage in config and config[stage].lr_schedule not in ("cosine", "step", "constant"):
       raise ValueError(f"{stage}.lr_schedule must be cosine, step or constant, got "
                        f"{config[stage].lr_schedule!r}")
-  for name in ("baseline.epochs", "inq.epochs_per_phase", "inq.final_finetune_epochs"):
+  for name in ("baseline.epochs", "inq.epochs_per_phase", "inq.final_finetune_epochs",
+               "prune.epochs_per_step"):
+    if name.split(".")[0] not in config:
+      continue
     value = config[name.split(".")[0]][name.split(".")[1]]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
         or value == float("inf"):
@@ -184,6 +202,7 @@ class Run:
 
   def __init__(self, config, workdir, inq_cfg, callback: Optional[Callback]):
     self.config, self.workdir, self.inq_cfg = config, workdir, inq_cfg
+    self.prune_cfg = prune_config(config)
     self.callback = callback or (lambda event, **info: None)
     self.data = input_pipeline.get_dataset(config.dataset)
     self.model = models.get_model(config.model, self.data.num_classes,
@@ -267,7 +286,8 @@ class Run:
     lr = float(schedule(epoch * self.steps_per_epoch + n - 1))  # at the epoch's end
     logging.info("%s: train loss %.4f, train accuracy %.4f, lr %.2e, %.1fs (%.0f img/s)",
                  desc, loss, acc, lr, seconds, n * self.config.batch_size / seconds)
-    return ts, {"train_loss": loss, "train_accuracy": acc, "lr": lr, "seconds": seconds}
+    return ts, {"train_loss": loss, "train_accuracy": acc, "lr": lr, "seconds": seconds,
+                "images": n * self.config.batch_size}
 
   def evaluate(self, ts, split="test") -> dict:
     sums = None
@@ -289,8 +309,8 @@ class Run:
       result["top5_accuracy"] = float(sums["correct5"]) / count
     return result
 
-  def save(self, ts, inq_state, meta):
-    tree = {"train": ts, "inq": _inq_tree(inq_state)}
+  def save(self, ts, inq_state, meta, keep=None):
+    tree = {"train": ts, "inq": _inq_tree(inq_state) if keep is None else {"keep": keep}}
     self.ckpt.save(tree, meta)
 
   def restore(self, ts_template, inq_template):
@@ -299,14 +319,18 @@ class Run:
     inq_state = None
     if inq_template is not None:
       inq_state = inq.INQState(masks=tree["inq"]["masks"], exponents=tree["inq"]["exponents"],
-                               step=tree["inq"]["step"], config=inq_template.config)
+                               step=tree["inq"]["step"], config=inq_template.config,
+                               pruned=tree["inq"].get("pruned", {}))
     return ts, inq_state
 
 
 def _inq_tree(state):
   if state is None:
     return {}
-  return {"masks": state.masks, "exponents": state.exponents, "step": state.step}
+  tree = {"masks": state.masks, "exponents": state.exponents, "step": state.step}
+  if state.pruned:  # only pruned runs: older checkpoints keep their layout
+    tree["pruned"] = state.pruned
+  return tree
 
 
 def _meta(stage, phase, epoch, seconds, results):
@@ -353,6 +377,7 @@ def _train_and_evaluate(run: Run) -> dict:
       "config": checkpoints.config_dict(config), "num_devices": run.devices.count,
       "baseline": None, "phases": []}
   stage = meta["stage"] if meta else "baseline"
+  ts = None
 
   # ---------------------------------------------------------------- baseline
   if stage == "baseline":
@@ -388,7 +413,14 @@ def _train_and_evaluate(run: Run) -> dict:
     # run several INQ settings from one baseline).
     checkpoints.save_variables(os.path.join(workdir, BASELINE_DIR),
                                {"params": ts["params"], "batch_stats": ts["batch_stats"]})
-    inq_state = inq.init(ts["params"], inq_cfg)
+
+  # ----------------------------------------------------------- pruning (optional)
+  keep = None
+  if stage in ("baseline", "prune") and run.prune_cfg is not None:
+    ts, keep = _prune_stage(run, ts, variables, results,
+                            meta if stage == "prune" else None)
+  if stage in ("baseline", "prune"):  # INQ starts: codebooks from these weights
+    inq_state = inq.init(ts["params"], inq_cfg, pruned=keep)
     _save_plot_layer(run, ts["params"], inq_state)
     phase, epoch, advanced, seconds = 0, 0, False, 0.0
   else:
@@ -406,6 +438,9 @@ def _train_and_evaluate(run: Run) -> dict:
     chunks = epoch_steps(epochs, run.steps_per_epoch)
     if advanced:  # resuming inside phase p: rebuild the templates, then restore
       template_inq = inq.init(variables["params"], inq_cfg)
+      if run.prune_cfg is not None:  # the checkpoint also holds the pruned counts
+        template_inq = dataclasses.replace(template_inq, pruned={
+            path: jnp.zeros((), jnp.int32) for path in template_inq.exponents})
       tx = make_optimizer(config, schedule, template_inq.masks)
       ts, inq_state = run.restore(run.train_state(variables, tx), template_inq)
       logging.info("resuming phase %d (portion %g) after %d epochs", p + 1, portion, epoch)
@@ -469,6 +504,63 @@ def _train_and_evaluate(run: Run) -> dict:
   run.save(ts, inq_state, _meta("done", n_phases, 0, seconds, results))
   _finish_outputs(run, results, ts["params"], inq_state)
   return results
+
+
+def _prune_stage(run: Run, ts, variables, results, meta):
+  """Iterative magnitude pruning with retraining; returns (train state, keep mask).
+
+  Step t prunes each layer to sparsity s_t (prune.PruneConfig), zeroes the pruned
+  weights and retrains for `prune.epochs_per_step` epochs with them frozen, so
+  they stay exactly zero. Resumable at any epoch, like the other stages.
+  """
+  config, pcfg = run.config, run.prune_cfg
+  schedule = learning_rate(config.prune, run.steps_per_epoch, config.prune.epochs_per_step)
+  chunks = epoch_steps(config.prune.epochs_per_step, run.steps_per_epoch)
+  first, epoch, seconds, keep = 1, 0, 0.0, None
+  if meta is not None:  # resuming inside pruning step meta["phase"]
+    template = prune.prune_masks(variables["params"], pcfg, 1)
+    tx = make_optimizer(config, schedule, prune.frozen(template))
+    tree = run.ckpt.restore_state({"train": run.train_state(variables, tx),
+                                   "inq": {"keep": template}})
+    ts, keep = run.devices.replicate(tree["train"]), tree["inq"]["keep"]
+    first, epoch, seconds = meta["phase"], meta["epoch"], meta["seconds"]
+    logging.info("resuming pruning step %d after %d epochs", first, epoch)
+  results.setdefault("prune", {"steps": []})
+  for t in range(first, pcfg.steps + 1):
+    if meta is None or t > first:
+      start = time.perf_counter()
+      keep = prune.prune_masks(ts["params"], pcfg, t, previous=keep)
+      params = prune.apply(ts["params"], keep)
+      tx = make_optimizer(config, schedule, prune.frozen(keep))
+      ts = run.devices.replicate({**ts, "params": params, "opt_state": tx.init(params)})
+      epoch, seconds = 0, time.perf_counter() - start
+      run.save(ts, None, _meta("prune", t, 0, seconds, results), keep=keep)
+    train_step = make_train_step(run.model, tx, run.devices, config.seed)
+    if epoch < len(chunks):
+      train_step, compile_seconds = run.compile_step(train_step, ts)
+      seconds += compile_seconds
+    for e in range(epoch, len(chunks)):
+      ts, m = run.run_epoch(ts, train_step, data_seed=config.seed * 1000 + 500 + t, epoch=e,
+                            schedule=schedule, steps=chunks[e],
+                            desc=f"pruning step {t}/{pcfg.steps} epoch {e + 1}/{len(chunks)}")
+      seconds += m["seconds"]
+      run.writer.write(int(ts["step"]), stage="prune", phase=t, epoch=e + 1, **m)
+      run.save(ts, None, _meta("prune", t, e + 1, seconds, results), keep=keep)
+      run.callback("epoch", stage="prune", phase=t, epoch=e + 1, ts=ts)
+    ev = run.evaluate(ts)
+    counts = prune.summary(keep)
+    total = sum(c.total for c in counts.values())
+    sparsity = sum(c.pruned for c in counts.values()) / max(total, 1)
+    entry = {"step": t, "sparsity": sparsity, "test_accuracy": ev["accuracy"],
+             "seconds": round(seconds, 3),
+             "layers": {p: c.pruned / max(c.total, 1) for p, c in counts.items()}}
+    results["prune"]["steps"] = [x for x in results["prune"]["steps"] if x["step"] != t]
+    results["prune"]["steps"].append(entry)
+    run.writer.write(int(ts["step"]), stage="prune", phase=t, sparsity=sparsity,
+                     test_accuracy=ev["accuracy"])
+    logging.info("pruning step %d/%d: sparsity %.4f, test accuracy %.4f", t, pcfg.steps,
+                 sparsity, ev["accuracy"])
+  return ts, keep
 
 
 def _final(inq_cfg, ts, inq_state, results) -> dict:

@@ -44,6 +44,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step
   c.inq.final_finetune_epochs = 0.0    # train biases/BN with every kernel frozen
 
+  # Optional stage between the two: iterative magnitude pruning with retraining
+  # (inq_jax.prune); INQ then quantizes the unpruned weights, zeros stay frozen.
+  c.prune = stage_schedule(epochs=1, learning_rate=0.01, epochs_key="epochs_per_step")
+  c.prune.sparsity = ()    # ((regex, fraction), ...), first match wins; () = no pruning
+  c.prune.steps = 3
+  c.prune.schedule = "cubic"  # cubic (Zhu & Gupta) | linear ramp to the target
+
   c.max_checkpoints_to_keep = 2
   c.plot_layer = ""  # regex for weights.png; "" = the largest quantized layer
   return c

@@ -13,7 +13,8 @@ from experiments import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
-                 if p.stem not in ("__init__", "common", "imagenet_common"))
+                 if p.stem not in ("__init__", "common", "imagenet_common")
+                 and not p.stem.startswith("sweep_"))  # sweeps: tests/experiments/test_sweep.py
 MOCKED = [c for c in CONFIGS if c.startswith(("imagenet_", "cifar10_"))]
 PAPER = {  # shared/paper: portions, batch, weight decay
     "imagenet_alexnet": ((0.3, 0.6, 0.8, 1.0), 256, 5e-4),

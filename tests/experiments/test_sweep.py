@@ -94,6 +94,9 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
   assert "test accuracy" not in out  # no cell ran again
   assert again["inq"]["2"]["values"] == summary["inq"]["2"]["values"]
 
+  # The report alone, from the finished cells.
+  assert sweep.report(sc, work, report_dir=report) == summary
+
   # A changed sweep config in the same workdir is refused.
   with pytest.raises(ValueError, match="different config"):
     sweep.run_sweep(tiny_config(fmnist_data_dir, seeds=(0, 1, 2)), work, report_dir=report)

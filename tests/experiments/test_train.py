@@ -177,3 +177,42 @@ def test_from_init_checkpoint_with_carry_and_final_finetune(finished, tmp_path):
   before, _ = rec2.phase_end[0]
   before = dict(leaves_with_paths(before)[0])
   assert any(np.any(before[p] != flat[p]) for p in flat if p.endswith("bias"))
+
+
+def test_pruning_stage_then_inq_resumes_bit_identically(finished, tmp_path):
+  """Pruning (2 steps) then INQ; pruned weights stay +0.0; a killed run resumes exactly."""
+  workdir, results, _ = finished
+  config = tiny_config(_data_dir(workdir), **{
+      "init_checkpoint": str(workdir / "baseline_variables"),
+      "prune.sparsity": ((r"conv1/", 0.3), (r".*", 0.8)), "prune.steps": 2,
+      "prune.epochs_per_step": 0.5, "inq.portions": (0.5, 0.75, 1.0),
+      "inq.epochs_per_phase": 0.5})
+  rec = Recorder()
+  out = train.train_and_evaluate(config, str(tmp_path / "a"), callback=rec)
+  assert rec.steps == 2 * 8 + 2 * 8  # 0.5 epochs (8 steps) per pruning step and phase
+  assert [s["step"] for s in out["prune"]["steps"]] == [1, 2]
+  layers = out["prune"]["steps"][-1]["layers"]
+  assert layers["conv1/kernel"] == pytest.approx(0.3, abs=1e-3)
+  assert layers["fc1/kernel"] == pytest.approx(0.8, abs=1e-6)
+  assert out["final"]["all_pow2"] is True
+  final, masks = rec.phase_end[2]
+  fc1 = final["fc1"]["kernel"]
+  zeros = np.sum(fc1 == 0)
+  assert zeros >= int(0.8 * fc1.size)  # the pruned weights are still exactly zero
+  assert np.all(np.signbit(fc1[fc1 == 0]) == False)  # +0.0, noqa: E712
+  # After phase 1 (portion 0.5) each kernel has pruned + half of the rest frozen.
+  _, masks1 = rec.phase_end[0]
+  m = masks1["fc1"]["kernel"]
+  pruned = int(0.8 * m.size)
+  assert int(m.sum()) == pruned + round(0.5 * (m.size - pruned))
+
+  # Killed in pruning step 2 and in INQ phase 1, resumed: the same final params.
+  rec2 = Recorder(stop_at_steps=(12, 20))
+  for _ in range(2):
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path / "b"), callback=rec2)
+  resumed = train.train_and_evaluate(config, str(tmp_path / "b"), callback=rec2)
+  got, _ = rec2.phase_end[2]
+  for (path, a), (_, b) in zip(leaves_with_paths(final)[0], leaves_with_paths(got)[0]):
+    assert a.tobytes() == b.tobytes(), path
+  assert resumed["final"]["test_accuracy"] == out["final"]["test_accuracy"]

@@ -1,0 +1,89 @@
+"""Benchmark: what `inq_jax.optim.freeze` adds to a train step.
+
+    python -m experiments.benchmarks.step_overhead [--batch 128] [--repeats 15]
+
+The default job's LeNet train step (SGD momentum + weight decay) with
+`optax.chain(base, freeze(masks))`, half of every kernel frozen, against the
+same step with `base` alone: same batch, same jitted step builder, both
+compiled first, then `--repeats` interleaved rounds of `--steps` steps each.
+Prints one JSON line; `ratio` is the median of the per-round time ratios
+(freeze / base). Target: ratio <= 1.02.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import models, train
+from experiments.configs import fashion_mnist_lenet
+from inq_jax import quantize as inq
+
+
+def _state(run_devices, params, tx):
+  return run_devices.replicate({"step": jnp.zeros([], jnp.int32), "params": params,
+                                "batch_stats": {}, "opt_state": tx.init(params)})
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+  parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+  args = parser.parse_args()
+
+  config = fashion_mnist_lenet.get_config()
+  devices = train.Devices()
+  model = models.get_model("lenet", 10)
+  params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
+  state = inq.init(params, inq.INQConfig(bits=5, portions=(0.5, 1.0)))
+  params, state = inq.advance(params, state)  # half of every kernel frozen
+  schedule = train.learning_rate(config.inq, 469, 1)
+  rng = np.random.default_rng(0)
+  batch = devices.put_batch({
+      "image": rng.standard_normal((args.batch, 28, 28, 1)).astype(np.float32),
+      "label": rng.integers(0, 10, args.batch).astype(np.int32)})
+
+  variants = {}
+  for name, masks in (("base", None), ("freeze", state.masks)):
+    tx = train.make_optimizer(config, schedule, masks)
+    ts = _state(devices, params, tx)
+    step = train.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
+    for _ in range(3):  # warm up
+      ts, _ = step(ts, batch)
+    jax.block_until_ready(ts)
+    variants[name] = [step, ts]
+
+  def timed(name):
+    step, ts = variants[name]
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      ts, _ = step(ts, batch)
+      if devices.sync_each_step:
+        jax.block_until_ready(ts)
+    jax.block_until_ready(ts)
+    variants[name][1] = ts
+    return (time.perf_counter() - start) / args.steps
+
+  ratios, base_ms, freeze_ms = [], [], []
+  for r in range(args.repeats):
+    order = ("base", "freeze") if r % 2 == 0 else ("freeze", "base")
+    t = {name: timed(name) for name in order}
+    ratios.append(t["freeze"] / t["base"])
+    base_ms.append(1e3 * t["base"])
+    freeze_ms.append(1e3 * t["freeze"])
+  print(json.dumps({
+      "benchmark": "step_overhead", "ratio": round(float(np.median(ratios)), 4),
+      "target": 1.02, "base_step_ms": round(float(np.median(base_ms)), 2),
+      "freeze_step_ms": round(float(np.median(freeze_ms)), 2),
+      "ratio_min": round(float(np.min(ratios)), 4), "ratio_max": round(float(np.max(ratios)), 4),
+      "batch": args.batch, "steps_per_round": args.steps, "repeats": args.repeats,
+      "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+  main()
