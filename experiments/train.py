@@ -501,6 +501,16 @@ def _train_and_evaluate(run: Run) -> dict:
 
   # ------------------------------------------------------------------ final
   results["final"] = _final(inq_cfg, ts, inq_state, results)
+  # The deployable model: float weights + INQ state, then the packed b-bit file.
+  checkpoints.save_final(workdir, {"params": ts["params"], "batch_stats": ts["batch_stats"]},
+                         inq_state)
+  if results["final"]["all_pow2"]:
+    stats = checkpoints.export_run(workdir)
+    if stats is not None:
+      results["final"]["export"] = {k: stats[k] for k in (
+          "bytes", "float32_bytes", "ratio", "quantized_weights", "quantized_bytes")}
+      logging.info("exported %s: %d bytes, %.1fx smaller than float32",
+                   os.path.join(workdir, checkpoints.EXPORT_FILE), stats["bytes"], stats["ratio"])
   run.save(ts, inq_state, _meta("done", n_phases, 0, seconds, results))
   _finish_outputs(run, results, ts["params"], inq_state)
   return results
