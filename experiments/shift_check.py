@@ -72,10 +72,10 @@ kernels quantized (a clear error says so).
 
 Speed: numpy int64 matmuls (no BLAS for integers), one per weight exponent
 per layer (8 for 5 bits), in `--workers` threads over batches (numpy releases
-the GIL); about 16M integer multiply-adds per image, ~0.02 CPU-seconds. The
-10,000 Fashion-MNIST test images took 206 CPU-seconds (236 s wall, at nice 19
-beside other jobs) on a 2-core CPU; on two idle cores about half that wall
-time. The float64 and float32 passes add under 10%.
+the GIL); about 18M integer multiply-adds per image, ~0.02 CPU-seconds. The
+10,000 Fashion-MNIST test images took 119 s wall (218 CPU-seconds) on an
+otherwise idle 2-core CPU, and 220-280 s when sharing it with a training job.
+The float64 and float32 passes add under 10%.
 """
 
 from __future__ import annotations
