@@ -18,10 +18,16 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("weights", None, "The exported model (.inq), e.g. WORKDIR/model.inq.")
-flags.mark_flags_as_required(["config", "weights"])
+
+def define_flags():
+  """Defines this command's flags (only when run as a program, so that
+  importing several experiment modules in one process never clashes)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
+                                  lock_config=True)
+  flags.DEFINE_string("weights", None, "The exported model (.inq), e.g. WORKDIR/model.inq.")
+  flags.mark_flags_as_required(["config", "weights"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -103,4 +109,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

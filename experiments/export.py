@@ -20,9 +20,15 @@ import json
 from absl import app
 from absl import flags
 
-flags.DEFINE_string("workdir", None, "A finished run's directory (with final/).")
-flags.DEFINE_string("output", None, "The .inq file to write (default WORKDIR/model.inq).")
-flags.mark_flags_as_required(["workdir"])
+
+def define_flags():
+  """Defines this command's flags (only when run as a program, so that
+  importing several experiment modules in one process never clashes)."""
+  flags.DEFINE_string("workdir", None, "A finished run's directory (with final/).")
+  flags.DEFINE_string("output", None, "The .inq file to write (default WORKDIR/model.inq).")
+  flags.mark_flags_as_required(["workdir"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -36,4 +42,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -14,10 +14,16 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+
+def define_flags():
+  """Defines this command's flags (only when run as a program, so that
+  importing several experiment modules in one process never clashes)."""
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+  config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -39,4 +45,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -96,14 +96,20 @@ from inq_jax import shift
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 _CONVS = ("conv1", "conv2")
 
-config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
-                                lock_config=True)
-flags.DEFINE_string("weights", None, "The exported LeNet (.inq), e.g. WORKDIR/model.inq.")
-flags.DEFINE_integer("frac_bits", 8, "Fractional bits of the fixed-point activations.")
-flags.DEFINE_integer("limit", None, "Compare only the first N test examples.")
-flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
-flags.DEFINE_integer("workers", None, "Threads for the integer pass (default: CPUs).")
-flags.mark_flags_as_required(["config", "weights"])
+
+def define_flags():
+  """Defines this command's flags (only when run as a program, so that
+  importing several experiment modules in one process never clashes)."""
+  config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
+                                  lock_config=True)
+  flags.DEFINE_string("weights", None, "The exported LeNet (.inq), e.g. WORKDIR/model.inq.")
+  flags.DEFINE_integer("frac_bits", 8, "Fractional bits of the fixed-point activations.")
+  flags.DEFINE_integer("limit", None, "Compare only the first N test examples.")
+  flags.DEFINE_integer("batch_size", 250, "Examples per batch.")
+  flags.DEFINE_integer("workers", None, "Threads for the integer pass (default: CPUs).")
+  flags.mark_flags_as_required(["config", "weights"])
+
+
 FLAGS = flags.FLAGS
 
 
@@ -399,4 +405,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

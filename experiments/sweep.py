@@ -206,14 +206,17 @@ def _collect(sc, workdir: str, all_cells, book: dict) -> dict:
   return out
 
 
-flags.DEFINE_string("workdir", None, "Directory holding every cell's run.")
-flags.DEFINE_string("report_dir", None, "Where RESULTS.md and results/ go "
-                    "(default: config.report_dir).")
-flags.DEFINE_bool("report_only", False, "Rewrite the report from the finished cells "
-                  "without running or checking anything else.")
-config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
-                                lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+def define_flags():
+  """Defines this command's flags (only when run as a program, so that
+  importing several experiment modules in one process never clashes)."""
+  flags.DEFINE_string("workdir", None, "Directory holding every cell's run.")
+  flags.DEFINE_string("report_dir", None, "Where RESULTS.md and results/ go "
+                      "(default: config.report_dir).")
+  flags.DEFINE_bool("report_only", False, "Rewrite the report from the finished cells "
+                    "without running or checking anything else.")
+  config_flags.DEFINE_config_file("config", None, "Sweep configuration file.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -228,4 +231,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
