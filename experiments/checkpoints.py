@@ -22,13 +22,24 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-def _diff(old, new, prefix=""):
+# Config keys added after runs were recorded, with the value that reproduces what
+# those runs did: an old config.json without the key matches a config with it.
+LATER_DEFAULTS = {"inq.calibration": "absmax"}
+_ABSENT = "<absent>"
+
+
+def config_diff(old, new, prefix="") -> list:
+  """['key: old -> new'] for every differing key of two JSON configs."""
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
     for key in sorted(set(old) | set(new)):
-      out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+      out += config_diff(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
     return out
-  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+  key = prefix[:-1]
+  later = [v for k, v in LATER_DEFAULTS.items() if key == k or key.endswith("." + k)]
+  if old == _ABSENT and later and new == later[0]:  # also nested, e.g. a sweep's experiment
+    return []
+  return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -41,7 +52,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   new = config_dict(config)
   if path.exists():
     old = json.loads(path.read_text())
-    diff = _diff(old, new)
+    diff = config_diff(old, new)
     if diff:
       raise ValueError(
           f"{workdir} holds a run with a different config; refusing to mix them. "
@@ -272,6 +283,7 @@ def load_done_checkpoint(workdir: str):
   config = inq.INQConfig(bits=c["inq"]["bits"], portions=tuple(c["inq"]["portions"]),
                          strategy=c["inq"]["strategy"], include=c["inq"]["include"],
                          exclude=c["inq"]["exclude"], granularity=c["inq"]["granularity"],
+                         calibration=c["inq"].get("calibration", "absmax"),
                          seed=c["seed"])
   t = tree["inq"]
   state = inq.INQState(masks=t["masks"], exponents=dict(t["exponents"]), step=t["step"],

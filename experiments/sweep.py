@@ -12,6 +12,9 @@ directory, WORKDIR/seed{S}/{cell}:
   ptq{b}      post-training quantization: every weight rounded at once with the
               same b-bit codebooks, no retraining (portions = (1,))
   channel{b}  INQ, b bits, one codebook per output channel
+  inq_mse{b}  INQ, b bits, per-layer codebooks with calibration="mse" (n1 chosen
+              for least rounding error instead of from max |w|; an extension)
+  ptq_mse{b}  post-training quantization with those codebooks
 
 A kill loses at most the epoch in flight: rerunning the command skips finished
 cells and resumes the interrupted one from its checkpoint. At the end (and
@@ -36,7 +39,10 @@ from ml_collections import config_flags
 
 from experiments import checkpoints, input_pipeline, reporting, sweep_report, train
 
-KINDS = ("fp32", "ptq", "inq", "random", "channel")
+KINDS = ("fp32", "ptq", "inq", "random", "channel", "inq_mse", "ptq_mse")
+# The config keys listing each kind's bit widths; a finished study may grow more cells.
+BITS_KEYS = {"inq": "inq_bits", "random": "random_bits", "ptq": "ptq_bits",
+             "channel": "channel_bits", "inq_mse": "inq_mse_bits", "ptq_mse": "ptq_mse_bits"}
 CELLS_FILE = "cells.json"
 
 
@@ -54,11 +60,13 @@ def check_sweep_config(sc: ml_collections.ConfigDict) -> None:
   """Every sweep-level error before anything runs (cells check their own)."""
   if not sc.seeds or len(set(sc.seeds)) != len(sc.seeds):
     raise ValueError(f"seeds must be distinct and non-empty, got {tuple(sc.seeds)}")
-  for key in ("inq_bits", "random_bits", "ptq_bits", "channel_bits"):
-    for b in sc[key]:
+  for key in BITS_KEYS.values():
+    for b in sc.get(key, ()):
       if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
         raise ValueError(f"{key}: bits must be ints in 2..8, got {b!r}")
-  for b in sorted(set(sc.inq_bits) | set(sc.random_bits) | set(sc.channel_bits)):
+  retrained = {b for kind, key in BITS_KEYS.items() if kind not in ("ptq", "ptq_mse")
+               for b in sc.get(key, ())}
+  for b in sorted(retrained):
     if f"b{b}" not in sc.portions:
       raise ValueError(f"portions has no schedule 'b{b}' for {b}-bit cells; it has "
                        f"{sorted(sc.portions.keys())}")
@@ -69,10 +77,8 @@ def cells(sc: ml_collections.ConfigDict) -> list:
   out = []
   for seed in sc.seeds:
     out.append(Cell(seed, "fp32", 0))
-    out += [Cell(seed, "ptq", b) for b in sc.ptq_bits]
-    out += [Cell(seed, "inq", b) for b in sc.inq_bits]
-    out += [Cell(seed, "random", b) for b in sc.random_bits]
-    out += [Cell(seed, "channel", b) for b in sc.channel_bits]
+    for kind in ("ptq", "ptq_mse", "inq", "random", "channel", "inq_mse"):
+      out += [Cell(seed, kind, b) for b in sc.get(BITS_KEYS[kind], ())]
   return out
 
 
@@ -86,7 +92,8 @@ def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
     return c
   c.init_checkpoint = os.path.join(baseline_dir(workdir, cell.seed), train.BASELINE_DIR)
   c.inq.bits = cell.bits
-  if cell.kind == "ptq":
+  c.inq.calibration = "mse" if cell.kind.endswith("_mse") else "absmax"
+  if cell.kind in ("ptq", "ptq_mse"):
     c.inq.portions = (1.0,)
     c.inq.final_finetune_epochs = 0.0
   else:
@@ -94,6 +101,30 @@ def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
     c.inq.strategy = "random" if cell.kind == "random" else "magnitude"
     c.inq.granularity = "channel" if cell.kind == "channel" else "layer"
   return c
+
+
+def claim_sweep(workdir: str, sc: ml_collections.ConfigDict) -> None:
+  """Like `checkpoints.claim_workdir`, but the lists of cells may change.
+
+  Adding bit widths or kinds to a finished study reruns only the new cells
+  (each cell still refuses a changed config of its own); anything else that
+  differs (the experiment, seeds, schedules) is refused.
+  """
+  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  fixed = lambda d: {k: v for k, v in d.items() if k not in BITS_KEYS.values()}
+  new = checkpoints.config_dict(sc)
+  if os.path.exists(path):
+    old = _load_json(path, {})
+    diff = checkpoints.config_diff(fixed(old), fixed(new))
+    if diff:
+      raise ValueError(
+          f"{workdir} holds a study with a different config; refusing to mix them. Use a "
+          f"new --workdir, or rerun with the old config. Differences (old -> new): "
+          + "; ".join(diff[:10]))
+    if old == new:
+      return
+  os.makedirs(workdir, exist_ok=True)
+  reporting.atomic_write_json(path, new)
 
 
 def baseline_dir(workdir: str, seed: int) -> str:
@@ -133,7 +164,7 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
       train.check_config(config)
     except (ValueError, TypeError) as e:
       raise type(e)(f"sweep cell {cell.name}: {e}") from e
-  checkpoints.claim_workdir(workdir, sc)
+  claim_sweep(workdir, sc)
   report_dir = report_dir or sc.report_dir
 
   spe = input_pipeline.get_dataset(sc.experiment.dataset).steps_per_epoch(

@@ -44,7 +44,7 @@ def inq_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   c = config.inq
   return inq.INQConfig(bits=c.bits, portions=tuple(c.portions), strategy=c.strategy,
                        include=c.include, exclude=c.exclude, granularity=c.granularity,
-                       seed=config.seed)
+                       calibration=c.get("calibration", "absmax"), seed=config.seed)
 
 
 def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfig]:

@@ -14,6 +14,7 @@ from inq_jax import _partition
 # biases, batch-norm scale/bias and embeddings are left float, as in the paper.
 DEFAULT_INCLUDE = r"(^|/)kernel$"
 GRANULARITIES = ("layer", "channel")
+CALIBRATIONS = ("absmax", "mse")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,10 @@ class INQConfig:
       layer). Each regex must match at least one leaf.
     granularity: "layer" (one n1 per layer, the paper) or "channel" (one n1 per
       output channel, i.e. per entry of the last kernel axis; an extension).
+    calibration: how n1 is chosen from the pretrained weights: "absmax" (the
+      paper: n1 = floor(log2(4 max|w| / 3))) or "mse" (the n1 at or below that
+      one with the least squared rounding error, so heavy-tailed layers keep
+      their bulk at low bit-widths; an extension, see `mse_exponent_bounds`).
     seed: seeds the "random" partition; every host derives the same masks.
 
   Example:
@@ -46,6 +51,7 @@ class INQConfig:
   include: str = DEFAULT_INCLUDE
   exclude: Optional[str] = None
   granularity: str = "layer"
+  calibration: str = "absmax"
   seed: int = 0
 
   def __post_init__(self):
@@ -84,6 +90,9 @@ class INQConfig:
     if self.granularity not in GRANULARITIES:
       raise ValueError(f"unknown granularity {self.granularity!r}; expected one of "
                        f"{GRANULARITIES}")
+    if self.calibration not in CALIBRATIONS:
+      raise ValueError(f"unknown calibration {self.calibration!r}; expected one of "
+                       f"{CALIBRATIONS}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
       raise TypeError(f"seed must be an int, got {self.seed!r}")
 

@@ -185,7 +185,10 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
     a = jnp.abs(jnp.asarray(leaf))
     axes = tuple(range(a.ndim - 1)) if config.granularity == "channel" else None
     max_abs = jnp.max(a, axis=axes) if a.size else jnp.zeros(a.shape[-1:] if axes else ())
-    n1, n2 = _codebook.exponent_bounds(max_abs, config.bits)
+    if config.calibration == "mse" and a.size:
+      n1, n2 = _codebook.mse_exponent_bounds(leaf, config.bits, axes)
+    else:
+      n1, n2 = _codebook.exponent_bounds(max_abs, config.bits)
     dtype = jnp.result_type(leaf)
     if not isinstance(leaf, jax.core.Tracer) and not _codebook.representable(n1, n2, dtype):
       lo, hi = _codebook.dtype_exponent_range(dtype)

@@ -26,6 +26,7 @@ from inq_jax._codebook import ZERO_CODEBOOK
 from inq_jax._codebook import exponent_bounds
 from inq_jax._codebook import in_codebook
 from inq_jax._codebook import max_distinct_values
+from inq_jax._codebook import mse_exponent_bounds
 from inq_jax._codebook import round_to_pow2
 from inq_jax._config import DEFAULT_INCLUDE
 from inq_jax._config import INQConfig
@@ -43,6 +44,6 @@ from inq_jax.prune import pruned_count
 __all__ = [
     "ZERO_CODEBOOK", "DEFAULT_INCLUDE", "INQConfig", "INQState", "LeafSummary",
     "PruneConfig", "advance", "exponent_bounds", "frozen_count", "in_codebook",
-    "init", "max_distinct_values", "partition", "prune_masks", "pruned_count",
+    "init", "max_distinct_values", "mse_exponent_bounds", "partition", "prune_masks", "pruned_count",
     "round_to_pow2", "verify",
 ]

@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.inq.portions = (0.5, 0.75, 0.875, 1.0)
   c.inq.strategy = "magnitude"  # magnitude (pruning-inspired) | random
   c.inq.granularity = "layer"   # layer (paper) | channel
+  c.inq.calibration = "absmax"  # absmax: n1 from max |w| (paper) | mse: least rounding error
   c.inq.include = r"(^|/)kernel$"
   c.inq.exclude = ml_collections.FieldReference(None, field_type=str)
   c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step

@@ -23,6 +23,8 @@ def tiny_config(data_dir, **overrides):
   sc.random_bits = (2,)
   sc.ptq_bits = (2,)
   sc.channel_bits = ()
+  sc.inq_mse_bits = ()
+  sc.ptq_mse_bits = ()
   sc.portions.b2 = (0.5, 1.0)
   for k, v in overrides.items():
     sc[k] = v
@@ -32,7 +34,7 @@ def tiny_config(data_dir, **overrides):
 def test_cells_and_configs(tmp_path):
   sc = sweep_fashion_mnist.get_config()
   names = [c.name for c in sweep.cells(sc)]
-  assert len(names) == 3 * 12 and names[0] == "seed0/fp32"
+  assert len(names) == 3 * 16 and names[0] == "seed0/fp32"
   # the baseline of each seed comes before every cell that starts from it
   for seed in sc.seeds:
     assert names.index(f"seed{seed}/fp32") < names.index(f"seed{seed}/inq2")
@@ -44,6 +46,12 @@ def test_cells_and_configs(tmp_path):
   assert tuple(ptq.inq.portions) == (1.0,) and ptq.inq.final_finetune_epochs == 0
   rnd = sweep.cell_config(sc, sweep.Cell(0, "random", 5), str(tmp_path))
   assert rnd.inq.strategy == "random" and rnd.inq.epochs_per_phase == 0.5
+  assert rnd.inq.calibration == "absmax"
+  mse = sweep.cell_config(sc, sweep.Cell(2, "inq_mse", 3), str(tmp_path))
+  assert mse.inq.calibration == "mse" and mse.inq.granularity == "layer"
+  assert tuple(mse.inq.portions) == tuple(c.inq.portions)
+  ptq_mse = sweep.cell_config(sc, sweep.Cell(2, "ptq_mse", 2), str(tmp_path))
+  assert ptq_mse.inq.calibration == "mse" and tuple(ptq_mse.inq.portions) == (1.0,)
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -96,6 +104,15 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
 
   # The report alone, from the finished cells.
   assert sweep.report(sc, work, report_dir=report) == summary
+
+  # A study may grow: new cells run, finished ones are read back.
+  grown = sweep.run_sweep(tiny_config(fmnist_data_dir, ptq_mse_bits=(2,)), work,
+                          report_dir=report)
+  out = capsys.readouterr().out
+  assert out.count("test accuracy") == 2 and "ptq_mse2" in out
+  assert grown["inq"]["2"]["values"] == summary["inq"]["2"]["values"]
+  assert len(grown["ptq_mse"]["2"]["values"]) == 2
+  assert "calibration=mse" in open(os.path.join(report, sweep_report.RESULTS_MD)).read()
 
   # A changed sweep config in the same workdir is refused.
   with pytest.raises(ValueError, match="different config"):

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from inq_jax import quantize as inq
+from inq_jax._codebook import MSE_SEARCH_OCTAVES
 
 
 def ref_n1(s: float) -> int:
@@ -169,3 +170,47 @@ def test_bad_bits_type(bits):
 def test_round_rejects_integers():
   with pytest.raises(TypeError, match="int32"):
     inq.round_to_pow2(jnp.arange(3), 0, -1)
+
+
+def ref_mse_n1(w: np.ndarray, bits: int) -> int:
+  """Brute force on exact rationals: n1 <= absmax n1 with least squared error."""
+  top = ref_n1(float(np.abs(w).max()))
+  errors = {}
+  for n1 in range(top - MSE_SEARCH_OCTAVES, top + 1):
+    n2 = n1 + 1 - 2 ** (bits - 2)
+    errors[n1] = sum((Fraction(ref_round(float(x), n1, n2)) - Fraction(float(x))) ** 2
+                     for x in w)
+  best = min(errors.values())
+  return max(n1 for n1, e in errors.items() if e == best)  # ties: the larger n1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([2, 3, 4, 5]),
+       st.floats(0.5, 20.0), st.integers(-12, 4))
+def test_mse_exponent_bounds_matches_brute_force(seed, bits, tail, scale):
+  rng = np.random.default_rng(seed)
+  w = (rng.standard_t(3, size=40) * 2.0 ** scale).astype(np.float32)
+  w[0] = tail * 2.0 ** scale * np.sign(w[0] or 1)  # an outlier `tail` x the bulk
+  n1, n2 = inq.mse_exponent_bounds(jnp.asarray(w), bits)
+  assert int(n1) == ref_mse_n1(w, bits)
+  assert int(n2) == int(n1) + 1 - 2 ** (bits - 2)
+  assert int(n1) <= ref_n1(float(np.abs(w).max()))
+
+
+def test_mse_calibration_never_worse_than_absmax_and_keeps_the_bulk():
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((400, 3)).astype(np.float32) * 0.05
+  w[0, :] = [0.05 * 9.5, 0.05 * 2.0, 0.0]  # heavy tail in channel 0, none in 1
+  w[:, 2] = 0.0  # an all-zero channel keeps the {0} codebook
+  n1_abs, n2_abs = inq.exponent_bounds(np.abs(w).max(axis=0), 3)
+  n1_mse, n2_mse = inq.mse_exponent_bounds(jnp.asarray(w), 3, axes=(0,))
+  err = lambda n1, n2: np.sum((np.asarray(inq.round_to_pow2(w, n1, n2)) - w) ** 2, axis=0)
+  assert np.all(err(n1_mse, n2_mse) <= err(n1_abs, n2_abs))
+  assert int(n1_mse[0]) < int(n1_abs[0])  # the outlier no longer sets the range
+  assert int(n1_mse[2]) == inq.ZERO_CODEBOOK
+  zeros = np.mean(np.asarray(inq.round_to_pow2(w[:, 0], n1_mse[0], n2_mse[0])) == 0)
+  assert zeros < 0.6  # the absmax codebook zeroes > 90% of this channel
+  assert np.mean(np.asarray(inq.round_to_pow2(w[:, 0], n1_abs[0], n2_abs[0])) == 0) > 0.9
+  # One codebook per leaf is the same search over every axis.
+  n1_leaf, _ = inq.mse_exponent_bounds(jnp.asarray(w), 3)
+  assert int(n1_leaf) == ref_mse_n1(w.ravel(), 3)

@@ -203,6 +203,7 @@ def test_verify_names_leaf_and_value_of_tampered_weight():
     (dict(portions="0.5"), TypeError, "sequence of floats"),
     (dict(strategy="largest"), ValueError, "unknown partition strategy 'largest'"),
     (dict(granularity="tensor"), ValueError, "unknown granularity 'tensor'"),
+    (dict(calibration="percentile"), ValueError, "unknown calibration 'percentile'"),
     (dict(include="("), ValueError, "include='\\(' is not a valid regex"),
     (dict(seed=1.5), TypeError, "seed must be an int"),
 ])
@@ -311,3 +312,23 @@ def test_advance_rejects_masks_off_the_schedule():
   with pytest.raises(ValueError, match=r"head/kernel: the state's mask has 128 frozen weights, "
                      r"but after 1 of 4 portions there should be 64 \(round\(0.5 \* 128\)\)"):
     inq.advance(params, dataclasses.replace(state, masks=masks))
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_mse_calibration_runs_to_a_valid_codebook(granularity):
+  w = jax.random.normal(jax.random.key(3), (64, 4)) * 0.05
+  w = w.at[0].set(0.05 * 10.0)  # one outlier row: the absmax n1 would be 3 octaves up
+  params = {"dense": {"kernel": w}}
+  config = inq.INQConfig(bits=3, granularity=granularity, calibration="mse",
+                         portions=(0.5, 1.0))
+  axes = (0,) if granularity == "channel" else None
+  n1 = np.asarray(inq.init(params, config).exponents["dense/kernel"])
+  np.testing.assert_array_equal(n1, np.asarray(inq.mse_exponent_bounds(w, 3, axes)[0]))
+  absmax = np.asarray(inq.init(params, dataclasses.replace(
+      config, calibration="absmax")).exponents["dense/kernel"])
+  assert np.all(n1 < absmax)
+  params, state, summary = run_all_steps(params, config)
+  s = summary["dense/kernel"]  # verify raises on any weight outside its codebook
+  np.testing.assert_array_equal(s.n1, n1)
+  assert np.all(inq.in_codebook(params["dense"]["kernel"], s.n1, s.n2))
+  assert state.config.to_dict()["calibration"] == "mse"
