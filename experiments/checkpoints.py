@@ -22,9 +22,12 @@ def config_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
-# Config keys added after runs were recorded, with the value that reproduces what
-# those runs did: an old config.json without the key matches a config with it.
-LATER_DEFAULTS = {"inq.calibration": "absmax"}
+# Config keys added after runs were recorded, with a test for the values that
+# reproduce what those runs did: an old config.json without the key matches them.
+LATER_DEFAULTS = {
+    "inq.calibration": lambda v: v == "absmax",
+    "prune": lambda v: isinstance(v, dict) and not v.get("sparsity"),  # no pruning stage
+}
 _ABSENT = "<absent>"
 
 
@@ -36,8 +39,8 @@ def config_diff(old, new, prefix="") -> list:
       out += config_diff(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
     return out
   key = prefix[:-1]
-  later = [v for k, v in LATER_DEFAULTS.items() if key == k or key.endswith("." + k)]
-  if old == _ABSENT and later and new == later[0]:  # also nested, e.g. a sweep's experiment
+  if old == _ABSENT and any(ok(new) for k, ok in LATER_DEFAULTS.items()
+                           if key == k or key.endswith("." + k)):  # also a sweep's experiment
     return []
   return [] if old == new else [f"{key}: {old!r} -> {new!r}"]
 

@@ -13,12 +13,17 @@ def test_config_recorded_before_a_key_existed_still_matches(tmp_path):
   checkpoints.claim_workdir(str(tmp_path), config)
   path = tmp_path / checkpoints.CONFIG_FILE
   old = json.loads(path.read_text())
-  del old["inq"]["calibration"]  # as written before calibration existed
+  del old["inq"]["calibration"]  # as written before calibration and pruning existed
+  del old["prune"]
   path.write_text(json.dumps(old))
   checkpoints.claim_workdir(str(tmp_path), config)  # absmax is what old runs did
   config.unlock()
   config.inq.calibration = "mse"
   with pytest.raises(ValueError, match=r"inq.calibration: '<absent>' -> 'mse'"):
+    checkpoints.claim_workdir(str(tmp_path), config)
+  config.inq.calibration = "absmax"
+  config.prune.sparsity = (("fc1", 0.5),)
+  with pytest.raises(ValueError, match=r"prune: '<absent>' -> "):
     checkpoints.claim_workdir(str(tmp_path), config)
 
 
