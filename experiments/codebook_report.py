@@ -1,0 +1,77 @@
+"""How well each layer's codebook fits its pretrained weights, before any training.
+
+  python -m experiments.codebook_report \
+      --variables=workdirs/sweep_fashion_mnist/seed0/fp32/baseline_variables --bits=3,2
+
+For every quantized leaf and bit width, under both calibrations ("absmax", the
+paper's n1 from max |w|, and "mse"), prints a markdown table of: max|w| / std
+(how heavy the tail is), n1, the fraction of weights that round to zero and the
+relative rounding error ||round(w) - w|| / ||w||. This is post-training
+quantization seen layer by layer; it explains why the absmax codebook fails a
+batch-norm-free LeNet at 3 and 2 bits (experiments/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+import numpy as np
+
+from inq_jax import quantize as inq
+from inq_jax._tree import leaves_with_paths
+
+
+def rows(params, bits_list, calibrations=("absmax", "mse")) -> list:
+  """[dict] per (leaf, bits, calibration), leaves as `inq.INQConfig` selects them."""
+  out = []
+  for path, leaf in leaves_with_paths(params)[0]:
+    if not inq.INQConfig().selects(path):
+      continue
+    w = np.asarray(leaf, np.float32)
+    for bits in bits_list:
+      for calibration in calibrations:
+        config = inq.INQConfig(bits=bits, calibration=calibration, portions=(1.0,),
+                               include="^" + re.escape(path) + "$")
+        n1 = inq.init(_single(path, w), config).exponents[path]
+        n2 = n1 + 1 - 2 ** (bits - 2)
+        q = np.asarray(inq.round_to_pow2(w, n1, n2))
+        out.append({"path": path, "bits": bits, "calibration": calibration,
+                    "tail": float(np.abs(w).max() / w.std()), "n1": int(n1),
+                    "zero_fraction": float(np.mean(q == 0)),
+                    "relative_error": float(np.linalg.norm(q - w) / np.linalg.norm(w))})
+  return out
+
+
+def _single(path: str, w):
+  """A one-leaf tree whose '/'-joined path is `path`."""
+  tree = w
+  for part in reversed(path.split("/")):
+    tree = {part: tree}
+  return tree
+
+
+def markdown(table: list) -> str:
+  lines = ["| layer | max\\|w\\|/std | bits | calibration | n1 | zero | rel. error |",
+           "|---|---|---|---|---|---|---|"]
+  for r in table:
+    lines.append(f"| {r['path']} | {r['tail']:.1f} | {r['bits']} | {r['calibration']} | "
+                 f"{r['n1']} | {r['zero_fraction']:.2f} | {r['relative_error']:.2f} |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--variables", required=True,
+                      help="an orbax checkpoint of {'params', ...}, e.g. WORKDIR/baseline_variables")
+  parser.add_argument("--bits", default="3,2", help="comma-separated bit widths")
+  args = parser.parse_args()
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  variables = ocp.StandardCheckpointer().restore(os.path.abspath(args.variables))
+  bits = [int(b) for b in args.bits.split(",")]
+  print(markdown(rows(variables["params"], bits)))
+
+
+if __name__ == "__main__":
+  main()
