@@ -50,7 +50,8 @@ def main():
   variants = {}
   for name, masks in (("base", None), ("freeze", state.masks)):
     tx = train.make_optimizer(config, schedule, masks)
-    ts = _state(devices, params, tx)
+    # Own copies: the step donates its state, which would delete shared buffers.
+    ts = _state(devices, jax.tree.map(jnp.copy, params), tx)
     step = train.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
     for _ in range(3):  # warm up
       ts, _ = step(ts, batch)

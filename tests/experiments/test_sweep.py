@@ -117,3 +117,23 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
   # A changed sweep config in the same workdir is refused.
   with pytest.raises(ValueError, match="different config"):
     sweep.run_sweep(tiny_config(fmnist_data_dir, seeds=(0, 1, 2)), work, report_dir=report)
+
+
+def test_target_checks():
+  cell = lambda *v: {"mean": sum(v) / len(v), "std": 0.0, "values": list(v), "seconds": 1.0}
+  summary = {"fp32": cell(0.90, 0.90),
+             "inq": {"5": cell(0.90, 0.91), "3": cell(0.89, 0.80), "2": cell(0.50, 0.40)},
+             "random": {"5": cell(0.89, 0.90)},
+             "ptq": {"3": cell(0.60, 0.795), "2": cell(0.10, 0.10)},
+             "inq_mse": {"3": cell(0.895, 0.894)}}
+  got = {claim: (measured, ok) for claim, measured, ok in sweep_report.target_checks(summary)}
+  assert got["INQ 5-bit >= fp32 +0.0 points"] == ("+0.50 points", True)
+  assert got["INQ 3-bit >= fp32 -0.8 points"][1] is False  # -5.5 points
+  assert got["INQ 3-bit (calibration=mse, an extension) >= fp32 -0.8 points"] == (
+      "-0.55 points", True)
+  assert got["magnitude partition above random (5-bit)"] == ("+1.00 points", True)
+  # Paired by seed: seed 1's INQ is only 0.5 points above its PTQ.
+  assert got["INQ clearly above no-retraining at 3 bits (every seed, > 1 point)"] == (
+      "+14.75 points (per seed +29.00, +0.50)", False)
+  assert got["INQ clearly above no-retraining at 2 bits (every seed, > 1 point)"][1] is True
+  assert not any("calibration=mse (every seed" in c for c in got)  # no ptq_mse cells

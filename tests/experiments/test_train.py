@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -216,3 +218,19 @@ def test_pruning_stage_then_inq_resumes_bit_identically(finished, tmp_path):
   for (path, a), (_, b) in zip(leaves_with_paths(final)[0], leaves_with_paths(got)[0]):
     assert a.tobytes() == b.tobytes(), path
   assert resumed["final"]["test_accuracy"] == out["final"]["test_accuracy"]
+
+
+@pytest.mark.parametrize("benchmark", ["phase_compile", "end_to_end"])
+def test_benchmarks_read_a_finished_run(finished, benchmark):
+  workdir, results, _ = finished
+  out = subprocess.run([sys.executable, "-m", f"experiments.benchmarks.{benchmark}",
+                        f"--workdir={workdir}"], capture_output=True, text=True, check=True)
+  line = json.loads(out.stdout.strip().splitlines()[-1])
+  assert line["benchmark"] == benchmark and line["num_devices"] == 1
+  if benchmark == "phase_compile":
+    retrained = [p for p in results["phases"] if p["epochs"] > 0]
+    assert [p["portion"] for p in line["phases"]] == [p["portion"] for p in retrained]
+    assert line["max_fraction"] == max(p["fraction"] for p in line["phases"]) > 0
+  else:
+    assert line["final_test_accuracy"] == results["final"]["test_accuracy"]
+    assert line["baseline"]["images_per_second"] > 0 and line["inq"]["epochs"] > 0
