@@ -10,13 +10,15 @@ Rerunning the command resumes (finished cells are read back, an interrupted
 one continues from its last checkpoint) and rewrites experiments/RESULTS.md,
 experiments/results/sweep.json and the two plots.
 
-Hardware: a 2-core CPU, about 1.5 hours for 3 seeds x 12 cells (measured
-numbers in experiments/RESULTS.md); minutes on a GPU.
+Hardware: a 2-core CPU, about 2 hours for 3 seeds x 16 cells (measured: 119
+minutes; numbers in experiments/RESULTS.md); minutes on a GPU.
 
 Expected result (the paper's claims, scaled to LeNet on Fashion-MNIST): 5-bit
 INQ at least as accurate as fp32; 4-bit within 0.3 points, 3-bit within 0.8,
 2-bit within 2; the magnitude partition above the random one; INQ far above
-post-training quantization at 3 and 2 bits.
+post-training quantization at 3 and 2 bits. Measured: 5 and 4 bits within
+0.2 points of fp32; 3 and 2 bits far off with the paper's codebook and 1.0 and
+2.2 points below fp32 with calibration="mse" (RESULTS.md explains why).
 
 What the budget forces: every cell starts from its seed's fp32 baseline (6
 epochs, about 91%), and every INQ phase retrains for 0.5 epochs (234 steps of
