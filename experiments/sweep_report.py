@@ -191,6 +191,9 @@ def markdown(sc, summary, details, workdir) -> str:
       "|---|---|---|",
       *[f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, m, ok in target_checks(summary)],
       "",
+      *([f"Why targets are missed, and what closes the gap: the notes at the end "
+         f"([`{NOTES_MD}`]({NOTES_MD})).", ""]
+        if os.path.exists(os.path.join(os.path.dirname(__file__), NOTES_MD)) else []),
       "## Plots",
       "",
       f"![accuracy vs bits]({BITS_PNG})",
