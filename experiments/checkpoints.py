@@ -151,7 +151,7 @@ def load_variables(path: str, template: Any) -> Any:
 FINAL_DIR = "final"
 FINAL_STATE = "state"      # orbax checkpoint under WORKDIR/final/
 FINAL_JSON = "inq.json"    # INQConfig, tree layout; written last: marks a complete save
-EXPORT_FILE = "model.inq"  # what export_run writes by default (python -m inq_jax.verify)
+EXPORT_FILE = "model.inq"  # what export_run writes by default (python -m inq_jax.verify_file)
 _FINAL_VERSION = 1
 
 
@@ -308,7 +308,7 @@ def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
       finished before `final/` existed, with the finished run's checkpoints
       (`load_done_checkpoint`).
     output: the file to write; default `workdir/model.inq`, the file that
-      `python -m inq_jax.verify WORKDIR` checks.
+      `python -m inq_jax.verify_file WORKDIR` checks.
 
   Returns:
     `inq_jax.export.save`'s stats plus {"file": output} on process 0; None on

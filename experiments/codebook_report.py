@@ -20,7 +20,7 @@ import re
 import numpy as np
 
 from inq_jax import quantize as inq
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 
 def rows(params, bits_list, calibrations=("absmax", "mse")) -> list:

@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 
 def _layout(tree, prefix=""):
   import jax  # pylint: disable=g-import-not-at-top
-  from inq_jax._tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
   return {f"{prefix}{p}": (tuple(jax.numpy.shape(x)), str(jax.numpy.result_type(x)))
           for p, x in leaves_with_paths(tree)[0]}
 

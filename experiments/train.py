@@ -35,7 +35,7 @@ import inq_jax
 from experiments import checkpoints, input_pipeline, models, reporting
 from inq_jax import prune
 from inq_jax import quantize as inq
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 Callback = Callable[..., None]
 
@@ -116,7 +116,7 @@ def learning_rate(config, steps_per_epoch: int, epochs: float):
 
 
 def make_optimizer(config, schedule, masks=None) -> optax.GradientTransformation:
-  """Base optimizer, with `inq_jax.optim.freeze(masks)` last when given."""
+  """Base optimizer, with `inq_jax.optim.elementwise_freeze(masks)` last when given."""
   if config.optimizer == "sgd":
     base = optax.chain(optax.add_decayed_weights(config.weight_decay),
                        optax.sgd(schedule, momentum=config.momentum or None,
@@ -125,7 +125,7 @@ def make_optimizer(config, schedule, masks=None) -> optax.GradientTransformation
     base = optax.adamw(schedule, weight_decay=config.weight_decay)
   if masks is None:
     return base
-  return optax.chain(base, inq_jax.optim.freeze(masks))
+  return optax.chain(base, inq_jax.optim.elementwise_freeze(masks))
 
 
 class Devices:

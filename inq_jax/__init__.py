@@ -1,7 +1,7 @@
 """inq_jax: Incremental Network Quantization (Zhou et al., ICLR 2017) for JAX/Flax.
 
 `inq_jax.quantize` holds the pure functions over parameter pytrees,
-`inq_jax.optim.freeze` the optax transform that keeps quantized weights frozen.
+`inq_jax.optim.elementwise_freeze` the optax transform that keeps quantized weights frozen.
 """
 
 from inq_jax import optim

@@ -188,18 +188,41 @@ def mse_exponent_bounds(w, bits: int, axes=None):
   return best_n1, best_n1 + shift
 
 
+def n2_from_n1(n1, bits: int):
+  """n2 = n1 + 1 - 2^(b-2): the smallest exponent of a b-bit codebook (paper Eq. 3).
+
+  Works on Python ints, numpy and jax integer arrays alike (the result keeps the
+  input's array type; numpy inputs are widened to int64 so no bound overflows).
+  """
+  shift = 1 - num_exponents(bits)
+  if isinstance(n1, (np.ndarray, np.integer, int)):
+    return np.asarray(n1, np.int64) + shift
+  return n1 + jnp.asarray(shift, jnp.asarray(n1).dtype)
+
+
+def codebook_exponents(x, n1, n2, xp=np):
+  """The one codebook-membership test: (k, member) elementwise.
+
+  `member` is True where x is exactly 0 (either sign) or +-2^k with n2 <= k <= n1
+  and the codebook is not {0} (n1 == ZERO_CODEBOOK); `k` is floor(log2|x|) (only
+  meaningful where x is a nonzero member). `xp` is `numpy` (the file format and
+  the shift reference, in float64) or `jax.numpy` (`in_codebook`, under jit).
+  """
+  a = xp.abs(x)
+  mantissa, exponent = xp.frexp(a)
+  k = exponent.astype(xp.int64 if xp is np else xp.int32) - 1
+  pow2 = (mantissa == 0.5) & (k >= n2) & (k <= n1) & (n1 != ZERO_CODEBOOK)
+  # The exact round trip guards against frexp quirks on subnormals (some backends).
+  pow2 &= xp.ldexp(xp.ones((), a.dtype), xp.where(pow2, k, 0).astype(xp.int32)) == a
+  return k, (a == 0) | pow2
+
+
 def in_codebook(w, n1, n2):
   """Elementwise: is `w` exactly 0 or +-2^k with n2 <= k <= n1?"""
   w = jnp.asarray(w)
   x = w.astype(_compute_dtype(w.dtype))
-  mantissa, exponent = jnp.frexp(jnp.abs(x))
-  k = exponent.astype(jnp.int32) - 1
-  n1 = jnp.asarray(n1, jnp.int32)
-  n2 = jnp.asarray(n2, jnp.int32)
-  is_pow2 = (mantissa == 0.5) & (k >= n2) & (k <= n1) & (n1 != ZERO_CODEBOOK)
-  # Exact round trip guards against frexp quirks on subnormals.
-  is_pow2 &= jnp.ldexp(jnp.ones((), x.dtype), k) == jnp.abs(x)
-  return (x == 0) | is_pow2
+  return codebook_exponents(x, jnp.asarray(n1, jnp.int32), jnp.asarray(n2, jnp.int32),
+                            xp=jnp)[1]
 
 
 def representable(n1, n2, dtype) -> bool:
@@ -219,6 +242,6 @@ def dtype_exponent_range(dtype):
 
 
 __all__ = [
-    "ZERO_CODEBOOK", "exponent_bounds", "round_to_pow2", "in_codebook",
+    "ZERO_CODEBOOK", "codebook_exponents", "n2_from_n1", "exponent_bounds", "round_to_pow2", "in_codebook",
     "max_distinct_values", "num_exponents",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 from inq_jax import _codebook
 from inq_jax import _partition
 from inq_jax._config import INQConfig
-from inq_jax._tree import leaves_with_paths, path_str
+from inq_jax.tree import leaves_with_paths, path_str
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -28,7 +28,7 @@ class INQState:
   Attributes:
     masks: a pytree shaped like the params. For a quantized leaf, a bool array of
       the leaf's shape, True where the weight is quantized and frozen; for every
-      other leaf a scalar False. Pass it to `inq_jax.optim.freeze`.
+      other leaf a scalar False. Pass it to `inq_jax.optim.elementwise_freeze`.
     exponents: {path: n1} for each quantized leaf, int32; a scalar per layer or
       one entry per output channel. Fixed at `init` from the pretrained weights.
       n2 = n1 + 1 - 2^(bits-2); see `bounds`.

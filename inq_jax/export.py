@@ -50,7 +50,7 @@ import numpy as np
 from inq_jax import _packing
 from inq_jax._codebook import ZERO_CODEBOOK
 from inq_jax._state import INQState
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 FORMAT = "inq_jax.export"
 

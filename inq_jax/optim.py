@@ -8,15 +8,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 
-class FreezeState(NamedTuple):
+class ElementwiseFreezeState(NamedTuple):
   """The frozen masks, carried as optimizer state (arguments, not constants)."""
   masks: Any
 
 
-def freeze(frozen_masks) -> optax.GradientTransformation:
+def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
   """Zeroes the update of every frozen weight; put it last in `optax.chain`.
 
   INQ retrains only the still-float weights: W <- W - lr * dE/dW * T with T = 0
@@ -43,7 +43,7 @@ def freeze(frozen_masks) -> optax.GradientTransformation:
   Example:
     >>> tx = optax.chain(optax.add_decayed_weights(5e-4),
     ...                  optax.sgd(1e-3, momentum=0.9),
-    ...                  inq_jax.optim.freeze(state.masks))
+    ...                  inq_jax.optim.elementwise_freeze(state.masks))
 
   Reference: arXiv:1702.03044, Eq. 6.
   """
@@ -61,7 +61,7 @@ def freeze(frozen_masks) -> optax.GradientTransformation:
       if m.ndim and m.shape != jnp.shape(p):
         raise ValueError(f"freeze: {path} has shape {jnp.shape(p)} but its mask has "
                          f"shape {m.shape}")
-    return FreezeState(masks=masks)
+    return ElementwiseFreezeState(masks=masks)
 
   def update_fn(updates, state, params=None):
     del params
@@ -72,4 +72,4 @@ def freeze(frozen_masks) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-__all__ = ["FreezeState", "freeze"]
+__all__ = ["ElementwiseFreezeState", "elementwise_freeze"]

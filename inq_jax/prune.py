@@ -16,7 +16,7 @@ monotone: a pruned weight stays pruned.)
     for t in range(1, pcfg.steps + 1):
       keep = prune.prune_masks(params, pcfg, t, previous=keep)  # True = kept
       params = prune.apply(params, keep)                          # pruned -> +0.0
-      tx = optax.chain(base, optim.freeze(prune.frozen(keep)))    # zeros stay zero
+      tx = optax.chain(base, optim.elementwise_freeze(prune.frozen(keep)))    # zeros stay zero
       ...retrain...
     portions = tuple(round(0.05 * i, 2) for i in range(1, 21))
     state = inq.init(params, inq.INQConfig(bits=5, portions=portions), pruned=keep)
@@ -24,7 +24,7 @@ monotone: a pruned weight stays pruned.)
 Masks follow one convention throughout: a keep-mask pytree shaped like the
 params, with a bool array (True = kept) for every pruned (selected) leaf and a
 scalar True for every other leaf. `frozen(keep)` negates it into the frozen-mask
-convention of `inq_jax.optim.freeze` and `INQState.masks` (True = frozen, scalar
+convention of `inq_jax.optim.elementwise_freeze` and `INQState.masks` (True = frozen, scalar
 False for leaves never frozen).
 
 References: Zhou et al., ICLR 2017, arXiv:1702.03044, Sec. 3.4; Han et al.,
@@ -50,8 +50,8 @@ from inq_jax import _partition
 from inq_jax._config import DEFAULT_INCLUDE
 from inq_jax._state import _check_finite
 from inq_jax._state import _place_like
-from inq_jax._tree import leaves_with_paths
-from inq_jax._tree import path_str
+from inq_jax.tree import leaves_with_paths
+from inq_jax.tree import path_str
 
 SCHEDULES = ("cubic", "linear")
 
@@ -287,7 +287,7 @@ def prune_masks(params, config: PruneConfig, step: int, *, previous=None):
   Returns:
     A keep-mask pytree shaped like `params`: for each selected leaf a bool array
     of its shape, True = kept; a scalar True for every other leaf. Pass it to
-    `apply`, to `frozen` (for `inq_jax.optim.freeze`) and, after the last step,
+    `apply`, to `frozen` (for `inq_jax.optim.elementwise_freeze`) and, after the last step,
     as `inq_jax.quantize.init(..., pruned=keep)`.
 
   Raises:
@@ -372,7 +372,7 @@ def apply(params, keep):
 
 
 def frozen(keep):
-  """The frozen masks for `inq_jax.optim.freeze` while retraining a pruned model.
+  """The frozen masks for `inq_jax.optim.elementwise_freeze` while retraining a pruned model.
 
   Negates a keep mask: True where a weight is pruned (its update is zeroed, so
   it stays exactly zero through momentum and weight decay), scalar False for the
@@ -381,7 +381,7 @@ def frozen(keep):
   Example:
     >>> tx = optax.chain(optax.add_decayed_weights(5e-4),
     ...                  optax.sgd(1e-2, momentum=0.9),
-    ...                  inq_jax.optim.freeze(frozen(keep)))
+    ...                  inq_jax.optim.elementwise_freeze(frozen(keep)))
   """
   return jax.tree.map(lambda m: jnp.logical_not(jnp.asarray(m, bool)), keep)
 

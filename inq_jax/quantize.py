@@ -7,7 +7,7 @@ The public module Flax users import::
     state = inq.init(params, inq.INQConfig(bits=5))    # codebooks from pretrained
     for _ in state.config.portions:
       params, state = inq.advance(params, state)       # quantize + freeze a portion
-      ...retrain with optax.chain(base, inq_jax.optim.freeze(state.masks))...
+      ...retrain with optax.chain(base, inq_jax.optim.elementwise_freeze(state.masks))...
     inq.verify(params, state)                          # every frozen weight in P_l
 
 INQ on a pruned model (paper Sec. 3.4): prune with `inq_jax.prune` (its

@@ -1,4 +1,4 @@
-"""Benchmark: what `inq_jax.optim.freeze` adds to a train step.
+"""Benchmark: what `inq_jax.optim.elementwise_freeze` adds to a train step.
 
     python -m experiments.benchmarks.step_overhead [--batch 128] [--repeats 15]
 

@@ -16,7 +16,7 @@ def main(workdir, data_dir, *overrides):
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import train  # pylint: disable=g-import-not-at-top
   from experiments.configs import smoke  # pylint: disable=g-import-not-at-top
-  from inq_jax._tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
   config = smoke.get_config()
   config.dataset.data_dir = data_dir
   config.eval_batch_size = 200  # divisible by 8 devices

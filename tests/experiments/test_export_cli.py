@@ -12,9 +12,9 @@ import pytest
 
 from experiments import checkpoints, evaluate, models, train
 from experiments.configs import smoke
-from inq_jax import export, verify
+from inq_jax import export, verify_file
 from inq_jax import quantize as inq
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,7 +68,7 @@ def test_save_final_load_final_export_round_trip(tmp_path, capsys):
   loaded, extras = export.load_with_extras(tmp_path / "model.inq")
   assert_same(loaded, params)
   assert_same(extras, {"batch_stats": batch_stats})
-  assert verify.main([str(tmp_path)]) == 0  # WORKDIR means WORKDIR/model.inq
+  assert verify_file.main([str(tmp_path)]) == 0  # WORKDIR means WORKDIR/model.inq
   assert "OK" in capsys.readouterr().out
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from experiments import train
 from experiments.configs import smoke
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 
 def tiny_config(data_dir, **overrides):

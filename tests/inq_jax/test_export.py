@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 from inq_jax import _packing, export
 from inq_jax import quantize as inq
-from inq_jax._tree import leaves_with_paths
+from inq_jax.tree import leaves_with_paths
 
 
 def make_params(dtype=jnp.float32, seed=0):

@@ -45,11 +45,11 @@ def test_frozen_bit_identical_through_all_phases(name):
   opt_state = None
   for step in range(state.config.num_steps - 1):
     params, state = inq.advance(params, state)
-    tx = optax.chain(OPTIMIZERS[name](), inq_jax.optim.freeze(state.masks))
+    tx = optax.chain(OPTIMIZERS[name](), inq_jax.optim.elementwise_freeze(state.masks))
     if opt_state is None or step % 2 == 0:
       opt_state = tx.init(params)
     else:  # carry the inner optimizer's momentum over, with the new masks
-      opt_state = (opt_state[0], inq_jax.optim.FreezeState(state.masks))
+      opt_state = (opt_state[0], inq_jax.optim.ElementwiseFreezeState(state.masks))
 
     @jax.jit
     def train_step(p, s, tx=tx):
@@ -84,7 +84,7 @@ def test_nnx_optimizer():
   state = inq.init(params, inq.INQConfig())
   params, state = inq.advance(params, state)
   nnx.update(model, params)
-  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.freeze(state.masks))
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.elementwise_freeze(state.masks))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -104,7 +104,7 @@ def test_nnx_optimizer():
 
 
 def test_python_false_masks_and_zero_exact_for_nan():
-  tx = inq_jax.optim.freeze({"a": jnp.array([True, False]), "b": False})
+  tx = inq_jax.optim.elementwise_freeze({"a": jnp.array([True, False]), "b": False})
   params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
   s = tx.init(params)
   upd, _ = tx.update({"a": jnp.array([jnp.nan, 1.0]), "b": jnp.ones(3)}, s)
@@ -114,9 +114,9 @@ def test_python_false_masks_and_zero_exact_for_nan():
 
 def test_masks_mismatch():
   with pytest.raises(ValueError, match="masks' tree does not match"):
-    inq_jax.optim.freeze({"a": False}).init({"a": jnp.zeros(2), "b": jnp.zeros(2)})
+    inq_jax.optim.elementwise_freeze({"a": False}).init({"a": jnp.zeros(2), "b": jnp.zeros(2)})
   with pytest.raises(ValueError, match=r"a has shape \(2,\) but its mask has shape \(3,\)"):
-    inq_jax.optim.freeze({"a": jnp.zeros(3, bool)}).init({"a": jnp.zeros(2)})
+    inq_jax.optim.elementwise_freeze({"a": jnp.zeros(3, bool)}).init({"a": jnp.zeros(2)})
 
 
 def test_masks_are_arguments_not_constants():
@@ -124,7 +124,7 @@ def test_masks_are_arguments_not_constants():
   params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (1024, 1024))}}
   state = inq.init(params, inq.INQConfig())
   params, state = inq.advance(params, state)
-  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.freeze(state.masks))
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.elementwise_freeze(state.masks))
   opt_state = tx.init(params)
 
   def step(p, s):
@@ -139,7 +139,7 @@ def test_donating_opt_state_keeps_callers_masks():
   params = {"d": {"kernel": jnp.ones((4, 4))}}
   state = inq.init(params, inq.INQConfig())
   params, state = inq.advance(params, state)
-  tx = inq_jax.optim.freeze(state.masks)
+  tx = inq_jax.optim.elementwise_freeze(state.masks)
   step = jax.jit(lambda p, s: tx.update(p, s), donate_argnums=1)
   jax.block_until_ready(step(params, tx.init(params)))
   assert int(jnp.sum(state.masks["d"]["kernel"])) == 8  # not deleted by the donation

@@ -25,7 +25,7 @@ def params_(dtype=jnp.float32):
 
 
 def flat(tree):
-  return {inq_jax._tree.path_str(p): np.asarray(x)
+  return {inq_jax.tree.path_str(p): np.asarray(x)
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
@@ -202,10 +202,10 @@ def test_prune_retrain_with_momentum_and_weight_decay_keeps_zeros():
   for t in range(1, cfg.steps + 1):
     keep = prune.prune_masks(params, cfg, t, previous=keep)
     params = prune.apply(params, keep)
-    tx = optax.chain(base, inq_jax.optim.freeze(prune.frozen(keep)))
+    tx = optax.chain(base, inq_jax.optim.elementwise_freeze(prune.frozen(keep)))
     # Momentum carried over from the previous step's retraining, new masks.
     opt_state = tx.init(params) if opt_state is None else (
-        opt_state[0], inq_jax.optim.FreezeState(prune.frozen(keep)))
+        opt_state[0], inq_jax.optim.ElementwiseFreezeState(prune.frozen(keep)))
 
     @jax.jit
     def train_step(p, s, tx=tx):
@@ -342,7 +342,7 @@ def test_inq_on_pruned_model_fine_portions_with_retraining(strategy):
     np.testing.assert_array_equal(flat(state.masks)[path], ~kf[path])  # frozen from step 0
 
   tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9),
-                   inq_jax.optim.freeze(state.masks))
+                   inq_jax.optim.elementwise_freeze(state.masks))
 
   @jax.jit
   def train_step(p, s):  # the masks live in the optimizer state: one compile
@@ -365,7 +365,7 @@ def test_inq_on_pruned_model_fine_portions_with_retraining(strategy):
         # The largest |w| among the unpruned float weights are frozen first.
         assert np.abs(old[path][added]).min() >= np.abs(old[path][still]).max()
     if sigma < 1.0:
-      opt_state = (*opt_state[:-1], inq_jax.optim.FreezeState(state.masks))
+      opt_state = (*opt_state[:-1], inq_jax.optim.ElementwiseFreezeState(state.masks))
       before = flat(params)
       for _ in range(2):
         params, opt_state = train_step(params, opt_state)

@@ -46,7 +46,7 @@ def plain_params(dtype=jnp.float32):
 
 
 def leaves(tree):
-  return {inq_jax._tree.path_str(p): np.asarray(jnp.asarray(x, jnp.float32))
+  return {inq_jax.tree.path_str(p): np.asarray(jnp.asarray(x, jnp.float32))
           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 

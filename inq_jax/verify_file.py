@@ -1,7 +1,7 @@
 """Checks an exported `.inq` model: every code in its codebook, every section intact.
 
-    python -m inq_jax.verify model.inq
-    python -m inq_jax.verify WORKDIR          # checks WORKDIR/model.inq
+    python -m inq_jax.verify_file model.inq
+    python -m inq_jax.verify_file WORKDIR          # checks WORKDIR/model.inq
 
 A WORKDIR argument (a directory) means the file `WORKDIR/model.inq`, which the
 training script writes at the end of every run (`experiments.checkpoints.
@@ -119,7 +119,7 @@ def verify_file(path: str) -> List[LayerReport]:
 def main(argv: Optional[List[str]] = None) -> int:
   """Command line entry point; returns the exit status (0 ok, 1 failed)."""
   parser = argparse.ArgumentParser(
-      prog="python -m inq_jax.verify",
+      prog="python -m inq_jax.verify_file",
       description="Check that every weight of an exported INQ model (.inq) lies in "
                   "its layer's power-of-two codebook and that the file is intact. "
                   f"A directory means DIR/{WORKDIR_FILE}.")

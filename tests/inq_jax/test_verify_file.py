@@ -1,4 +1,4 @@
-"""python -m inq_jax.verify: the per-layer table, exit codes, damaged and tampered files."""
+"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged and tampered files."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inq_jax import _packing, export, verify
+from inq_jax import _packing, export, verify_file
 from inq_jax import quantize as inq
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +50,7 @@ def entry(header, path):
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_table_and_exit_zero(tmp_path, capsys, granularity):
   params, state = export_model(tmp_path / "m.inq", bits=4, granularity=granularity)
-  assert verify.main([str(tmp_path / "m.inq")]) == 0
+  assert verify_file.main([str(tmp_path / "m.inq")]) == 0
   out = capsys.readouterr().out
   lines = out.splitlines()
   assert lines[1].split() == ["path", "weights", "bits", "distinct", "n1", "n2", "zero",
@@ -75,12 +75,12 @@ def test_table_and_exit_zero(tmp_path, capsys, granularity):
 
 
 def test_workdir_argument_uses_model_inq(tmp_path, capsys):
-  assert verify.main([str(tmp_path)]) == 1
+  assert verify_file.main([str(tmp_path)]) == 1
   err = capsys.readouterr().err
   assert f"{tmp_path / 'model.inq'} does not exist" in err
   assert "python -m experiments.export --workdir=" in err
   export_model(tmp_path / "model.inq")
-  assert verify.main([str(tmp_path)]) == 0
+  assert verify_file.main([str(tmp_path)]) == 0
   assert str(tmp_path / "model.inq") in capsys.readouterr().out
 
 
@@ -91,7 +91,7 @@ def test_edited_float_leaf_is_flagged(tmp_path, capsys):
   start = len(blob) - sum(e["length"] for e in header["leaves"])
   blob[start + entry(header, "conv/bias")["offset"] + 2] ^= 0x01
   (tmp_path / "m.inq").write_bytes(bytes(blob))
-  assert verify.main([str(tmp_path / "m.inq")]) == 1
+  assert verify_file.main([str(tmp_path / "m.inq")]) == 1
   err = capsys.readouterr().err
   assert "conv/bias: corrupt section, CRC32 mismatch" in err and str(tmp_path) in err
 
@@ -114,7 +114,7 @@ def test_tampered_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress
     e["length"] = len(new)
 
   rewrite(tmp_path / "m.inq", edit)
-  assert verify.main([str(tmp_path / "m.inq")]) == 1
+  assert verify_file.main([str(tmp_path / "m.inq")]) == 1
   captured = capsys.readouterr()
   assert "dense/kernel: 1 of 400 codes are outside the 5-bit codebook" in captured.err
   assert "first code 12 at index (0, 7)" in captured.err
@@ -130,7 +130,7 @@ def test_nonzero_code_in_zero_codebook_is_flagged(tmp_path, capsys):
     entry(header, "dense/kernel")["n1"] = inq.ZERO_CODEBOOK  # codebook {0}: any m != 0 is bad
 
   rewrite(tmp_path / "m.inq", edit)
-  assert verify.main([str(tmp_path / "m.inq")]) == 1
+  assert verify_file.main([str(tmp_path / "m.inq")]) == 1
   assert "dense/kernel" in capsys.readouterr().err
 
 
@@ -145,7 +145,7 @@ def test_unreadable_files(tmp_path, capsys, damage):
     path.write_bytes(b"\0" + blob[1:])
   else:
     path.unlink()
-  assert verify.main([str(path)]) == 1
+  assert verify_file.main([str(path)]) == 1
   err = capsys.readouterr().err
   assert {"truncate": "truncated", "magic": "not an inq_jax export",
           "missing": "does not exist"}[damage] in err
@@ -153,13 +153,13 @@ def test_unreadable_files(tmp_path, capsys, damage):
 
 def test_command_line(tmp_path):
   export_model(tmp_path / "m.inq", bits=2)
-  run = subprocess.run([sys.executable, "-m", "inq_jax.verify", str(tmp_path / "m.inq")],
+  run = subprocess.run([sys.executable, "-m", "inq_jax.verify_file", str(tmp_path / "m.inq")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 0, run.stderr
   assert "2-bit" in run.stdout and "OK" in run.stdout
   for line in run.stdout.splitlines()[3:5]:
     assert int(line.split()[3]) <= 3  # ternary
   (tmp_path / "m.inq").write_bytes(b"junk")
-  run = subprocess.run([sys.executable, "-m", "inq_jax.verify", str(tmp_path / "m.inq")],
+  run = subprocess.run([sys.executable, "-m", "inq_jax.verify_file", str(tmp_path / "m.inq")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and "not an inq_jax export" in run.stderr
