@@ -36,12 +36,16 @@ def main(argv):
       lambda r: r.levelno >= pylogging.WARNING or "/orbax/" not in r.pathname)
   # Imported here so that --help stays fast and flag errors come first.
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments import reporting, train  # pylint: disable=g-import-not-at-top
   if FLAGS.config.get("distributed", False):
     jax.distributed.initialize()  # multi-host TPU slice / GPU cluster; before any JAX call
   logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.device_count(),
                jax.devices()[0].device_kind)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if jax.process_index() == 0:
+    for line in reporting.summary_lines(results):
+      print(line, flush=True)
+    print(f"results: {FLAGS.workdir.rstrip('/')}/{reporting.RESULTS_FILE}", flush=True)
 
 
 if __name__ == "__main__":

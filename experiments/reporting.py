@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -11,33 +12,49 @@ from typing import Optional
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _path(workdir) -> epath.Path:
+  workdir = str(workdir)
+  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
-def atomic_write_json(path: str, data) -> None:
-  atomic_write(path, json.dumps(data, indent=2) + "\n")
+def atomic_write(target, text: str) -> None:
+  """Writes through a temporary and a rename (local or gs://): never half-written."""
+  target = epath.Path(target)
+  tmp = target.parent / (target.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(target)
+
+
+def atomic_write_json(target, data) -> None:
+  atomic_write(target, json.dumps(data, indent=2) + "\n")
 
 
 def write_results(workdir: str, results: dict) -> None:
   """results.json (the contract in the README), written atomically on host 0."""
   if jax.process_index() == 0:
-    atomic_write(os.path.join(workdir, RESULTS_FILE), json.dumps(results, indent=2) + "\n")
+    atomic_write_json(_path(workdir) / RESULTS_FILE, results)
+
+
+def read_metrics(workdir: str) -> list:
+  """Every record of metrics.jsonl ([] if there is none yet)."""
+  file = _path(workdir) / METRICS_FILE
+  if not file.exists():
+    return []
+  return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
 
 
 class MetricWriter:
-  """Appends JSON lines to metrics.jsonl and mirrors scalars to TensorBoard.
+  """JSON lines in metrics.jsonl, and the scalars as TensorBoard events (local workdirs).
 
-  A resumed run replays the interrupted epoch, so that epoch can appear twice;
-  the later line is the one that counts.
+  The file is rewritten whole at every record (it holds a few lines per epoch),
+  because remote stores cannot append. A resumed run replays the interrupted
+  epoch, so that epoch can appear twice; the later line is the one that counts.
   """
 
   def __init__(self, workdir: str):
@@ -45,10 +62,14 @@ class MetricWriter:
     self._tb = None
     if not self._enabled:
       return
-    self._path = os.path.join(workdir, METRICS_FILE)
+    self._file = _path(workdir) / METRICS_FILE
+    self._lines = (self._file.read_text().splitlines() if self._file.exists() else [])
+    if "://" in str(workdir):
+      logging.info("remote workdir: metrics.jsonl only, no TensorBoard events")
+      return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(str(_path(workdir)), "tensorboard"))
     except ImportError:  # TensorBoard events are a convenience, not the record
       logging.warning("tensorboardX not installed; writing metrics.jsonl only")
 
@@ -56,8 +77,8 @@ class MetricWriter:
     if not self._enabled:
       return
     record = {"step": int(step), "time": round(time.time(), 3), **scalars}
-    with open(self._path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._lines.append(json.dumps(record))
+    atomic_write(self._file, "\n".join(self._lines) + "\n")
     if self._tb is not None:
       tag_prefix = str(scalars.get("stage", ""))
       for key, value in scalars.items():
@@ -68,6 +89,13 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def _save_figure(fig, target: epath.Path) -> str:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  target.write_bytes(buffer.getvalue())
+  return str(target)
 
 
 def progress(total: int, desc: str):
@@ -96,10 +124,9 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   ax.grid(alpha=0.3)
   ax.legend(loc="lower left")
   fig.tight_layout()
-  path = os.path.join(workdir, "accuracy.png")
-  fig.savefig(path, dpi=120)
+  out = _save_figure(fig, _path(workdir) / "accuracy.png")
   plt.close(fig)
-  return path
+  return out
 
 
 def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
@@ -125,10 +152,9 @@ def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
   axes[1].set_yscale("log")
   axes[1].set_xlabel("weight value")
   fig.tight_layout()
-  path = os.path.join(workdir, "weights.png")
-  fig.savefig(path, dpi=120)
+  out = _save_figure(fig, _path(workdir) / "weights.png")
   plt.close(fig)
-  return path
+  return out
 
 
 def summary_lines(results: dict) -> list:

@@ -1,24 +1,21 @@
-"""fp32 baseline, then every INQ phase; resumable from the workdir at any epoch.
+"""INQ training: fp32 baseline, optional pruning, then every incremental phase.
 
-The run is a small state machine whose position (stage, phase, epoch) is saved
-with every checkpoint:
+`train_and_evaluate` is the paper's loop (arXiv:1702.03044, Sec. 2.3):
 
-  baseline epochs -> evaluate -> [optional pruning: for t in 1..T, prune to
-  sparsity s_t, retrain with the pruned weights frozen at zero] -> for each
-  portion sigma_n:
-      advance (partition + quantize + freeze) -> fresh optimizer, re-jitted step,
-      learning-rate schedule restarted -> retrain the float weights -> evaluate
-  -> verify every quantized leaf -> results.json, plots.
+  baseline epochs -> [pruning steps] -> for each accumulated portion sigma_n:
+      advance (partition, quantize and freeze the next portion) -> a fresh
+      optimizer and a re-jitted step -> retrain the float weights -> evaluate
+  -> verify every quantized leaf -> final model, model.inq, results.json.
 
-Everything random is a pure function of (config.seed, stage, epoch, step), so a
-rerun after a kill replays the interrupted epoch bit-for-bit.
+The whole run is one pytree, `steps.TrainState`, checkpointed after every
+epoch and every quantization step. Rerunning the command resumes from the
+newest checkpoint; data order, augmentation and dropout are pure functions of
+(seed, stage, epoch, step), so a killed run ends with bit-identical params.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
+import io
 import re
 import time
 from typing import Callable, Optional
@@ -27,611 +24,433 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from etils import epath
 
-import inq_jax
-from experiments import checkpoints, input_pipeline, models, reporting
+from experiments import checkpoints, models, reporting, steps
+from experiments.data import input_pipeline
+from experiments.steps import BASELINE, DONE, INQ, PRUNE, TrainState
 from inq_jax import prune
 from inq_jax import quantize as inq
 from inq_jax.tree import leaves_with_paths
 
 Callback = Callable[..., None]
+PLOT_FILE = "inq_start_layer.npz"  # the plotted layer's pretrained weights, for weights.png
+
+
+# ----------------------------------------------------------------- config
 
 
 def inq_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
   c = config.inq
   return inq.INQConfig(bits=c.bits, portions=tuple(c.portions), strategy=c.strategy,
                        include=c.include, exclude=c.exclude, granularity=c.granularity,
-                       calibration=c.get("calibration", "absmax"), seed=config.seed)
+                       calibration=c.calibration, seed=config.seed)
 
 
 def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfig]:
   """The pruning stage's config, or None when `config.prune.sparsity` is empty."""
-  c = config.get("prune")
-  if c is None or not c.sparsity:
+  c = config.prune
+  if not c.sparsity:
     return None
   return prune.PruneConfig(sparsity=tuple(tuple(pair) for pair in c.sparsity),
                            include=config.inq.include, exclude=config.inq.exclude,
                            steps=c.steps, schedule=c.schedule)
 
 
-def check_config(config: ml_collections.ConfigDict) -> inq.INQConfig:
-  """Every config error, before anything is read or written."""
-  inq_cfg = inq_config(config)
-  prune_config(config)
+def _positive_int(config, name: str) -> int:
+  value = config[name]
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+  return value
+
+
+def check_config(config: ml_collections.ConfigDict):
+  """Every error in `config` that needs no data: (INQConfig, PruneConfig or None)."""
+  inq_cfg, prune_cfg = inq_config(config), prune_config(config)
   if config.optimizer not in ("sgd", "adam"):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
-  for stage in ("baseline", "prune", "inq"):
-    if stage in config and config[stage].lr_schedule not in ("cosine", "step", "constant"):
+  for stage, key in (("baseline", "epochs"), ("prune", "epochs_per_step"),
+                     ("inq", "epochs_per_phase"), ("inq", "final_finetune_epochs")):
+    value = config[stage][key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not \
+        0 <= value < float("inf"):
+      raise ValueError(f"{stage}.{key} must be a number of epochs >= 0 (fractions "
+                       f"allowed), got {value!r}")
+    if config[stage].lr_schedule not in ("cosine", "step", "constant"):
       raise ValueError(f"{stage}.lr_schedule must be cosine, step or constant, got "
                        f"{config[stage].lr_schedule!r}")
-  for name in ("baseline.epochs", "inq.epochs_per_phase", "inq.final_finetune_epochs",
-               "prune.epochs_per_step"):
-    if name.split(".")[0] not in config:
-      continue
-    value = config[name.split(".")[0]][name.split(".")[1]]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
-        or value == float("inf"):
-      raise ValueError(f"{name} must be a number of epochs >= 0 (fractions allowed), "
-                       f"got {value!r}")
+  batch = _positive_int(config, "batch_size")
+  _positive_int(config, "eval_batch_size")
   n = jax.device_count()
-  for name in ("batch_size", "eval_batch_size"):
-    if config[name] % n:
-      raise ValueError(f"{name}={config[name]} is not divisible by the {n} devices")
+  if batch % n:
+    raise ValueError(f"batch_size={batch} is not divisible by the {n} devices: set "
+                     f"--config.batch_size to a multiple of {n}, e.g. {max(n, batch // n * n)}")
   if config.init_checkpoint and config.init_torchvision:
     raise ValueError("set at most one of init_checkpoint and init_torchvision")
-  return inq_cfg
+  for name in ("init_checkpoint", "init_torchvision"):
+    if config[name] and not checkpoints.path(config[name]).exists():
+      raise FileNotFoundError(f"{name} {config[name]} does not exist")
+  return inq_cfg, prune_cfg
 
 
-def epoch_steps(epochs: float, steps_per_epoch: int) -> list:
-  """Steps in each (possibly partial, last) epoch of a stage of `epochs` epochs.
-
-  Fractional epochs let a study give every INQ phase, say, 0.4 epochs: the
-  last chunk is the first part of a fresh shuffle, and resuming works per chunk.
-  """
-  total = int(round(epochs * steps_per_epoch))
-  full, rest = divmod(total, steps_per_epoch)
-  return [steps_per_epoch] * full + ([rest] if rest else [])
-
-
-def learning_rate(config, steps_per_epoch: int, epochs: float):
-  """The schedule of one stage/phase; `config` is `config.baseline` or `config.inq`."""
-  base_lr = config.learning_rate
-  total = max(1, sum(epoch_steps(epochs, steps_per_epoch)))
-  if config.lr_schedule == "cosine":
-    schedule = optax.cosine_decay_schedule(base_lr, total)
-  elif config.lr_schedule == "step":
-    every = max(1, int(steps_per_epoch * config.step_epochs))
-    schedule = optax.piecewise_constant_schedule(
-        base_lr, {every * i: config.step_factor for i in range(1, total // every + 1)})
-  else:
-    schedule = optax.constant_schedule(base_lr)
-  warmup = int(config.warmup_epochs * steps_per_epoch)
-  if warmup:
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, base_lr, warmup), schedule], [warmup])
-  return schedule
-
-
-def make_optimizer(config, schedule, masks=None) -> optax.GradientTransformation:
-  """Base optimizer, with `inq_jax.optim.elementwise_freeze(masks)` last when given."""
-  if config.optimizer == "sgd":
-    base = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum or None,
-                                 nesterov=config.nesterov))
-  else:
-    base = optax.adamw(schedule, weight_decay=config.weight_decay)
-  if masks is None:
-    return base
-  return optax.chain(base, inq_jax.optim.elementwise_freeze(masks))
-
-
-class Devices:
-  """A 1-D mesh over every device: batch sharded on `data`, state replicated."""
-
-  def __init__(self):
-    self.mesh = Mesh(np.array(jax.devices()), ("data",))
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch = NamedSharding(self.mesh, P("data"))
-    self.count = jax.device_count()
-    # Fake multi-device CPU backends can deadlock in the all-reduce unless each
-    # step is waited for; real accelerators keep their async dispatch.
-    self.sync_each_step = jax.default_backend() == "cpu" and self.count > 1
-
-  def put_batch(self, batch: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(self.batch, np.asarray(v))
-            for k, v in batch.items()}
-
-  def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
-
-
-def _variables(params, batch_stats):
-  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-
-
-def make_train_step(model, tx, devices: Devices, seed: int):
-  """The jitted step; rebuilt for every phase because `tx` changes."""
-  dropout_key = jax.random.key(seed)
-
-  def step(ts, batch):
-    rng = jax.random.fold_in(dropout_key, ts["step"])
-
-    def loss_fn(params):
-      logits, updates = model.apply(_variables(params, ts["batch_stats"]), batch["image"],
-                                    train=True, mutable=["batch_stats"],
-                                    rngs={"dropout": rng})
-      logits = logits.astype(jnp.float32)
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return loss, (logits, updates)
-
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(ts["params"])
-    deltas, opt_state = tx.update(grads, ts["opt_state"], ts["params"])
-    new = {"step": ts["step"] + 1, "params": optax.apply_updates(ts["params"], deltas),
-           "batch_stats": updates.get("batch_stats", ts["batch_stats"]),
-           "opt_state": opt_state}
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return new, {"loss": loss, "accuracy": accuracy}
-
-  return jax.jit(step, in_shardings=(devices.replicated, devices.batch),
-                 out_shardings=(devices.replicated, devices.replicated), donate_argnums=0)
-
-
-def make_eval_step(model, devices: Devices, top5: bool):
-  def step(params, batch_stats, batch):
-    logits = model.apply(_variables(params, batch_stats), batch["image"], train=False)
-    logits = logits.astype(jnp.float32)
-    mask = batch["mask"].astype(jnp.float32)
-    label = batch["label"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, label)
-    out = {"correct1": jnp.sum((jnp.argmax(logits, -1) == label) * mask),
-           "loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}
-    if top5:
-      hit = jnp.any(jax.lax.top_k(logits, 5)[1] == label[:, None], axis=-1)
-      out["correct5"] = jnp.sum(hit * mask)
-    return out
-
-  return jax.jit(step, in_shardings=(devices.replicated, devices.replicated, devices.batch),
-                 out_shardings=devices.replicated)
+# ------------------------------------------------------------------- run
 
 
 class Run:
-  """One run in one workdir: data, model, devices, checkpoints, metrics."""
+  """What a run reads (data, model, initial weights) and where it writes; no state."""
 
-  def __init__(self, config, workdir, inq_cfg, callback: Optional[Callback]):
-    self.config, self.workdir, self.inq_cfg = config, workdir, inq_cfg
-    self.prune_cfg = prune_config(config)
+  def __init__(self, config, workdir: str, callback: Optional[Callback]):
+    self.config, self.workdir = config, workdir
+    self.inq_cfg, self.prune_cfg = check_config(config)
     self.callback = callback or (lambda event, **info: None)
     self.data = input_pipeline.get_dataset(config.dataset)
-    self.model = models.get_model(config.model, self.data.num_classes,
-                                  dtype=jnp.dtype(config.dtype))
-    self.devices = Devices()
     self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size={config.batch_size} is larger than the train split "
                        f"({self.data.train_size} examples)")
-    self.top5 = self.data.num_classes > 10
-    self.eval_step = make_eval_step(self.model, self.devices, self.top5)
-    self.ckpt = checkpoints.RunCheckpoints(workdir, config.max_checkpoints_to_keep)
-    self.writer = reporting.MetricWriter(workdir)
+    self.model = models.get_model(config.model, self.data.num_classes,
+                                  dtype=jnp.dtype(config.dtype))
+    self.devices = steps.Devices()
+    self.eval_step = steps.make_eval_step(self.model, self.devices,
+                                          top5=self.data.num_classes > 10)
+    self.initial = self._initial_variables()  # validates init_checkpoint before any write
+    self.ckpt = self.writer = None
 
-  # ------------------------------------------------------------------ pieces
+  def open(self):
+    """Claims the workdir (config.json) and opens its checkpoints and metrics."""
+    checkpoints.claim_workdir(self.workdir, self.config)
+    self.ckpt = checkpoints.RunCheckpoints(self.workdir, self.config.max_checkpoints_to_keep)
+    self.writer = reporting.MetricWriter(self.workdir)
 
-  def init_variables(self):
-    variables = models.init_variables(
-        self.model, (1,) + tuple(self.data.image_shape), jax.random.key(self.config.seed))
+  def close(self):
+    for part in (self.ckpt, self.writer):
+      if part is not None:
+        part.close()
+
+  def _initial_variables(self) -> dict:
+    shape = (1,) + tuple(self.data.image_shape)
+    variables = models.init_variables(self.model, shape, jax.random.key(self.config.seed))
     variables = {"params": variables["params"],
                  "batch_stats": variables.get("batch_stats", {})}
     if self.config.init_checkpoint:
-      variables = checkpoints.load_variables(self.config.init_checkpoint, variables)
-    elif self.config.init_torchvision:
-      from experiments import pretrained  # pylint: disable=g-import-not-at-top
+      return checkpoints.load_variables(self.config.init_checkpoint, variables)
+    if self.config.init_torchvision:
+      from experiments.models import pretrained  # pylint: disable=g-import-not-at-top
       loaded = pretrained.load_torchvision_resnet(self.config.init_torchvision,
                                                   self.config.model)
-      variables = {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})}
+      return {"params": loaded["params"], "batch_stats": loaded.get("batch_stats", {})}
     return variables
 
-  def train_state(self, variables, tx, step=0):
-    return self.devices.replicate({
-        "step": jnp.asarray(step, jnp.int32), "params": variables["params"],
-        "batch_stats": variables["batch_stats"], "opt_state": tx.init(variables["params"])})
+  @property
+  def pretrained(self) -> bool:
+    return bool(self.config.init_checkpoint or self.config.init_torchvision)
 
-  def compile_step(self, train_step, ts):
-    """Compiles this phase's step ahead of time: (executable, seconds).
+  def initial_state(self) -> TrainState:
+    """The run's start, and the template every checkpoint restores into."""
+    params = self.initial["params"]
+    keep = None
+    if self.prune_cfg is not None:  # nothing pruned yet; same structure as later masks
+      keep = jax.tree.map(jnp.ones_like, prune.prune_masks(params, self.prune_cfg, 1))
+    inq_state = inq.init(params, self.inq_cfg, pruned=keep)
+    tx, _ = self.optimizer(self.config.baseline, 1, inq_state.masks)
+    return self.devices.replicate(TrainState(
+        step=jnp.int32(0), params=params, batch_stats=self.initial["batch_stats"],
+        opt_state=tx.init(params), inq=inq_state, keep=keep, stage=jnp.int32(BASELINE),
+        phase=jnp.int32(0), epoch=jnp.int32(0)))
 
-    Timed on its own so results.json can show what rebuilding the step for
-    every phase costs (`compile_seconds`).
-    """
-    start = time.perf_counter()
-    shape = (self.config.batch_size,) + tuple(self.data.image_shape)
-    batch = {"image": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self.devices.batch),
-             "label": jax.ShapeDtypeStruct(shape[:1], jnp.int32, sharding=self.devices.batch)}
-    compiled = train_step.lower(ts, batch).compile()
-    return compiled, time.perf_counter() - start
+  def optimizer(self, stage_config, epochs: float, masks):
+    schedule = steps.learning_rate(stage_config, self.steps_per_epoch, epochs)
+    return steps.make_optimizer(self.config, schedule, masks), schedule
 
-  def run_epoch(self, ts, train_step, *, data_seed, epoch, desc, schedule, steps=None):
-    """One epoch, or its first `steps` steps (the partial last epoch of a stage)."""
-    steps = self.steps_per_epoch if steps is None else steps
-    bar = reporting.progress(steps, desc)
-    sums, n, pending = {"loss": 0.0, "accuracy": 0.0}, 0, []
-
-    def drain():  # fetch metrics in groups: no host sync per step
-      for m in jax.device_get(pending):
-        for key in sums:
-          sums[key] += float(m[key])
-      pending.clear()
-
-    step = int(ts["step"])
-    start = time.perf_counter()
-    for batch in self.data.train_batches(self.config.batch_size, epoch, data_seed):
-      ts, metrics = train_step(ts, self.devices.put_batch(batch))
-      if self.devices.sync_each_step:
-        jax.block_until_ready(ts)
-      pending.append(metrics)
-      n += 1
-      bar.update(1)
-      self.callback("step", step=step + n)
-      if len(pending) >= 20:
-        drain()
-        bar.set_postfix(loss=f"{sums['loss'] / n:.4f}", acc=f"{sums['accuracy'] / n:.3f}")
-      if n == steps:
-        break
-    drain()
-    bar.close()
-    jax.block_until_ready(ts)
-    seconds = time.perf_counter() - start
-    loss, acc = sums["loss"] / max(n, 1), sums["accuracy"] / max(n, 1)
-    lr = float(schedule(epoch * self.steps_per_epoch + n - 1))  # at the epoch's end
-    logging.info("%s: train loss %.4f, train accuracy %.4f, lr %.2e, %.1fs (%.0f img/s)",
-                 desc, loss, acc, lr, seconds, n * self.config.batch_size / seconds)
-    return ts, {"train_loss": loss, "train_accuracy": acc, "lr": lr, "seconds": seconds,
-                "images": n * self.config.batch_size}
-
-  def evaluate(self, ts, split="test") -> dict:
-    sums = None
+  def evaluate(self, state: TrainState, split: str = "test") -> dict:
     if split == "test":
-      batches = self.data.test_batches(self.config.eval_batch_size)
-    else:  # the train split in eval mode (used where a phase has no training)
-      batches = ({**b, "mask": np.ones(len(b["label"]), bool)} for b in
-                 self.data.train_batches(self.config.eval_batch_size, 0, self.config.seed,
-                                         augment=False))
-    for batch in batches:
-      out = self.eval_step(ts["params"], ts["batch_stats"], self.devices.put_batch(batch))
-      if self.devices.sync_each_step:
-        jax.block_until_ready(out)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    count = float(sums["count"])
-    result = {"accuracy": float(sums["correct1"]) / count, "loss": float(sums["loss"]) / count}
-    if self.top5:
-      result["top5_accuracy"] = float(sums["correct5"]) / count
-    return result
+      batches = steps.test_batches(self.data, self.config.eval_batch_size, self.devices)
+    else:  # the train split in eval mode (a phase that does not train)
+      batches = steps.train_split_eval_batches(self.data, self.config.eval_batch_size,
+                                               self.devices, self.config.seed)
+    return steps.evaluate(self.eval_step, state.params, state.batch_stats, batches,
+                          self.devices)
 
-  def save(self, ts, inq_state, meta, keep=None):
-    tree = {"train": ts, "inq": _inq_tree(inq_state) if keep is None else {"keep": keep}}
-    self.ckpt.save(tree, meta)
+  def save(self, state: TrainState, results: dict, seconds: float) -> None:
+    self.ckpt.save(state, {"results": results, "seconds": seconds})
 
-  def restore(self, ts_template, inq_template):
-    tree = self.ckpt.restore_state({"train": ts_template, "inq": _inq_tree(inq_template)})
-    ts = self.devices.replicate(tree["train"])
-    inq_state = None
-    if inq_template is not None:
-      inq_state = inq.INQState(masks=tree["inq"]["masks"], exponents=tree["inq"]["exponents"],
-                               step=tree["inq"]["step"], config=inq_template.config,
-                               pruned=tree["inq"].get("pruned", {}))
-    return ts, inq_state
+  def train(self, state: TrainState, stage_config, masks, *, epochs: float, data_seed: int,
+            desc: str, results: dict, seconds: float, record: dict):
+    """Trains the rest of a stage or phase, from `state.epoch`, saving after each epoch.
+
+    A fresh jitted step for this stage's optimizer (its schedule and frozen `masks`),
+    compiled ahead of time so that `compile_seconds` shows what rebuilding costs.
+
+    Returns:
+      (state, seconds spent including earlier sessions, last epoch's metrics or None).
+    """
+    tx, schedule = self.optimizer(stage_config, epochs, masks)
+    chunks = steps.epoch_steps(epochs, self.steps_per_epoch)
+    last = None
+    if int(state.epoch) >= len(chunks):
+      return state, seconds, last
+    train_step = steps.make_train_step(self.model, tx, self.devices, self.config.seed)
+    train_step, compile_seconds = steps.compile_step(
+        train_step, state, self.config.batch_size, self.data.image_shape, self.devices)
+    seconds += compile_seconds
+    record.setdefault("compile_seconds", round(compile_seconds, 3))
+    for e in range(int(state.epoch), len(chunks)):
+      batches = self.data.train_batches(self.config.batch_size, e, data_seed)
+      state, last = steps.train_epoch(
+          state, train_step, batches, steps=chunks[e], devices=self.devices,
+          desc=f"{desc} epoch {e + 1}/{len(chunks)}",
+          on_step=lambda s: self.callback("step", step=s))
+      seconds += last["seconds"]
+      state = state.replace(epoch=jnp.int32(e + 1))
+      lr = float(schedule(e * self.steps_per_epoch + last["steps"] - 1))  # at the epoch's end
+      self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last)
+      self.save(state, results, seconds)
+      self.callback("epoch", stage=record["stage"], phase=record.get("phase", 0),
+                    epoch=e + 1, ts=state)
+    return state, seconds, last
 
 
-def _inq_tree(state):
-  if state is None:
-    return {}
-  tree = {"masks": state.masks, "exponents": state.exponents, "step": state.step}
-  if state.pruned:  # only pruned runs: older checkpoints keep their layout
-    tree["pruned"] = state.pruned
-  return tree
-
-
-def _meta(stage, phase, epoch, seconds, results):
-  return {"stage": stage, "phase": phase, "epoch": epoch, "seconds": seconds,
-          "results": results}
+# ------------------------------------------------------------------ loop
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        callback: Optional[Callback] = None) -> dict:
-  """Runs (or resumes, or reprints) the experiment `config` in `workdir`.
+  """Runs (or resumes, or reads back) the experiment `config` in `workdir`.
 
   Args:
-    config: an experiment ConfigDict (see experiments/configs/).
-    workdir: where checkpoints, results.json, metrics and plots go. Rerunning
-      the same command resumes; a different config in the same workdir is refused.
+    config: an experiment config (`experiments/configs/*.py`).
+    workdir: where checkpoints, metrics and results go (local or gs://).
     callback: optional `callback(event, **info)`, called at "step", "epoch",
       "advance" and "phase_end" (tests use it to inspect or interrupt a run).
 
   Returns:
-    The results dict that is also written to `workdir/results.json`.
+    The results dict, also written to `workdir/results.json`.
+
+  Raises:
+    ValueError, TypeError or FileNotFoundError for a bad config or input, before
+    anything is written to `workdir`.
   """
-  inq_cfg = check_config(config)
-  checkpoints.claim_workdir(workdir, config)
-  run = Run(config, workdir, inq_cfg, callback)
+  run = Run(config, workdir, callback)  # every check first: a bad command claims nothing
+  run.open()
   try:
     return _train_and_evaluate(run)
   finally:
-    run.ckpt.close()
-    run.writer.close()
+    run.close()
 
 
 def _train_and_evaluate(run: Run) -> dict:
-  config, workdir, inq_cfg = run.config, run.workdir, run.inq_cfg
-  meta = run.ckpt.latest_meta()
-  if meta is not None and meta["stage"] == "done":
-    logging.info("%s holds a finished run; its results:", workdir)
-    results = meta["results"]
-    _finish_outputs(run, results, None, None)
+  state = run.initial_state()
+  restored = run.ckpt.restore(state)
+  if restored is None:
+    results = {"config": checkpoints.config_dict(run.config),
+               "num_devices": run.devices.count, "baseline": None, "phases": []}
+    seconds = 0.0
+  else:
+    state, meta = restored
+    state, results, seconds = run.devices.replicate(state), meta["results"], meta["seconds"]
+    logging.info("resuming at stage %s, phase %d, epoch %d",
+                 steps.STAGE_NAMES[int(state.stage)], int(state.phase), int(state.epoch))
+  if int(state.stage) == DONE:
+    logging.info("%s holds a finished run", run.workdir)
+    _write_outputs(run, results, None)
     return results
 
-  variables = run.init_variables()
-  pretrained = bool(config.init_checkpoint or config.init_torchvision)
-  results = meta["results"] if meta else {
-      "config": checkpoints.config_dict(config), "num_devices": run.devices.count,
-      "baseline": None, "phases": []}
-  stage = meta["stage"] if meta else "baseline"
-  ts = None
+  if int(state.stage) == BASELINE:
+    state, seconds = _baseline(run, state, results, seconds)
+  if run.prune_cfg is not None and int(state.stage) <= PRUNE:
+    state, seconds = _prune(run, state, results, seconds)
+  if int(state.stage) < INQ or int(state.phase) < 0:  # INQ starts: codebooks from these weights
+    state = state.replace(inq=inq.init(state.params, run.inq_cfg, pruned=state.keep))
+    _keep_plot_layer(run, state)
+    state, seconds = _advance(run, state, 0, results)
+  n = run.inq_cfg.num_steps
+  while True:
+    p = int(state.phase)
+    state = _retrain_phase(run, state, p, results, seconds)
+    if p + 1 == n:
+      break
+    state, seconds = _advance(run, state, p + 1, results)
 
-  # ---------------------------------------------------------------- baseline
-  if stage == "baseline":
-    epochs = 0 if pretrained else config.baseline.epochs
-    schedule = learning_rate(config.baseline, run.steps_per_epoch, epochs)
-    chunks = epoch_steps(epochs, run.steps_per_epoch)
-    tx = make_optimizer(config, schedule)
-    ts = run.train_state(variables, tx)
-    start_epoch, seconds = 0, 0.0
-    if meta is not None:
-      ts, _ = run.restore(ts, None)
-      start_epoch, seconds = meta["epoch"], meta["seconds"]
-      logging.info("resuming the baseline after epoch %d", start_epoch)
-    train_step = make_train_step(run.model, tx, run.devices, config.seed)
-    if start_epoch < len(chunks):
-      train_step, _ = run.compile_step(train_step, ts)
-    for epoch in range(start_epoch, len(chunks)):
-      ts, m = run.run_epoch(ts, train_step, data_seed=config.seed * 1000, epoch=epoch,
-                            desc=f"baseline epoch {epoch + 1}/{len(chunks)}",
-                            schedule=schedule, steps=chunks[epoch])
-      seconds += m["seconds"]
-      run.writer.write(int(ts["step"]), stage="baseline", epoch=epoch + 1, **m)
-      run.save(ts, None, _meta("baseline", 0, epoch + 1, seconds, results))
-      run.callback("epoch", stage="baseline", epoch=epoch + 1, ts=ts)
-    ev = run.evaluate(ts)
-    results["baseline"] = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-                           "epochs": epochs, "seconds": round(seconds, 3),
-                           **({"top5_accuracy": ev["top5_accuracy"]} if run.top5 else {})}
-    run.writer.write(int(ts["step"]), stage="baseline", test_accuracy=ev["accuracy"],
-                     test_loss=ev["loss"])
-    logging.info("baseline (fp32): test accuracy %.4f", ev["accuracy"])
-    # The fp32 model on its own, reusable as `config.init_checkpoint` (e.g. to
-    # run several INQ settings from one baseline).
-    checkpoints.save_variables(os.path.join(workdir, BASELINE_DIR),
-                               {"params": ts["params"], "batch_stats": ts["batch_stats"]})
-
-  # ----------------------------------------------------------- pruning (optional)
-  keep = None
-  if stage in ("baseline", "prune") and run.prune_cfg is not None:
-    ts, keep = _prune_stage(run, ts, variables, results,
-                            meta if stage == "prune" else None)
-  if stage in ("baseline", "prune"):  # INQ starts: codebooks from these weights
-    inq_state = inq.init(ts["params"], inq_cfg, pruned=keep)
-    _save_plot_layer(run, ts["params"], inq_state)
-    phase, epoch, advanced, seconds = 0, 0, False, 0.0
-  else:
-    phase, epoch, advanced, seconds = meta["phase"], meta["epoch"], True, meta["seconds"]
-    ts = None
-    inq_state = None
-
-  # -------------------------------------------------------------------- INQ
-  n_phases = inq_cfg.num_steps
-  for p in range(phase, n_phases):
-    portion = inq_cfg.portions[p]
-    last = p == n_phases - 1
-    epochs = config.inq.final_finetune_epochs if last else config.inq.epochs_per_phase
-    schedule = learning_rate(config.inq, run.steps_per_epoch, epochs)
-    chunks = epoch_steps(epochs, run.steps_per_epoch)
-    if advanced:  # resuming inside phase p: rebuild the templates, then restore
-      template_inq = inq.init(variables["params"], inq_cfg)
-      if run.prune_cfg is not None:  # the checkpoint also holds the pruned counts
-        template_inq = dataclasses.replace(template_inq, pruned={
-            path: jnp.zeros((), jnp.int32) for path in template_inq.exponents})
-      tx = make_optimizer(config, schedule, template_inq.masks)
-      ts, inq_state = run.restore(run.train_state(variables, tx), template_inq)
-      logging.info("resuming phase %d (portion %g) after %d epochs", p + 1, portion, epoch)
-    else:
-      start = time.perf_counter()
-      prev_opt_state = ts["opt_state"]
-      params, inq_state = inq.advance(ts["params"], inq_state)
-      tx = make_optimizer(config, schedule, inq_state.masks)
-      opt_state = tx.init(params)
-      if config.inq.carry_optimizer_state and p > 0:
-        # Keep momentum, restart the schedule (count) and take the new masks.
-        inner = optax.tree_utils.tree_set(prev_opt_state[0], count=jnp.zeros([], jnp.int32))
-        opt_state = (inner, opt_state[1])  # freeze's own copy of the new masks
-      ts = run.devices.replicate({**ts, "params": params, "opt_state": opt_state})
-      jax.block_until_ready(ts)
-      seconds, epoch = time.perf_counter() - start, 0
-      run.save(ts, inq_state, _meta("inq", p, 0, seconds, results))
-      logging.info("phase %d/%d: quantized and froze %g of each layer in %.2fs "
-                   "(checkpoint %.2fs)", p + 1, n_phases, portion, seconds,
-                   time.perf_counter() - start - seconds)
-      run.callback("advance", phase=p, params=ts["params"], inq_state=inq_state)
-    advanced = False
-    train_step = make_train_step(run.model, tx, run.devices, config.seed)  # per phase
-    compile_seconds = 0.0
-    if epoch < len(chunks):
-      train_step, compile_seconds = run.compile_step(train_step, ts)
-      seconds += compile_seconds
-      logging.info("phase %d/%d: train step compiled in %.2fs", p + 1, n_phases,
-                   compile_seconds)
-    last_metrics = None
-    for e in range(epoch, len(chunks)):
-      ts, last_metrics = run.run_epoch(
-          ts, train_step, data_seed=config.seed * 1000 + p + 1, epoch=e, schedule=schedule,
-          steps=chunks[e],
-          desc=f"phase {p + 1}/{n_phases} (portion {portion:g}) epoch {e + 1}/{len(chunks)}")
-      seconds += last_metrics["seconds"]
-      run.writer.write(int(ts["step"]), stage="inq", phase=p + 1, portion=portion,
-                       epoch=e + 1, **last_metrics)
-      run.save(ts, inq_state, _meta("inq", p, e + 1, seconds, results))
-      run.callback("epoch", stage="inq", phase=p, epoch=e + 1, ts=ts)
-    ev = run.evaluate(ts)
-    if last_metrics is not None:
-      train_loss = last_metrics["train_loss"]
-    elif not chunks:  # quantize-only phase: measure the loss it leaves on the train split
-      train_loss = run.evaluate(ts, split="train")["loss"]
-    else:  # resumed after the last epoch's checkpoint: read it back from the metrics
-      train_loss = _last_logged_train_loss(workdir, p + 1)
-    entry = {"portion": portion, "test_accuracy": ev["accuracy"], "train_loss": train_loss,
-             "seconds": round(seconds, 3), "epochs": epochs, "test_loss": ev["loss"],
-             "compile_seconds": round(compile_seconds, 3),
-             **({"top5_accuracy": ev["top5_accuracy"]} if run.top5 else {})}
-    results["phases"] = [x for x in results["phases"] if x["portion"] != portion] + [entry]
-    run.writer.write(int(ts["step"]), stage="inq", phase=p + 1, portion=portion,
-                     test_accuracy=ev["accuracy"], test_loss=ev["loss"])
-    logging.info("phase %d/%d (portion %g): test accuracy %.4f", p + 1, n_phases, portion,
-                 ev["accuracy"])
-    run.callback("phase_end", phase=p, params=ts["params"], inq_state=inq_state)
-
-  # ------------------------------------------------------------------ final
-  results["final"] = _final(inq_cfg, ts, inq_state, results)
-  # The deployable model: float weights + INQ state, then the packed b-bit file.
-  checkpoints.save_final(workdir, {"params": ts["params"], "batch_stats": ts["batch_stats"]},
-                         inq_state)
-  if results["final"]["all_pow2"]:
-    stats = checkpoints.export_run(workdir)
-    if stats is not None:
-      results["final"]["export"] = {k: stats[k] for k in (
-          "bytes", "float32_bytes", "ratio", "quantized_weights", "quantized_bytes")}
-      logging.info("exported %s: %d bytes, %.1fx smaller than float32",
-                   os.path.join(workdir, checkpoints.EXPORT_FILE), stats["bytes"], stats["ratio"])
-  run.save(ts, inq_state, _meta("done", n_phases, 0, seconds, results))
-  _finish_outputs(run, results, ts["params"], inq_state)
+  results["final"] = _final(run, state, results)
+  run.save(state.at(DONE), results, 0.0)
+  _write_outputs(run, results, state)
   return results
 
 
-def _prune_stage(run: Run, ts, variables, results, meta):
-  """Iterative magnitude pruning with retraining; returns (train state, keep mask).
+def _baseline(run: Run, state: TrainState, results: dict, seconds: float):
+  """Trains the float model (none when it comes pretrained), evaluates and saves it."""
+  epochs = 0 if run.pretrained else run.config.baseline.epochs
+  state, seconds, _ = run.train(state, run.config.baseline, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000,
+                                desc="baseline", results=results, seconds=seconds,
+                                record={"stage": "baseline"})
+  ev = run.evaluate(state)
+  results["baseline"] = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+                         "epochs": epochs, "seconds": round(seconds, 3),
+                         **_top5(ev)}
+  run.writer.write(int(state.step), stage="baseline", test_accuracy=ev["accuracy"],
+                   test_loss=ev["loss"])
+  logging.info("baseline (fp32): test accuracy %.4f", ev["accuracy"])
+  checkpoints.save_variables(str(checkpoints.path(run.workdir) / checkpoints.BASELINE_DIR),
+                             {"params": state.params, "batch_stats": state.batch_stats})
+  return state.at(PRUNE if run.prune_cfg is not None else INQ, phase=-1), 0.0
 
-  Step t prunes each layer to sparsity s_t (prune.PruneConfig), zeroes the pruned
-  weights and retrains for `prune.epochs_per_step` epochs with them frozen, so
-  they stay exactly zero. Resumable at any epoch, like the other stages.
-  """
-  config, pcfg = run.config, run.prune_cfg
-  schedule = learning_rate(config.prune, run.steps_per_epoch, config.prune.epochs_per_step)
-  chunks = epoch_steps(config.prune.epochs_per_step, run.steps_per_epoch)
-  first, epoch, seconds, keep = 1, 0, 0.0, None
-  if meta is not None:  # resuming inside pruning step meta["phase"]
-    template = prune.prune_masks(variables["params"], pcfg, 1)
-    tx = make_optimizer(config, schedule, prune.frozen(template))
-    tree = run.ckpt.restore_state({"train": run.train_state(variables, tx),
-                                   "inq": {"keep": template}})
-    ts, keep = run.devices.replicate(tree["train"]), tree["inq"]["keep"]
-    first, epoch, seconds = meta["phase"], meta["epoch"], meta["seconds"]
-    logging.info("resuming pruning step %d after %d epochs", first, epoch)
+
+def _prune(run: Run, state: TrainState, results: dict, seconds: float):
+  """Iterative magnitude pruning, each step retrained with the pruned weights frozen at 0."""
+  pcfg, c = run.prune_cfg, run.config.prune
   results.setdefault("prune", {"steps": []})
-  for t in range(first, pcfg.steps + 1):
-    if meta is None or t > first:
+  for t in range(max(int(state.phase), 1), pcfg.steps + 1):
+    if int(state.phase) < t:  # prune to this step's sparsity, then retrain
       start = time.perf_counter()
-      keep = prune.prune_masks(ts["params"], pcfg, t, previous=keep)
-      params = prune.apply(ts["params"], keep)
-      tx = make_optimizer(config, schedule, prune.frozen(keep))
-      ts = run.devices.replicate({**ts, "params": params, "opt_state": tx.init(params)})
-      epoch, seconds = 0, time.perf_counter() - start
-      run.save(ts, None, _meta("prune", t, 0, seconds, results), keep=keep)
-    train_step = make_train_step(run.model, tx, run.devices, config.seed)
-    if epoch < len(chunks):
-      train_step, compile_seconds = run.compile_step(train_step, ts)
-      seconds += compile_seconds
-    for e in range(epoch, len(chunks)):
-      ts, m = run.run_epoch(ts, train_step, data_seed=config.seed * 1000 + 500 + t, epoch=e,
-                            schedule=schedule, steps=chunks[e],
-                            desc=f"pruning step {t}/{pcfg.steps} epoch {e + 1}/{len(chunks)}")
-      seconds += m["seconds"]
-      run.writer.write(int(ts["step"]), stage="prune", phase=t, epoch=e + 1, **m)
-      run.save(ts, None, _meta("prune", t, e + 1, seconds, results), keep=keep)
-      run.callback("epoch", stage="prune", phase=t, epoch=e + 1, ts=ts)
-    ev = run.evaluate(ts)
-    counts = prune.summary(keep)
-    total = sum(c.total for c in counts.values())
-    sparsity = sum(c.pruned for c in counts.values()) / max(total, 1)
+      keep = prune.prune_masks(state.params, pcfg, t, previous=state.keep)
+      state = state.replace(params=prune.apply(state.params, keep), keep=keep)
+      tx, _ = run.optimizer(c, c.epochs_per_step, _frozen(state))  # fresh momentum
+      state = run.devices.replicate(state.replace(opt_state=tx.init(state.params)).at(PRUNE, t))
+      seconds = time.perf_counter() - start
+      run.save(state, results, seconds)
+    state, seconds, _ = run.train(state, c, _frozen(state), epochs=c.epochs_per_step,
+                                  data_seed=run.config.seed * 1000 + 500 + t,
+                                  desc=f"pruning step {t}/{pcfg.steps}", results=results,
+                                  seconds=seconds, record={"stage": "prune", "phase": t})
+    ev = run.evaluate(state)
+    counts = prune.summary(state.keep)
+    total = sum(s.total for s in counts.values())
+    sparsity = sum(s.pruned for s in counts.values()) / max(total, 1)
     entry = {"step": t, "sparsity": sparsity, "test_accuracy": ev["accuracy"],
              "seconds": round(seconds, 3),
-             "layers": {p: c.pruned / max(c.total, 1) for p, c in counts.items()}}
+             "layers": {p: s.pruned / max(s.total, 1) for p, s in counts.items()}}
     results["prune"]["steps"] = [x for x in results["prune"]["steps"] if x["step"] != t]
     results["prune"]["steps"].append(entry)
-    run.writer.write(int(ts["step"]), stage="prune", phase=t, sparsity=sparsity,
+    run.writer.write(int(state.step), stage="prune", phase=t, sparsity=sparsity,
                      test_accuracy=ev["accuracy"])
     logging.info("pruning step %d/%d: sparsity %.4f, test accuracy %.4f", t, pcfg.steps,
                  sparsity, ev["accuracy"])
-  return ts, keep
+  return state.at(INQ, phase=-1), 0.0
 
 
-def _final(inq_cfg, ts, inq_state, results) -> dict:
+def _frozen(state: TrainState):
+  """Pruned weights as frozen masks, shaped like the INQ masks (one state structure)."""
+  frozen = prune.frozen(state.keep)
+  return jax.tree.map(lambda like, m: jnp.broadcast_to(m, jnp.shape(like)),
+                      state.inq.masks, frozen)
+
+
+def _phase_epochs(run: Run, p: int) -> float:
+  last = p == run.inq_cfg.num_steps - 1
+  return run.config.inq.final_finetune_epochs if last else run.config.inq.epochs_per_phase
+
+
+def _advance(run: Run, state: TrainState, p: int, results: dict):
+  """Quantizes and freezes portion p; a fresh optimizer (carrying momentum if asked)."""
+  start = time.perf_counter()
+  params, inq_state = inq.advance(state.params, state.inq)
+  tx, _ = run.optimizer(run.config.inq, _phase_epochs(run, p), inq_state.masks)
+  opt_state = tx.init(params)
+  if run.config.inq.carry_optimizer_state and p > 0:
+    opt_state = {**opt_state, "base": steps.reset_count(state.opt_state["base"])}
+  state = run.devices.replicate(
+      state.replace(params=params, inq=inq_state, opt_state=opt_state).at(INQ, p))
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - start
+  ev = run.evaluate(state)  # what this quantization step costs before retraining
+  portion = run.inq_cfg.portions[p]
+  results["phases"] = [x for x in results["phases"] if x["portion"] != portion] + [
+      {"portion": portion, "quantized_test_accuracy": ev["accuracy"]}]
+  run.writer.write(int(state.step), stage="inq", phase=p + 1, portion=portion,
+                   quantized_test_accuracy=ev["accuracy"])
+  run.save(state, results, seconds)
+  logging.info("phase %d: quantized and froze %g of each layer in %.2fs; test accuracy "
+               "%.4f before retraining", p + 1, portion, seconds, ev["accuracy"])
+  run.callback("advance", phase=p, params=state.params, inq_state=state.inq)
+  return state, seconds
+
+
+def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: float):
+  """Retrains the still-float weights of phase p and evaluates."""
+  portion, n = run.inq_cfg.portions[p], run.inq_cfg.num_steps
+  epochs = _phase_epochs(run, p)
+  entry = next(x for x in results["phases"] if x["portion"] == portion)
+  state, seconds, last = run.train(
+      state, run.config.inq, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000 + p + 1,
+      desc=f"phase {p + 1}/{n} (portion {portion:g})", results=results, seconds=seconds,
+      record={"stage": "inq", "phase": p + 1, "portion": portion})
+  ev = run.evaluate(state)
+  if last is not None:
+    train_loss = last["train_loss"]
+  elif epochs == 0:  # quantize-only phase: the loss it leaves on the train split
+    train_loss = run.evaluate(state, split="train")["loss"]
+  else:  # resumed after the phase's last epoch: read back what was logged
+    losses = [r["train_loss"] for r in reporting.read_metrics(run.workdir)
+              if r.get("stage") == "inq" and r.get("phase") == p + 1 and "train_loss" in r]
+    train_loss = losses[-1] if losses else float("nan")
+  entry.update({"test_accuracy": ev["accuracy"], "train_loss": train_loss,
+                "seconds": round(seconds, 3), "epochs": epochs, "test_loss": ev["loss"],
+                **_top5(ev)})
+  entry.setdefault("compile_seconds", 0.0)
+  run.writer.write(int(state.step), stage="inq", phase=p + 1, portion=portion,
+                   test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+  logging.info("phase %d/%d (portion %g): test accuracy %.4f", p + 1, n, portion,
+               ev["accuracy"])
+  run.callback("phase_end", phase=p, params=state.params, inq_state=state.inq)
+  return state
+
+
+def _top5(ev: dict) -> dict:
+  return {"top5_accuracy": ev["top5_accuracy"]} if "top5_accuracy" in ev else {}
+
+
+def _final(run: Run, state: TrainState, results: dict) -> dict:
+  """Verifies every quantized leaf, saves the final model and the packed .inq file."""
   try:
-    summary = inq.verify(ts["params"], inq_state)
+    summary = inq.verify(state.params, state.inq)
     all_pow2 = all(s.frozen == s.total for s in summary.values())
     distinct = max(s.distinct_values for s in summary.values())
   except ValueError as e:  # reported, not hidden: results.json says so
     logging.error("verify failed: %s", e)
     all_pow2, distinct = False, -1
-  return {"test_accuracy": results["phases"][-1]["test_accuracy"], "bits": inq_cfg.bits,
-          "all_pow2": all_pow2, "max_distinct_values": distinct,
-          "quantized_leaves": len(inq_state.exponents),
-          "quantized_weights": int(sum(np.size(m) for p, m in _mask_leaves(inq_state)))}
+  final = {"test_accuracy": results["phases"][-1]["test_accuracy"], "bits": run.inq_cfg.bits,
+           "all_pow2": all_pow2, "max_distinct_values": distinct,
+           "quantized_leaves": len(state.inq.exponents),
+           "quantized_weights": int(sum(np.size(m) for p, m in
+                                        leaves_with_paths(state.inq.masks)[0]
+                                        if p in state.inq.exponents))}
+  checkpoints.save_final(run.workdir, state.variables, state.inq)
+  if all_pow2:
+    stats = checkpoints.export_run(run.workdir)
+    if stats is not None:
+      final["export"] = {k: stats[k] for k in (
+          "bytes", "float32_bytes", "ratio", "quantized_weights", "quantized_bytes")}
+      logging.info("exported %s: %d bytes, %.1fx smaller than float32", stats["file"],
+                   stats["bytes"], stats["ratio"])
+  return final
 
 
-def _mask_leaves(inq_state):
-  flat, _ = leaves_with_paths(inq_state.masks)
-  return [(p, m) for p, m in flat if p in inq_state.exponents]
+# ---------------------------------------------------------------- outputs
 
 
-def _last_logged_train_loss(workdir, phase) -> float:
-  loss = float("nan")
-  with open(os.path.join(workdir, reporting.METRICS_FILE)) as f:
-    for line in f:
-      r = json.loads(line)
-      if r.get("phase") == phase and "train_loss" in r:
-        loss = r["train_loss"]
-  return loss
-
-
-PLOT_FILE = "inq_start_layer.npz"
-BASELINE_DIR = "baseline_variables"
-
-
-def _save_plot_layer(run, params, inq_state):
-  """Keeps the pretrained weights of the plotted layer for weights.png."""
-  flat = [(p, x) for p, x in leaves_with_paths(params)[0] if p in inq_state.exponents]
+def _keep_plot_layer(run: Run, state: TrainState) -> None:
+  """Keeps the plotted layer's pretrained weights, for weights.png at the end."""
+  flat = [(p, x) for p, x in leaves_with_paths(state.params)[0] if p in state.inq.exponents]
   pattern = run.config.plot_layer
   chosen = [(p, x) for p, x in flat if pattern and re.search(pattern, p)] or \
       [max(flat, key=lambda px: np.size(px[1]))]
-  path, w = chosen[0]
   if jax.process_index() == 0:
-    tmp = os.path.join(run.workdir, PLOT_FILE + ".tmp.npz")
-    np.savez(tmp, path=path, weights=np.asarray(w, np.float32))
-    os.replace(tmp, os.path.join(run.workdir, PLOT_FILE))
+    buffer = io.BytesIO()
+    np.savez(buffer, path=chosen[0][0], weights=np.asarray(chosen[0][1], np.float32))
+    (checkpoints.path(run.workdir) / PLOT_FILE).write_bytes(buffer.getvalue())
 
 
-def _finish_outputs(run, results, params, inq_state):
-  workdir = run.workdir
-  reporting.write_results(workdir, results)
-  if jax.process_index() == 0:
-    reporting.plot_accuracy(workdir, results)
-    plot_src = os.path.join(workdir, PLOT_FILE)
-    if params is not None and os.path.exists(plot_src):
-      saved = np.load(plot_src)
-      path = str(saved["path"])
-      after = dict(leaves_with_paths(params)[0])[path]
-      n1, n2 = inq_state.bounds(path)
-      reporting.plot_weights(workdir, path, saved["weights"], np.asarray(after, np.float32),
-                             np.asarray(n1), np.asarray(n2))
-  for line in reporting.summary_lines(results):
-    print(line, flush=True)
-  print(f"results: {os.path.join(workdir, reporting.RESULTS_FILE)}", flush=True)
+def _write_outputs(run: Run, results: dict, state: Optional[TrainState]) -> None:
+  reporting.write_results(run.workdir, results)
+  if jax.process_index() != 0:
+    return
+  reporting.plot_accuracy(run.workdir, results)
+  source = checkpoints.path(run.workdir) / PLOT_FILE
+  if state is not None and source.exists():
+    saved = np.load(io.BytesIO(source.read_bytes()))
+    name = str(saved["path"])
+    after = dict(leaves_with_paths(state.params)[0])[name]
+    n1, n2 = state.inq.bounds(name)
+    reporting.plot_weights(run.workdir, name, saved["weights"], np.asarray(after, np.float32),
+                           np.asarray(n1), np.asarray(n2))

@@ -2,7 +2,7 @@
 
 Command (from the repository root, after `bash scripts/setup.sh`):
 
-  .venv/bin/python -m experiments.sweep \
+  .venv/bin/python -m experiments.study.sweep \
       --config=experiments/configs/sweep_fashion_mnist.py \
       --workdir=workdirs/sweep_fashion_mnist
 

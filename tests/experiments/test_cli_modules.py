@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-CLI_MODULES = ("experiments.main", "experiments.evaluate", "experiments.export",
-               "experiments.shift_check", "experiments.sweep")
+CLI_MODULES = ("experiments.main", "experiments.tools.evaluate", "experiments.tools.export",
+               "experiments.tools.shift_check", "experiments.study.sweep")
 
 
 def test_all_commands_import_together():

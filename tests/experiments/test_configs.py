@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from experiments import input_pipeline as ip
+from experiments.data import input_pipeline as ip
 from experiments import train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"

@@ -254,7 +254,8 @@ def test_non_finite_at_init_and_advance(bad):
 
 def test_state_for_another_tree():
   state = inq.init(plain_params(), inq.INQConfig())
-  with pytest.raises(ValueError, match="state does not match params.*differing paths"):
+  with pytest.raises(ValueError, match=r"state: the mask's tree does not match params.*"
+                     r"differing paths.*made by init\(\) for another tree"):
     inq.advance(linen_params(), state)
   other = plain_params()
   other["head"]["kernel"] = jnp.ones((32, 5))

@@ -1,6 +1,6 @@
 """Exports a finished run as a compact `.inq` file of b-bit codes.
 
-  python -m experiments.export --workdir=workdirs/fashion_mnist_lenet \
+  python -m experiments.tools.export --workdir=workdirs/fashion_mnist_lenet \
       [--output=lenet_5bit.inq]
 
 Reads WORKDIR/final/ (written by the training script at the end of every run,
@@ -9,7 +9,7 @@ codes, see `inq_jax.export`) and the batch statistics, and prints the size
 statistics as one JSON line. The default output is WORKDIR/model.inq, the file
 `python -m inq_jax.verify_file WORKDIR` checks and that
 
-  python -m experiments.evaluate --config=CONFIG --weights=FILE
+  python -m experiments.tools.evaluate --config=CONFIG --weights=FILE
 
 evaluates. Refuses (writing nothing) if any quantized kernel is not fully
 quantized or holds a weight outside its codebook.

@@ -22,8 +22,8 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
-from experiments import fashion_mnist_idx
-from experiments import input_pipeline as ip
+from experiments.data import fashion_mnist_idx
+from experiments.data import input_pipeline as ip
 
 DEBIAN = fashion_mnist_idx.DEBIAN_DIR
 needs_files = pytest.mark.skipif(

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import models
+from experiments.models import cnn as models
 
 ARCHS = ("resnet18", "resnet50")
 

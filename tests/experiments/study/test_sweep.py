@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from experiments import sweep, sweep_report
+from experiments.study import report as sweep_report
+from experiments.study import sweep
 from experiments.configs import sweep_fashion_mnist
 
 

@@ -1,6 +1,6 @@
 """Runs a study of many INQ cells from one fp32 baseline per seed; resumable.
 
-  python -m experiments.sweep --config=experiments/configs/sweep_fashion_mnist.py \
+  python -m experiments.study.sweep --config=experiments/configs/sweep_fashion_mnist.py \
       --workdir=workdirs/sweep_fashion_mnist
 
 Every cell is an ordinary run of `train.train_and_evaluate` in its own

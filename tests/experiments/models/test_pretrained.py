@@ -1,4 +1,4 @@
-"""experiments.pretrained: torchvision ResNet state_dicts -> Flax variables.
+"""experiments.models.pretrained: torchvision ResNet state_dicts -> Flax variables.
 
 The parity tests build torchvision's ResNet-18/50 in PyTorch (torchvision
 itself is not installable next to this torch, so the few classes are copied
@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from experiments import models
-from experiments import pretrained
+from experiments.models import pretrained
 
 NUM_CLASSES = 7  # small classifier: the mapping is the same for 1000
 

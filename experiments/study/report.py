@@ -222,7 +222,7 @@ def markdown(sc, summary, details, workdir) -> str:
       "",
       "```",
       "bash scripts/setup.sh",
-      ".venv/bin/python -m experiments.sweep \\",
+      ".venv/bin/python -m experiments.study.sweep \\",
       "    --config=experiments/configs/sweep_fashion_mnist.py \\",
       f"    --workdir={workdir}",
       "```",

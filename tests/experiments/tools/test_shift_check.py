@@ -1,4 +1,4 @@
-"""experiments.shift_check: the integer-only LeNet against the float one.
+"""experiments.tools.shift_check: the integer-only LeNet against the float one.
 
 A LeNet from `init_variables`, quantized by INQ in one step (no training) and
 exported, runs on random images: the integer logits must agree with float32
@@ -10,7 +10,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from experiments import models, shift_check
+from experiments import models
+from experiments.tools import shift_check
 from inq_jax import export
 from inq_jax import quantize as inq
 

@@ -48,7 +48,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
-from experiments import fashion_mnist_idx
+from experiments.data import fashion_mnist_idx
 
 # (mean, std) per channel, of images scaled to [0, 1].
 NORMALIZATION = {

@@ -1,6 +1,6 @@
 """How well each layer's codebook fits its pretrained weights, before any training.
 
-  python -m experiments.codebook_report \
+  python -m experiments.tools.codebook_report \
       --variables=workdirs/sweep_fashion_mnist/seed0/fp32/baseline_variables --bits=3,2
 
 For every quantized leaf and bit width, under both calibrations ("absmax", the

@@ -1,8 +1,8 @@
-"""experiments.codebook_report against a numpy reading of the paper's Eq. 4."""
+"""experiments.tools.codebook_report against a numpy reading of the paper's Eq. 4."""
 
 import numpy as np
 
-from experiments import codebook_report
+from experiments.tools import codebook_report
 
 
 def np_round(w, n1, bits):

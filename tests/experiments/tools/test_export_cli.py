@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpoints, evaluate, models, train
+from experiments import checkpoints, models, train
+from experiments.tools import evaluate
 from experiments.configs import smoke
 from inq_jax import export, verify_file
 from inq_jax import quantize as inq
@@ -103,7 +104,7 @@ def test_export_command(tmp_path):
   params, state = run_inq(params, inq.INQConfig(bits=5))
   checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
   out = tmp_path / "out.inq"
-  run = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={tmp_path}",
+  run = subprocess.run([sys.executable, "-m", "experiments.tools.export", f"--workdir={tmp_path}",
                         f"--output={out}"], cwd=REPO, capture_output=True, text=True,
                        timeout=180)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -182,7 +183,7 @@ def test_evaluate_equals_the_runs_own_evaluation(fmnist_data_dir, tmp_path):
 
   # The exported file through the command line, with config overrides.
   cli = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate",
+      [sys.executable, "-m", "experiments.tools.evaluate",
        "--config=experiments/configs/smoke.py", f"--config.dataset.data_dir={fmnist_data_dir}",
        "--config.dataset.test_split=test[:300]", "--config.eval_batch_size=128",
        f"--weights={stats['file']}"],

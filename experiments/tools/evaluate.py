@@ -1,6 +1,6 @@
 """Evaluates an exported `.inq` model on its config's test split.
 
-  python -m experiments.evaluate --config=experiments/configs/fashion_mnist_lenet.py \
+  python -m experiments.tools.evaluate --config=experiments/configs/fashion_mnist_lenet.py \
       --weights=workdirs/fashion_mnist_lenet/model.inq [--config.dataset.data_dir=...]
 
 Builds the config's model and test split exactly as training does and runs the

@@ -1,9 +1,9 @@
 """Runs an exported INQ LeNet with integer shift-adds only and compares it with float.
 
-  python -m experiments.shift_check --config=experiments/configs/fashion_mnist_lenet.py \
+  python -m experiments.tools.shift_check --config=experiments/configs/fashion_mnist_lenet.py \
       --weights=workdirs/fashion_mnist_lenet/model.inq [--frac_bits=8] [--limit=N]
 
-The model's test split (the config's, as `experiments.evaluate` reads it) goes
+The model's test split (the config's, as `experiments.tools.evaluate` reads it) goes
 through two forward passes of the same exported weights (every conv/dense
 weight 0 or +-2^k, loaded with `inq_jax.export`):
 
@@ -378,7 +378,7 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
     raise ValueError(f"--limit must be >= 1, got {limit}")
   start = time.perf_counter()
   layers = lenet_layers(weights)
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.get_dataset(config.dataset)
   if tuple(data.image_shape) != (28, 28, 1):
     raise NotLeNetError(f"LeNet needs 28x28x1 images; {config.dataset.name} has "

@@ -1,0 +1,1 @@
+"""Datasets: the input pipeline (TFDS data sources) and the Fashion-MNIST IDX builder."""

@@ -1,0 +1,1 @@
+"""The bit-width study: `python -m experiments.study.sweep` and its report."""

@@ -1,0 +1,1 @@
+"""Commands for a finished run: export, evaluate, shift_check, codebook_report."""
