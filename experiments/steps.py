@@ -125,20 +125,24 @@ def learning_rate(stage_config, steps_per_epoch: int, epochs: float):
   return schedule
 
 
+def base_optimizer(config, schedule) -> optax.GradientTransformation:
+  """SGD (weight decay in the loss, momentum) or AdamW, as `config.optimizer` says."""
+  if config.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.sgd(schedule, momentum=config.momentum or None,
+                                 nesterov=config.nesterov))
+  return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
 def make_optimizer(config, schedule, masks) -> optax.GradientTransformation:
-  """`named_chain(base=SGD or AdamW, freeze=elementwise_freeze(masks))`.
+  """`named_chain(base=base_optimizer, freeze=elementwise_freeze(masks))`.
 
   The freeze is last, after weight decay and momentum, so frozen weights get an
   update of exactly zero (paper Eq. 6). Named parts let a phase carry the base
   optimizer's state (`opt_state["base"]`) while taking the new masks.
   """
-  if config.optimizer == "sgd":
-    base = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.sgd(schedule, momentum=config.momentum or None,
-                                 nesterov=config.nesterov))
-  else:
-    base = optax.adamw(schedule, weight_decay=config.weight_decay)
-  return optax.named_chain(("base", base), ("freeze", inq_jax.optim.elementwise_freeze(masks)))
+  return optax.named_chain(("base", base_optimizer(config, schedule)),
+                           ("freeze", inq_jax.optim.elementwise_freeze(masks)))
 
 
 def reset_count(base_state):

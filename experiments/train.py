@@ -183,18 +183,18 @@ class Run:
     compiled ahead of time so that `compile_seconds` shows what rebuilding costs.
 
     Returns:
-      (state, seconds spent including earlier sessions, last epoch's metrics or None).
+      (state, seconds spent including earlier sessions, last epoch's metrics or None,
+       seconds this session spent compiling the step).
     """
     tx, schedule = self.optimizer(stage_config, epochs, masks)
     chunks = steps.epoch_steps(epochs, self.steps_per_epoch)
     last = None
     if int(state.epoch) >= len(chunks):
-      return state, seconds, last
+      return state, seconds, last, 0.0
     train_step = steps.make_train_step(self.model, tx, self.devices, self.config.seed)
     train_step, compile_seconds = steps.compile_step(
         train_step, state, self.config.batch_size, self.data.image_shape, self.devices)
     seconds += compile_seconds
-    record.setdefault("compile_seconds", round(compile_seconds, 3))
     for e in range(int(state.epoch), len(chunks)):
       batches = self.data.train_batches(self.config.batch_size, e, data_seed)
       state, last = steps.train_epoch(
@@ -202,13 +202,14 @@ class Run:
           desc=f"{desc} epoch {e + 1}/{len(chunks)}",
           on_step=lambda s: self.callback("step", step=s))
       seconds += last["seconds"]
+      last["images"] = last["steps"] * self.config.batch_size
       state = state.replace(epoch=jnp.int32(e + 1))
       lr = float(schedule(e * self.steps_per_epoch + last["steps"] - 1))  # at the epoch's end
       self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last)
       self.save(state, results, seconds)
       self.callback("epoch", stage=record["stage"], phase=record.get("phase", 0),
                     epoch=e + 1, ts=state)
-    return state, seconds, last
+    return state, seconds, last, compile_seconds
 
 
 # ------------------------------------------------------------------ loop
@@ -281,7 +282,7 @@ def _train_and_evaluate(run: Run) -> dict:
 def _baseline(run: Run, state: TrainState, results: dict, seconds: float):
   """Trains the float model (none when it comes pretrained), evaluates and saves it."""
   epochs = 0 if run.pretrained else run.config.baseline.epochs
-  state, seconds, _ = run.train(state, run.config.baseline, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000,
+  state, seconds, _, _ = run.train(state, run.config.baseline, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000,
                                 desc="baseline", results=results, seconds=seconds,
                                 record={"stage": "baseline"})
   ev = run.evaluate(state)
@@ -309,7 +310,7 @@ def _prune(run: Run, state: TrainState, results: dict, seconds: float):
       state = run.devices.replicate(state.replace(opt_state=tx.init(state.params)).at(PRUNE, t))
       seconds = time.perf_counter() - start
       run.save(state, results, seconds)
-    state, seconds, _ = run.train(state, c, _frozen(state), epochs=c.epochs_per_step,
+    state, seconds, _, _ = run.train(state, c, _frozen(state), epochs=c.epochs_per_step,
                                   data_seed=run.config.seed * 1000 + 500 + t,
                                   desc=f"pruning step {t}/{pcfg.steps}", results=results,
                                   seconds=seconds, record={"stage": "prune", "phase": t})
@@ -371,7 +372,7 @@ def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: 
   portion, n = run.inq_cfg.portions[p], run.inq_cfg.num_steps
   epochs = _phase_epochs(run, p)
   entry = next(x for x in results["phases"] if x["portion"] == portion)
-  state, seconds, last = run.train(
+  state, seconds, last, compile_seconds = run.train(
       state, run.config.inq, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000 + p + 1,
       desc=f"phase {p + 1}/{n} (portion {portion:g})", results=results, seconds=seconds,
       record={"stage": "inq", "phase": p + 1, "portion": portion})
@@ -384,6 +385,8 @@ def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: 
     losses = [r["train_loss"] for r in reporting.read_metrics(run.workdir)
               if r.get("stage") == "inq" and r.get("phase") == p + 1 and "train_loss" in r]
     train_loss = losses[-1] if losses else float("nan")
+  if last is not None:  # this session compiled and trained (not a resume after the end)
+    entry["compile_seconds"] = round(compile_seconds, 3)
   entry.update({"test_accuracy": ev["accuracy"], "train_loss": train_loss,
                 "seconds": round(seconds, 3), "epochs": epochs, "test_loss": ev["loss"],
                 **_top5(ev)})

@@ -18,14 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import models, train
+from experiments import models, steps
 from experiments.configs import fashion_mnist_lenet
 from inq_jax import quantize as inq
 
 
-def _state(run_devices, params, tx):
-  return run_devices.replicate({"step": jnp.zeros([], jnp.int32), "params": params,
-                                "batch_stats": {}, "opt_state": tx.init(params)})
+def _state(run_devices, params, tx, inq_state):
+  return run_devices.replicate(steps.TrainState(
+      step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
+      opt_state=tx.init(params), inq=inq_state, keep=None, stage=jnp.int32(steps.INQ),
+      phase=jnp.int32(0), epoch=jnp.int32(0)))
 
 
 def main():
@@ -36,23 +38,25 @@ def main():
   args = parser.parse_args()
 
   config = fashion_mnist_lenet.get_config()
-  devices = train.Devices()
+  devices = steps.Devices()
   model = models.get_model("lenet", 10)
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
   state = inq.init(params, inq.INQConfig(bits=5, portions=(0.5, 1.0)))
   params, state = inq.advance(params, state)  # half of every kernel frozen
-  schedule = train.learning_rate(config.inq, 469, 1)
+  schedule = steps.learning_rate(config.inq, 469, 1)
   rng = np.random.default_rng(0)
   batch = devices.put_batch({
       "image": rng.standard_normal((args.batch, 28, 28, 1)).astype(np.float32),
       "label": rng.integers(0, 10, args.batch).astype(np.int32)})
 
   variants = {}
-  for name, masks in (("base", None), ("freeze", state.masks)):
-    tx = train.make_optimizer(config, schedule, masks)
+  for name in ("base", "freeze"):
+    tx = (steps.base_optimizer(config, schedule) if name == "base"
+          else steps.make_optimizer(config, schedule, state.masks))
     # Own copies: the step donates its state, which would delete shared buffers.
-    ts = _state(devices, jax.tree.map(jnp.copy, params), tx)
-    step = train.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
+    ts = _state(devices, jax.tree.map(jnp.copy, params), tx,
+                jax.tree.map(jnp.copy, state))
+    step = steps.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
     for _ in range(3):  # warm up
       ts, _ = step(ts, batch)
     jax.block_until_ready(ts)

@@ -7,11 +7,11 @@ Command (from the repository root, after `bash scripts/setup.sh`):
       --workdir=workdirs/sweep_fashion_mnist
 
 Rerunning the command resumes (finished cells are read back, an interrupted
-one continues from its last checkpoint) and rewrites experiments/RESULTS.md,
-experiments/results/sweep.json and the two plots.
+one continues from its last checkpoint) and rewrites results/RESULTS.md,
+results/sweep.json and the two plots.
 
 Hardware: a 2-core CPU, about 2 hours for 3 seeds x 16 cells (measured: 119
-minutes; numbers in experiments/RESULTS.md); minutes on a GPU.
+minutes; numbers in results/RESULTS.md); minutes on a GPU.
 
 Expected result (the paper's claims, scaled to LeNet on Fashion-MNIST): 5-bit
 INQ at least as accurate as fp32; 4-bit within 0.3 points, 3-bit within 0.8,
@@ -56,6 +56,6 @@ def get_config():
       "b3": (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0),
       "b2": (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 1.0),
   })
-  # Where RESULTS.md, results/sweep.json and the plots go.
-  c.report_dir = "experiments"
+  # Where RESULTS.md, sweep.json and the plots go.
+  c.report_dir = "results"
   return c

@@ -12,11 +12,11 @@ import numpy as np
 from experiments import reporting
 
 RESULTS_MD = "RESULTS.md"
-SWEEP_JSON = os.path.join("results", "sweep.json")
-DETAILS_JSON = os.path.join("results", "sweep_details.json")
-BITS_PNG = os.path.join("results", "sweep_bits.png")
-PHASES_PNG = os.path.join("results", "sweep_phases.png")
-NOTES_MD = os.path.join("results", "notes.md")  # hand-written analysis, included verbatim
+SWEEP_JSON = "sweep.json"
+DETAILS_JSON = "sweep_details.json"
+BITS_PNG = "sweep_bits.png"
+PHASES_PNG = "sweep_phases.png"
+NOTES_MD = "notes.md"  # hand-written analysis in the report folder, included verbatim
 
 # issue #4's targets: the INQ b-bit mean minus the fp32 mean, in points.
 TARGETS = {5: 0.0, 4: -0.3, 3: -0.8, 2: -2.0}
@@ -157,7 +157,7 @@ def _fmt(cell, fp32) -> tuple:
           f"{cell['seconds'] / 60:.1f}")
 
 
-def markdown(sc, summary, details, workdir) -> str:
+def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   e = sc.experiment
   fp32 = summary.get("fp32", {}).get("mean")
   rows = []
@@ -174,7 +174,7 @@ def markdown(sc, summary, details, workdir) -> str:
   lines = [
       "# INQ on Fashion-MNIST (LeNet): bit widths, partitions, no-retraining, per-channel",
       "",
-      f"Written by `experiments/sweep.py` on {datetime.date.today().isoformat()} from "
+      f"Written by `experiments/study/sweep.py` on {datetime.date.today().isoformat()} from "
       f"{len(details['seeds'].get('fp32', []))} seed(s) {tuple(sc.seeds)}; the machine-readable "
       f"copy is [`{SWEEP_JSON}`]({SWEEP_JSON}) (accuracies as fractions; `seconds` is the "
       f"wall time summed over seeds). Every cell starts from its seed's fp32 baseline.",
@@ -193,7 +193,7 @@ def markdown(sc, summary, details, workdir) -> str:
       "",
       *([f"Why targets are missed, and what closes the gap: the notes at the end "
          f"([`{NOTES_MD}`]({NOTES_MD})).", ""]
-        if os.path.exists(os.path.join(os.path.dirname(__file__), NOTES_MD)) else []),
+        if os.path.exists(os.path.join(report_dir, NOTES_MD)) else []),
       "## Plots",
       "",
       f"![accuracy vs bits]({BITS_PNG})",
@@ -236,7 +236,7 @@ def markdown(sc, summary, details, workdir) -> str:
       "",
       f"- {_machine()}",
   ]
-  notes = os.path.join(os.path.dirname(__file__), NOTES_MD)
+  notes = os.path.join(report_dir, NOTES_MD)
   if os.path.exists(notes):
     with open(notes) as f:
       lines += ["", f.read().rstrip()]
@@ -256,11 +256,11 @@ def write(sc, workdir: str, report_dir: str, finished: dict) -> dict:
   if jax.process_index() != 0 or not finished:
     return {}
   summary, details = aggregate(finished)
-  os.makedirs(os.path.join(report_dir, "results"), exist_ok=True)
+  os.makedirs(report_dir, exist_ok=True)
   reporting.atomic_write_json(os.path.join(report_dir, SWEEP_JSON), summary)
   reporting.atomic_write_json(os.path.join(report_dir, DETAILS_JSON), details)
   _plot_bits(summary, os.path.join(report_dir, BITS_PNG))
   _plot_phases(details, os.path.join(report_dir, PHASES_PNG))
   reporting.atomic_write(os.path.join(report_dir, RESULTS_MD),
-                         markdown(sc, summary, details, workdir))
+                         markdown(sc, summary, details, workdir, report_dir))
   return summary

@@ -18,8 +18,8 @@ directory, WORKDIR/seed{S}/{cell}:
 
 A kill loses at most the epoch in flight: rerunning the command skips finished
 cells and resumes the interrupted one from its checkpoint. At the end (and
-after every cell) the report is rewritten: RESULTS.md, results/sweep.json,
-results/sweep_details.json and two plots under `config.report_dir`.
+after every cell) the report is rewritten: RESULTS.md, sweep.json,
+sweep_details.json and two plots under `config.report_dir`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 import time
 from typing import NamedTuple, Optional
 
@@ -37,7 +36,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from experiments import checkpoints, input_pipeline, reporting, sweep_report, train
+from experiments import checkpoints, reporting, steps, train
+from experiments.data import input_pipeline
+from experiments.study import report as sweep_report
 
 KINDS = ("fp32", "ptq", "inq", "random", "channel", "inq_mse", "ptq_mse")
 # The config keys listing each kind's bit widths; a finished study may grow more cells.
@@ -90,7 +91,7 @@ def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
   if cell.kind == "fp32":
     c.inq.portions = (1.0,)  # the run needs some INQ; this cell reports fp32 only
     return c
-  c.init_checkpoint = os.path.join(baseline_dir(workdir, cell.seed), train.BASELINE_DIR)
+  c.init_checkpoint = os.path.join(baseline_dir(workdir, cell.seed), checkpoints.BASELINE_DIR)
   c.inq.bits = cell.bits
   c.inq.calibration = "mse" if cell.kind.endswith("_mse") else "absmax"
   if cell.kind in ("ptq", "ptq_mse"):
@@ -135,9 +136,9 @@ def cell_steps(config, steps_per_epoch: int) -> int:
   """Train steps a cell runs (for the overall progress bar)."""
   if config.init_checkpoint:
     phases = len(config.inq.portions) - 1
-    return (phases * sum(train.epoch_steps(config.inq.epochs_per_phase, steps_per_epoch))
-            + sum(train.epoch_steps(config.inq.final_finetune_epochs, steps_per_epoch)))
-  return sum(train.epoch_steps(config.baseline.epochs, steps_per_epoch))
+    return (phases * sum(steps.epoch_steps(config.inq.epochs_per_phase, steps_per_epoch))
+            + sum(steps.epoch_steps(config.inq.final_finetune_epochs, steps_per_epoch)))
+  return sum(steps.epoch_steps(config.baseline.epochs, steps_per_epoch))
 
 
 def _load_json(path: str, default):
@@ -193,12 +194,7 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
         book[_cell.name] = {"seconds": _prior + time.perf_counter() - _start}
         reporting.atomic_write_json(book_path, book)
 
-    with open(os.path.join(workdir, "sweep_stdout.log"), "a") as log:
-      old_stdout, sys.stdout = sys.stdout, log  # each run's summary lines
-      try:
-        results = train.train_and_evaluate(configs[cell], cell_dir, callback=callback)
-      finally:
-        sys.stdout = old_stdout
+    results = train.train_and_evaluate(configs[cell], cell_dir, callback=callback)
     book[cell.name] = {"seconds": prior + time.perf_counter() - start}
     reporting.atomic_write_json(book_path, book)
     acc = (results["baseline"] if cell.kind == "fp32" else results["final"])["test_accuracy"]

@@ -34,8 +34,7 @@ def rows(params, bits_list, calibrations=("absmax", "mse")) -> list:
       for calibration in calibrations:
         config = inq.INQConfig(bits=bits, calibration=calibration, portions=(1.0,),
                                include="^" + re.escape(path) + "$")
-        n1 = inq.init(_single(path, w), config).exponents[path]
-        n2 = n1 + 1 - 2 ** (bits - 2)
+        n1, n2 = inq.init(_single(path, w), config).bounds(path)
         q = np.asarray(inq.round_to_pow2(w, n1, n2))
         out.append({"path": path, "bits": bits, "calibration": calibration,
                     "tail": float(np.abs(w).max() / w.std()), "n1": int(n1),

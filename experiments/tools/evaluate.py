@@ -4,8 +4,8 @@
       --weights=workdirs/fashion_mnist_lenet/model.inq [--config.dataset.data_dir=...]
 
 Builds the config's model and test split exactly as training does and runs the
-training script's own evaluation (`train.make_eval_step` and `train.Run.evaluate`,
-same batches, same compiled step), so the accuracy equals the run's final test
+trainer's own evaluation (`steps.make_eval_step` and `steps.evaluate`, same
+batches, same compiled step), so the accuracy equals the run's final test
 accuracy bit for bit. Prints one JSON line: {"test_accuracy", "test_loss",
 ("top5_accuracy",) "weights", "model", "dataset", "test_split", "test_examples",
 "bits"}. The weights come from `inq_jax.export.load_with_extras` (the params and
@@ -38,41 +38,21 @@ def _layout(tree, prefix=""):
           for p, x in leaves_with_paths(tree)[0]}
 
 
-class _Evaluator:
-  """What `train.Run.evaluate` reads from a Run, without a workdir."""
-
-  def __init__(self, config):
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    from experiments import input_pipeline, models, train  # pylint: disable=g-import-not-at-top
-    self.config = config
-    self.data = input_pipeline.get_dataset(config.dataset)
-    self.model = models.get_model(config.model, self.data.num_classes,
-                                  dtype=jnp.dtype(config.dtype))
-    self.devices = train.Devices()
-    self.top5 = self.data.num_classes > 10
-    self.eval_step = train.make_eval_step(self.model, self.devices, self.top5)
-    self._evaluate = train.Run.evaluate
-
-  def evaluate(self, ts, split="test"):
-    return self._evaluate(self, ts, split)
-
-  def check_fits(self, params, batch_stats, weights: str):
-    """Raises ValueError naming every leaf where the file and the model disagree."""
-    import jax  # pylint: disable=g-import-not-at-top
-    from experiments import models  # pylint: disable=g-import-not-at-top
-    shape = (1,) + tuple(self.data.image_shape)
-    template = jax.eval_shape(lambda: models.init_variables(self.model, shape,
-                                                            jax.random.key(0)))
-    want = _layout(template["params"], "params/")
-    want.update(_layout(template.get("batch_stats", {}), "batch_stats/"))
-    have = {**_layout(params, "params/"), **_layout(batch_stats, "batch_stats/")}
-    problems = [f"missing {p}" for p in sorted(set(want) - set(have))]
-    problems += [f"unexpected {p}" for p in sorted(set(have) - set(want))]
-    problems += [f"{p}: {have[p]} in the file, {want[p]} in the model"
-                 for p in sorted(set(want) & set(have)) if have[p] != want[p]]
-    if problems:
-      raise ValueError(f"{weights} does not fit model {self.config.model!r}: "
-                       + "; ".join(problems[:8]))
+def _check_fits(model, data, params, batch_stats, weights: str, model_name: str):
+  """Raises ValueError naming every leaf where the file and the model disagree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from experiments import models  # pylint: disable=g-import-not-at-top
+  shape = (1,) + tuple(data.image_shape)
+  template = jax.eval_shape(lambda: models.init_variables(model, shape, jax.random.key(0)))
+  want = _layout(template["params"], "params/")
+  want.update(_layout(template.get("batch_stats", {}), "batch_stats/"))
+  have = {**_layout(params, "params/"), **_layout(batch_stats, "batch_stats/")}
+  problems = [f"missing {p}" for p in sorted(set(want) - set(have))]
+  problems += [f"unexpected {p}" for p in sorted(set(have) - set(want))]
+  problems += [f"{p}: {have[p]} in the file, {want[p]} in the model"
+               for p in sorted(set(want) & set(have)) if have[p] != want[p]]
+  if problems:
+    raise ValueError(f"{weights} does not fit model {model_name!r}: " + "; ".join(problems[:8]))
 
 
 def evaluate(config, weights: str) -> dict:
@@ -85,19 +65,25 @@ def evaluate(config, weights: str) -> dict:
   Raises:
     ValueError if the file is damaged or does not fit the config's model.
   """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from experiments import models, steps  # pylint: disable=g-import-not-at-top
+  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from inq_jax import export  # pylint: disable=g-import-not-at-top
   params, extras = export.load_with_extras(weights)
   batch_stats = extras.get("batch_stats", {})
-  ev = _Evaluator(config)
-  ev.check_fits(params, batch_stats, weights)
-  ts = ev.devices.replicate({"params": params, "batch_stats": batch_stats})
-  result = ev.evaluate(ts)
+  data = input_pipeline.get_dataset(config.dataset)
+  model = models.get_model(config.model, data.num_classes, dtype=jnp.dtype(config.dtype))
+  _check_fits(model, data, params, batch_stats, weights, config.model)
+  devices = steps.Devices()
+  eval_step = steps.make_eval_step(model, devices, top5=data.num_classes > 10)
+  variables = devices.replicate({"params": params, "batch_stats": batch_stats})
+  result = steps.evaluate(eval_step, variables["params"], variables["batch_stats"],
+                          steps.test_batches(data, config.eval_batch_size, devices), devices)
   out = {"test_accuracy": result["accuracy"], "test_loss": result["loss"]}
   if "top5_accuracy" in result:
     out["top5_accuracy"] = result["top5_accuracy"]
   out.update({"weights": weights, "model": config.model, "dataset": config.dataset.name,
-              "test_split": config.dataset.get("test_split", "test"),
-              "test_examples": ev.data.test_size,
+              "test_split": config.dataset.test_split, "test_examples": data.test_size,
               "bits": export.read_header(weights)["bits"]})
   return out
 

@@ -135,7 +135,7 @@ def lenet_layers(weights) -> Dict[str, Layer]:
     ValueError (from `inq_jax.export`) if the file is damaged.
   """
   from inq_jax import export  # pylint: disable=g-import-not-at-top
-  from inq_jax import _packing  # pylint: disable=g-import-not-at-top
+  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
   params, _ = export.load_with_extras(weights)
   if sorted(params) != sorted(LAYERS) or any(
       not isinstance(params[n], dict) or sorted(params[n]) != ["bias", "kernel"]
@@ -154,7 +154,7 @@ def lenet_layers(weights) -> Dict[str, Layer]:
     if q is None:
       raise NotLeNetError(f"{weights}: {name}/kernel is stored as floats, not as INQ "
                           "codes; the integer path needs every kernel quantized")
-    n2 = _packing.n2_of(q.n1, q.bits)
+    n2 = inq.n2_from_n1(q.n1, q.bits)
     codes = shift.to_codes(kernel, q.n1, n2)
     out[name] = Layer(codes, np.asarray(params[name]["bias"], np.float32),
                       shift.from_codes(codes))
