@@ -15,7 +15,7 @@ def get_config():
   c = fashion_mnist_lenet.get_config()
   c.dataset.train_split = "train[:2048]"
   c.dataset.test_split = "test[:500]"
-  c.batch_size = 64
+  c.batch_size = 96  # divisible by 1, 2, 3, 4 and 8 devices
   c.baseline.epochs = 2
   c.inq.epochs_per_phase = 1
   return c

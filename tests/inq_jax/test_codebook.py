@@ -123,7 +123,8 @@ def test_exponent_bounds_exact_at_three_quarters(dtype, k):
   below = np.nextafter(np.float32(s), np.float32(0)) if dtype != np.float16 and \
       dtype != ml_dtypes.bfloat16 else dtype(float(s) * (1 - 2.0 ** -7))
   assert int(inq.exponent_bounds(below, 5)[0]) == k - 1
-  assert int(inq.exponent_bounds(dtype(1.5 * 2.0 ** k) if k < 7 else s, 5)[0]) in (k, k + 1)
+  # 1.5 * 2^k = 0.75 * 2^(k+1): exactly the lower edge of the next bin.
+  assert int(inq.exponent_bounds(dtype(1.5 * 2.0 ** k), 5)[0]) == k + 1
 
 
 def test_exponent_bounds_per_channel_and_zero():

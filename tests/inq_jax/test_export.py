@@ -105,15 +105,40 @@ def test_payload_at_most_bits_per_weight(tmp_path, bits):
     assert_bit_identical(params, export.load(tmp_path / "m.inq"))
 
 
-def test_mostly_zero_leaf_gets_an_lzma_layout(tmp_path):
+def test_mostly_zero_leaf_gets_a_sparse_layout(tmp_path):
   w = np.array(jax.random.normal(jax.random.key(3), (400, 250)) * 0.03)
   w[np.abs(w) < np.quantile(np.abs(w), 0.9)] = 0  # 90% pruned
   params, state = quantized({"fc": {"kernel": jnp.asarray(w)}}, bits=5)
   assert float(np.mean(np.asarray(params["fc"]["kernel"]) == 0)) >= 0.899
   stats = export.save(tmp_path / "m.inq", params, state)
-  assert stats["layouts"]["fc/kernel"] in ("packed+lzma", "sparse+lzma")
+  assert stats["layouts"]["fc/kernel"] in ("sparse+deflate", "sparse+lzma")
   assert stats["ratio"] >= 40, stats  # 90%-zero 5-bit weights: >= 40x below float32
   assert_bit_identical(params, export.load(tmp_path / "m.inq"))
+
+
+def test_pruned_rows_get_an_lzma_layout(tmp_path):
+  # Whole zero rows are repeated runs: LZMA's matcher pays, Huffman alone does not.
+  w = np.array(jax.random.normal(jax.random.key(3), (400, 250)) * 0.03)
+  w[np.random.default_rng(0).random(400) < 0.9] = 0
+  params, state = quantized({"fc": {"kernel": jnp.asarray(w)}}, bits=5)
+  stats = export.save(tmp_path / "m.inq", params, state)
+  assert stats["layouts"]["fc/kernel"] in ("packed+lzma", "sparse+lzma")
+  assert_bit_identical(params, export.load(tmp_path / "m.inq"))
+
+
+@pytest.mark.parametrize("zero_fraction", [0.0, 0.5, 0.9, 0.99])
+def test_chosen_layout_is_near_the_smallest(zero_fraction):
+  # The writer compresses one candidate, chosen from histograms; it must stay
+  # within 2% of trying every layout in full.
+  rng = np.random.default_rng(1)
+  magnitudes = rng.geometric(0.45, 200_000).clip(1, 8)
+  codes = (magnitudes | (rng.integers(0, 2, 200_000) << 4)).astype(np.uint8)
+  codes[rng.random(200_000) < zero_fraction] = 0
+  every = _packing.encode_sections(codes, 5)
+  layout, data = _packing.encode_best(codes, 5)
+  assert len(data) <= 1.02 * min(len(v) for v in every.values()), (
+      layout, {k: len(v) for k, v in every.items()})
+  np.testing.assert_array_equal(_packing.decode_section(data, layout, codes.size, 5), codes)
 
 
 def test_refuses_unfinished_run_before_writing(tmp_path):

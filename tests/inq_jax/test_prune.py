@@ -287,7 +287,7 @@ def test_previous_mask_errors():
   with pytest.raises(ValueError, match=r"encoder/layers/0/kernel: `previous` already prunes "
                      r"460 of 512 weights, more than step 1's floor\(0\.633333 \* 512\) = 324"):
     prune.prune_masks(params, cfg, 1, previous=last)
-  with pytest.raises(ValueError, match="previous: the mask's tree does not match params"):
+  with pytest.raises(ValueError, match="previous: the keep mask's tree does not match params"):
     prune.prune_masks(params, cfg, 1, previous={"head": last["head"]})
   wrong = {**last, "head": {**last["head"], "kernel": jnp.ones((5, 32), bool)}}
   with pytest.raises(ValueError, match=r"previous: head/kernel: params have shape \(32, 5\) "
@@ -300,7 +300,7 @@ def test_previous_mask_errors():
                      "PruneConfig does not select it"):
     prune.prune_masks(params, prune.PruneConfig(sparsity=0.9, exclude="head"), 1,
                       previous=last)
-  with pytest.raises(ValueError, match="apply: the mask's tree does not match"):
+  with pytest.raises(ValueError, match="apply: the keep mask's tree does not match"):
     prune.apply(params, {"head": last["head"]})
 
 

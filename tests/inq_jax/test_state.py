@@ -1,6 +1,8 @@
 """init / advance / verify over Linen, NNX and plain-dict pytrees; every bad input."""
 
 import dataclasses
+import math
+from fractions import Fraction
 
 import flax.linen as nn
 import jax
@@ -333,3 +335,135 @@ def test_mse_calibration_runs_to_a_valid_codebook(granularity):
   np.testing.assert_array_equal(s.n1, n1)
   assert np.all(inq.in_codebook(params["dense"]["kernel"], s.n1, s.n2))
   assert state.config.to_dict()["calibration"] == "mse"
+
+
+# ------------------------------------------------- advance vs exact reference
+
+
+def ref_round(w: float, n1: int, n2: int) -> float:
+  """Paper Eq. 4 on exact rationals: ties up, saturation at 2^n1, {0} codebook."""
+  if n1 == inq.ZERO_CODEBOOK:
+    return 0.0
+  a, two = abs(Fraction(w)), Fraction(2)
+  if a < two ** (n2 - 1):
+    return 0.0
+  if a >= Fraction(3, 2) * two ** n1:
+    k = n1
+  elif a < Fraction(3, 2) * two ** n2:
+    k = n2
+  else:
+    k = next(k for k in range(n2 + 1, n1 + 1)
+             if Fraction(3, 4) * two ** k <= a < Fraction(3, 2) * two ** k)
+  return math.copysign(float(two ** k), w)
+
+
+def ref_n1(s: float) -> int:
+  """max k with 0.75 * 2^k <= s, exactly."""
+  s, k = Fraction(s), 0
+  while Fraction(3, 4) * Fraction(2) ** k > s:
+    k -= 1
+  while Fraction(3, 4) * Fraction(2) ** (k + 1) <= s:
+    k += 1
+  return k
+
+
+def reference_params():
+  k = jax.random.split(jax.random.key(7), 2)
+  scale = 2.0 ** jnp.arange(-3, 3)  # one octave apart per output channel
+  return {"fc": {"kernel": jax.random.normal(k[0], (24, 6)) * scale,
+                 "bias": jnp.linspace(-1, 1, 6)},
+          "conv": {"kernel": jax.random.normal(k[1], (3, 3, 2, 4)) * 0.1}}
+
+
+def per_weight_bounds(n1, shape, bits):
+  """n1 and n2 (= n1 + 1 - 2^(b-2), written out here) for every weight."""
+  n1 = np.broadcast_to(np.asarray(n1, np.int64), shape[-1:] if np.ndim(n1) else ())
+  n1 = np.broadcast_to(n1, shape)
+  return n1, n1 + 1 - 2 ** (bits - 2)
+
+
+def plant_edges(w, frozen, n1, n2):
+  """Moves some still-float weights onto exact bin edges and past the top."""
+  w = w.copy()
+  free = np.flatnonzero(~frozen.reshape(-1))
+  for i, idx in enumerate(free[::3]):
+    a, b = int(n1.reshape(-1)[idx]), int(n2.reshape(-1)[idx])
+    k = b + (i // 6) % (a - b + 1)
+    edge = [2.0 ** (b - 1), np.nextafter(np.float32(2.0 ** (b - 1)), np.float32(0)),
+            0.75 * 2.0 ** k, 1.5 * 2.0 ** k,
+            np.nextafter(np.float32(1.5 * 2.0 ** k), np.float32(0)), 5.0 * 2.0 ** a][i % 6]
+    w.reshape(-1)[idx] = np.float32(edge) * (-1) ** i
+  return w
+
+
+def bits_of(x):
+  return np.ascontiguousarray(x, np.float32).view(np.uint32)
+
+
+def check_against_reference(params, config, pruned=None):
+  state = inq.init(params, config, pruned=pruned)
+  for path, n1 in state.exponents.items():
+    want_shape = (6,) if path == "fc/kernel" else (4,)
+    assert np.asarray(n1).shape == (want_shape if config.granularity == "channel" else ())
+    if config.calibration == "absmax":
+      w = leaves(params)[path]
+      axes = tuple(range(w.ndim - 1)) if config.granularity == "channel" else None
+      want = np.vectorize(ref_n1)(np.abs(w).max(axis=axes).astype(np.float64))
+      np.testing.assert_array_equal(np.asarray(n1), want)
+  for step in range(config.num_steps):
+    masks = leaves(state.masks)
+    moved = {}
+    for path, w in leaves(params).items():
+      if path in state.exponents:
+        n1, n2 = per_weight_bounds(state.exponents[path], w.shape, config.bits)
+        m = masks[path].astype(bool)
+        w = np.where(m, w, w * 1.2 + 0.001).astype(np.float32)  # "retraining"
+        moved[path] = plant_edges(w, m, n1, n2)
+      else:
+        moved[path] = w + 1.0
+    params = jax.tree_util.tree_unflatten(
+        jax.tree.structure(params),
+        [jnp.asarray(moved[inq_jax.tree.path_str(p)]) for p, _ in
+         jax.tree_util.tree_flatten_with_path(params)[0]])
+    params, state = inq.advance(params, state)
+    new, new_masks = leaves(params), leaves(state.masks)
+    for path, before in moved.items():
+      got = new[path]
+      if path not in state.exponents:
+        np.testing.assert_array_equal(bits_of(got), bits_of(before))
+        continue
+      old_m, m = masks[path].astype(bool), new_masks[path].astype(bool)
+      assert m[old_m].all()
+      assert m.sum() == state.frozen_target(path, m.size, step + 1)
+      np.testing.assert_array_equal(bits_of(got[old_m]), bits_of(before[old_m]))
+      np.testing.assert_array_equal(bits_of(got[~m]), bits_of(before[~m]))
+      n1, n2 = per_weight_bounds(state.exponents[path], got.shape, config.bits)
+      newly = m & ~old_m
+      want = np.array([ref_round(float(x), int(a), int(b)) for x, a, b in
+                       zip(before[newly], n1[newly], n2[newly])], np.float32)
+      np.testing.assert_array_equal(bits_of(got[newly]), bits_of(want),
+                                    err_msg=f"{path} step {step}")
+  inq.verify(params, state)
+  return params, state
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+@pytest.mark.parametrize("calibration", ["absmax", "mse"])
+def test_advance_matches_exact_reference(bits, granularity, calibration):
+  config = inq.INQConfig(bits=bits, granularity=granularity, calibration=calibration)
+  check_against_reference(reference_params(), config)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_advance_matches_exact_reference_on_pruned_model(granularity):
+  params = reference_params()
+  pcfg = inq_jax.prune.PruneConfig(sparsity=0.6)
+  keep = inq_jax.prune.prune_masks(params, pcfg, 1)
+  params = inq_jax.prune.apply(params, keep)
+  config = inq.INQConfig(bits=4, granularity=granularity,
+                         portions=(0.2, 0.4, 0.6, 0.8, 1.0), strategy="random")
+  out, state = check_against_reference(params, config, pruned=keep)
+  for path in state.exponents:
+    pruned = ~np.asarray(leaves(keep)[path]).astype(bool)
+    assert pruned.any() and np.all(leaves(out)[path][pruned] == 0)

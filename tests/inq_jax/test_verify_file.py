@@ -70,17 +70,17 @@ def test_table_and_exit_zero(tmp_path, capsys, granularity):
       assert row[4:6] == [str(int(n1)), str(int(n1) - 3)]
     elif n1.min() < n1.max():
       assert row[4] == f"{n1.min()}..{n1.max()}"
-  assert "OK: every quantized weight is in its codebook" in out
-  assert "1 float leaves" in out
+  assert "OK: the file loads and every quantized weight is in its codebook" in out
+  assert "1 raw leaves" in out
 
 
-def test_workdir_argument_uses_model_inq(tmp_path, capsys):
-  assert verify_file.main([str(tmp_path)]) == 1
-  err = capsys.readouterr().err
-  assert f"{tmp_path / 'model.inq'} does not exist" in err
-  assert "python -m experiments.export --workdir=" in err
+def test_takes_a_file_not_a_workdir(tmp_path, capsys):
   export_model(tmp_path / "model.inq")
-  assert verify_file.main([str(tmp_path)]) == 0
+  assert verify_file.main([str(tmp_path)]) == 1  # a directory is not a file
+  err = capsys.readouterr().err
+  assert f"{tmp_path}: not a regular file" in err
+  assert "experiments" not in err  # no hints about the experiments' layout
+  assert verify_file.main([str(tmp_path / "model.inq")]) == 0
   assert str(tmp_path / "model.inq") in capsys.readouterr().out
 
 

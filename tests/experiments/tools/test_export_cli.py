@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpoints, models, train
+from experiments import checkpoints, models, steps, train
+from experiments.data import input_pipeline
 from experiments.tools import evaluate
 from experiments.configs import smoke
 from inq_jax import export, verify_file
@@ -113,45 +114,12 @@ def test_export_command(tmp_path):
   assert_same(export.load(out), params)
 
 
-def test_export_run_falls_back_to_a_finished_runs_checkpoint(tmp_path):
-  """Runs finished before final/ existed: the "done" checkpoint plus config.json."""
+def test_export_run_refuses_a_workdir_without_a_finished_model(tmp_path):
   config = smoke.get_config()
-  config.inq.portions = (0.5, 1.0)
-  config.inq.granularity = "channel"
-  params, batch_stats = small_variables()
-  params, state = run_inq(params, train.inq_config(config))
-  checkpoints.claim_workdir(str(tmp_path), config)
-  ckpt = checkpoints.RunCheckpoints(str(tmp_path))
-  tx = train.make_optimizer(config, 0.01, state.masks)
-  ts = {"step": jnp.asarray(7, jnp.int32), "params": params, "batch_stats": batch_stats,
-        "opt_state": tx.init(params)}
-  tree = {"train": ts, "inq": {"masks": state.masks, "exponents": state.exponents,
-                               "step": state.step}}  # as train.Run.save writes it
-  ckpt.save(tree, {"stage": "inq", "phase": 1, "epoch": 0})
-  ckpt.save(tree, {"stage": "done", "phase": 2, "epoch": 0})
-  ckpt.close()
-  stats = checkpoints.export_run(str(tmp_path))
-  loaded, extras = export.load_with_extras(stats["file"])
-  assert_same(loaded, params)
-  assert_same(extras["batch_stats"], batch_stats)
-  variables, back = checkpoints.load_done_checkpoint(str(tmp_path))
-  assert back.config == train.inq_config(config)
-  assert_same(back.masks, state.masks)
-  assert_same(back.exponents, state.exponents)
-
-
-def test_export_run_refuses_an_unfinished_run(tmp_path):
-  config = smoke.get_config()
-  params, state = run_inq(small_variables()[0], inq.INQConfig(bits=5))
-  checkpoints.claim_workdir(str(tmp_path), config)
-  ckpt = checkpoints.RunCheckpoints(str(tmp_path))
-  ckpt.save({"train": {"params": params}, "inq": {"step": state.step}},
-            {"stage": "inq", "phase": 1, "epoch": 2})
-  ckpt.close()
-  with pytest.raises(ValueError, match="the run is not finished .* stage 'inq', phase 1"):
+  checkpoints.claim_workdir(str(tmp_path), config)  # a run that has not finished
+  with pytest.raises(FileNotFoundError, match="holds no finished model"):
     checkpoints.export_run(str(tmp_path))
-  with pytest.raises(FileNotFoundError, match="neither final/ nor"):
-    checkpoints.export_run(str(tmp_path / "nothing"))
+  assert not (tmp_path / "model.inq").exists()
 
 
 # ------------------------------------------------------------ evaluation
@@ -173,13 +141,12 @@ def test_evaluate_equals_the_runs_own_evaluation(fmnist_data_dir, tmp_path):
   checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": {}}, state)
   stats = checkpoints.export_run(str(tmp_path))
 
-  # The training script's evaluation of the in-memory quantized params.
-  run = train.Run(config, str(tmp_path / "run"), train.inq_config(config), None)
-  try:
-    want = run.evaluate(run.devices.replicate({"params": params, "batch_stats": {}}))
-  finally:
-    run.ckpt.close()
-    run.writer.close()
+  # The trainer's evaluation of the in-memory quantized params.
+  data = input_pipeline.get_dataset(config.dataset)
+  devices = steps.Devices()
+  eval_step = steps.make_eval_step(model, devices, top5=False)
+  want = steps.evaluate(eval_step, devices.replicate(params), {},
+                        steps.test_batches(data, config.eval_batch_size, devices), devices)
 
   # The exported file through the command line, with config overrides.
   cli = subprocess.run(
