@@ -349,7 +349,8 @@ def _advance(run: Run, state: TrainState, p: int, results: dict):
   tx, _ = run.optimizer(run.config.inq, _phase_epochs(run, p), inq_state.masks)
   opt_state = tx.init(params)
   if run.config.inq.carry_optimizer_state and p > 0:
-    opt_state = {**opt_state, "base": steps.reset_count(state.opt_state["base"])}
+    opt_state = opt_state.copy()  # the chain's own mapping type: the step's signature
+    opt_state["base"] = steps.reset_count(state.opt_state["base"])
   state = run.devices.replicate(
       state.replace(params=params, inq=inq_state, opt_state=opt_state).at(INQ, p))
   jax.block_until_ready(state)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -53,6 +54,31 @@ def _compute_dtype(dtype):
   return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else dtype
 
 
+def _check_max_abs(max_abs) -> None:
+  """Raises unless every concrete `max_abs` is 0 or a finite normal number >= 0.
+
+  Checked in float64 on the host, where nothing is flushed to zero, against
+  the range of the dtype jax will compute in.
+  """
+  x = np.asarray(max_abs).astype(np.float64)
+  dtype = jnp.asarray(max_abs).dtype
+  info = jnp.finfo(_compute_dtype(dtype if jnp.issubdtype(dtype, jnp.floating)
+                                  else jnp.float32))
+  tiny, big = float(info.smallest_normal), float(info.max)
+  bad = ~(x >= 0) | (x > big) | ((x > 0) & (x < tiny))
+  if bad.any():
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    v = float(x[idx])
+    if 0 < v < tiny:
+      why = f"is subnormal in {info.dtype}: no codebook of normal numbers holds it"
+    elif big < v < np.inf:
+      why = f"overflows {info.dtype}"
+    else:
+      why = "must be finite and >= 0"
+    at = f" at index {idx}" if idx else ""
+    raise ValueError(f"exponent_bounds: max_abs {v!r}{at} {why}")
+
+
 def exponent_bounds(max_abs, bits: int):
   """The exponent range (n1, n2) of a b-bit INQ codebook.
 
@@ -63,12 +89,18 @@ def exponent_bounds(max_abs, bits: int):
 
   Args:
     max_abs: the largest |w| of the pretrained weights; a scalar or an array
-      (one entry per output channel). Must be finite and >= 0.
+      (one entry per output channel). Must be finite, >= 0, and 0 or a normal
+      number of its dtype.
     bits: the codebook's bit-width b, a Python int in [2, 8].
 
   Returns:
     `(n1, n2)` as int32 arrays of `max_abs`'s shape. Where max_abs == 0 (an
     all-zero layer or channel), n1 is `ZERO_CODEBOOK` and the codebook is {0}.
+
+  Raises:
+    ValueError for a negative, NaN, infinite or subnormal `max_abs`, checked
+    when it is concrete (eagerly). Under `jax.jit` the values are unknown and
+    nothing is checked: a NaN gives n1 = `ZERO_CODEBOOK`.
 
   Example:
     >>> exponent_bounds(0.75, bits=5)   # 0.75 = 0.75 * 2^0
@@ -77,6 +109,8 @@ def exponent_bounds(max_abs, bits: int):
   Reference: arXiv:1702.03044, Eq. 3 and the text after it.
   """
   bits = check_bits(bits)
+  if not isinstance(max_abs, jax.core.Tracer):
+    _check_max_abs(max_abs)
   s = jnp.asarray(max_abs)
   if not jnp.issubdtype(s.dtype, jnp.floating):
     s = s.astype(jnp.float32)
@@ -108,6 +142,10 @@ def round_to_pow2(w, n1, n2):
   Returns:
     An array of the same shape and dtype as `w`. NaN stays NaN.
 
+  Raises:
+    ValueError if concrete (eager) bounds have n1 < n2 anywhere; under
+    `jax.jit` they are not checked.
+
   Example:
     >>> round_to_pow2(jnp.array([0.3, -0.75, 5.0]), n1=0, n2=-3)
     Array([ 0.25, -1.  ,  1.  ], dtype=float32)
@@ -118,6 +156,13 @@ def round_to_pow2(w, n1, n2):
   if not jnp.issubdtype(w.dtype, jnp.floating):
     raise TypeError(f"round_to_pow2 needs floating-point weights, got dtype {w.dtype}")
   x = w.astype(_compute_dtype(w.dtype))
+  if not isinstance(n1, jax.core.Tracer) and not isinstance(n2, jax.core.Tracer):
+    lo, hi = np.broadcast_arrays(np.asarray(n2), np.asarray(n1))
+    if np.any(hi < lo):
+      idx = tuple(int(i) for i in np.argwhere(hi < lo)[0])
+      raise ValueError(f"round_to_pow2: n1={int(hi[idx])} < n2={int(lo[idx])}"
+                       f"{f' at index {idx}' if idx else ''}; the codebook 2^n2..2^n1 "
+                       "needs n1 >= n2 (n2 = n1 + 1 - 2^(bits-2))")
   n1 = jnp.asarray(n1, jnp.int32)
   n2 = jnp.asarray(n2, jnp.int32)
   a = jnp.abs(x)

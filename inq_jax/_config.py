@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 from inq_jax import _codebook
 from inq_jax import _partition
+from inq_jax import tree
 
 # Flax Linen and NNX both name Dense/Conv/DenseGeneral/Einsum weights "kernel";
 # biases, batch-norm scale/bias and embeddings are left float, as in the paper.
@@ -37,7 +38,8 @@ class INQConfig:
       paper: n1 = floor(log2(4 max|w| / 3))) or "mse" (the n1 at or below that
       one with the least squared rounding error, so heavy-tailed layers keep
       their bulk at low bit-widths; an extension, see `mse_exponent_bounds`).
-    seed: seeds the "random" partition; every host derives the same masks.
+    seed: seeds the "random" partition, in [0, 2**32); every host derives the
+      same masks.
 
   Example:
     >>> cfg = INQConfig(bits=4, portions=(0.3, 0.5, 0.8, 0.9, 0.95, 1.0))
@@ -95,6 +97,12 @@ class INQConfig:
                        f"{CALIBRATIONS}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
       raise TypeError(f"seed must be an int, got {self.seed!r}")
+    # jax.random.key keeps only the low 32 bits of a seed (without x64), so
+    # seeds outside uint32 would silently share masks with others.
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must be in [0, 2**32) (a uint32, what jax.random.key "
+                       f"keeps), got {self.seed}")
+    object.__setattr__(self, "seed", int(self.seed))
 
   @property
   def num_steps(self) -> int:
@@ -102,9 +110,7 @@ class INQConfig:
 
   def selects(self, path: str) -> bool:
     """Whether the leaf at '/'-joined `path` is quantized under this config."""
-    if not re.search(self.include, path):
-      return False
-    return self.exclude is None or not re.search(self.exclude, path)
+    return tree.matches(path, self.include, self.exclude)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self) | {"portions": list(self.portions)}

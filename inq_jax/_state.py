@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import zlib
 from typing import Any, Dict, NamedTuple
 
@@ -12,10 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inq_jax import _checks
 from inq_jax import _codebook
 from inq_jax import _partition
+from inq_jax import tree
+from inq_jax._checks import first_bad as _first_bad
+from inq_jax._checks import show as _show
 from inq_jax._config import INQConfig
-from inq_jax.tree import leaves_with_paths, path_str
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -52,7 +54,7 @@ class INQState:
   def bounds(self, path: str):
     """(n1, n2) of the leaf at `path`."""
     n1 = self.exponents[path]
-    return n1, n1 + jnp.int32(1 - _codebook.num_exponents(self.config.bits))
+    return n1, _codebook.n2_from_n1(n1, self.config.bits)
 
   @property
   def done(self) -> bool:
@@ -83,51 +85,81 @@ class LeafSummary(NamedTuple):
   n2: np.ndarray
 
 
-def _show(x) -> str:
-  return np.array2string(np.asarray(x), threshold=8)
-
-
-def _first_bad(bad: np.ndarray, values: np.ndarray) -> str:
-  idx = tuple(int(i) for i in np.argwhere(bad)[0])
-  return f"{float(values[idx]):.8g} at index {idx}"
-
-
-@jax.jit
-def _finite(x):
-  return jnp.all(jnp.isfinite(x))
-
-
-def _check_finite(path: str, leaf) -> None:
-  if isinstance(leaf, jax.core.Tracer):
-    return
-  if not bool(_finite(leaf)):
-    values = np.asarray(jnp.asarray(leaf, jnp.float32))
-    raise ValueError(f"{path}: {int(np.sum(~np.isfinite(values)))} non-finite weights "
-                     f"(NaN/Inf), first {_first_bad(~np.isfinite(values), values)}")
-
-
 def _selected(params, config: INQConfig):
   """[(path, leaf)] of the leaves `config` quantizes, with every check on them."""
-  flat, _ = leaves_with_paths(params)
-  paths = [p for p, _ in flat]
-  for name in ("include", "exclude"):
-    pattern = getattr(config, name)
-    if pattern is not None and not any(re.search(pattern, p) for p in paths):
-      raise ValueError(f"{name}={pattern!r} matches no parameter; paths look like "
-                       f"{paths[:6]}")
-  chosen = [(p, leaf) for p, leaf in flat if config.selects(p)]
-  if not chosen:
-    raise ValueError(f"include={config.include!r} minus exclude={config.exclude!r} "
-                     "leaves no parameter to quantize")
+  chosen = tree.select(params, config.include, config.exclude, what="quantize")
   for path, leaf in chosen:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"{path}: dtype {dtype} is not floating point; only float weights "
-                      "can be quantized (narrow `include` or add it to `exclude`)")
+    _checks.check_float_leaf(path, leaf, "quantize")
     if config.granularity == "channel" and jnp.ndim(leaf) < 1:
       raise ValueError(f"{path}: granularity='channel' needs at least one axis, got a "
                        "scalar")
   return chosen
+
+
+_UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+@functools.partial(jax.jit, static_argnames=("axes",))
+def _max_magnitude_bits(w, axes):
+  # The largest |w| as a bit pattern: integer compares are immune to the
+  # flush-to-zero that makes a float max of subnormals read as 0.
+  dtype = jnp.dtype(w.dtype)
+  bits = jax.lax.bitcast_convert_type(w, _UINT[dtype.itemsize])
+  sign = jnp.asarray(1 << (8 * dtype.itemsize - 1), bits.dtype)
+  return jnp.max(bits & ~sign, axis=axes)
+
+
+def _check_not_subnormal(path: str, leaf, axes) -> None:
+  """Raises if the leaf (or an output channel) is nonzero but has no normal weight.
+
+  Such a layer would silently get the codebook {0} (its max |w| reads as 0
+  where subnormals are flushed) and be zeroed.
+  """
+  dtype = jnp.dtype(jnp.result_type(leaf))
+  top = np.asarray(_max_magnitude_bits(jnp.asarray(leaf), axes)).astype(np.uint64)
+  smallest_normal_bits = np.uint64(1) << np.uint64(jnp.finfo(dtype).nmant)
+  bad = (top > 0) & (top < smallest_normal_bits)
+  if bad.any():
+    x = np.abs(np.asarray(leaf).astype(np.float64))
+    where = ""
+    if axes is not None:
+      c = int(np.argwhere(bad)[0][0])
+      x, where = x[..., c], f" output channel {c}:"
+    raise ValueError(
+        f"{path}:{where} every weight is 0 or subnormal (max |w| = {float(x.max())!r} < "
+        f"{float(jnp.finfo(dtype).smallest_normal)!r}, the smallest normal {dtype}); "
+        "its codebook would be {0} and every weight would be zeroed. Rescale the layer "
+        "or exclude it from quantization")
+
+
+def _check_exponents(path: str, leaf, n1, config: INQConfig) -> None:
+  """Raises if a state's n1 for `path` is not one `init` could have produced.
+
+  An edited (or foreign) exponent makes `advance` round every weight to a
+  codebook the dtype cannot hold, silently zeroing or overflowing them.
+  """
+  if _checks.is_tracer(n1):
+    return
+  n1 = np.asarray(n1)
+  want = jnp.shape(leaf)[-1:] if config.granularity == "channel" else ()
+  if not np.issubdtype(n1.dtype, np.integer) or n1.shape != tuple(want):
+    raise ValueError(f"{path}: the state's exponent n1 must be an int array of shape "
+                     f"{tuple(want)} (granularity={config.granularity!r}), got "
+                     f"{n1.dtype}{list(n1.shape)}; the state does not belong to these params")
+  n1 = n1.astype(np.int64)
+  n2 = _codebook.n2_from_n1(n1, config.bits)
+  dtype = jnp.result_type(leaf)
+  if not _codebook.representable(n1, n2, dtype):
+    lo, hi = _codebook.dtype_exponent_range(dtype)
+    real = n1 != _codebook.ZERO_CODEBOOK
+    ok = (n1 <= hi) & (n2 - 1 >= lo)
+    bad = np.argwhere(np.atleast_1d(real & ~ok))[0]
+    v = int(np.atleast_1d(n1)[tuple(bad)])
+    raise ValueError(f"{path}: the state's exponent n1={v} gives the {config.bits}-bit "
+                     f"codebook 2^{int(_codebook.n2_from_n1(v, config.bits))}..2^{v}, but "
+                     f"{dtype} holds normal numbers 2^{lo}..2^{hi} (init never makes such "
+                     "an exponent); the state's exponents were edited or belong to "
+                     "another model")
 
 
 def init(params, config: INQConfig, *, pruned=None) -> INQState:
@@ -162,10 +194,15 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
 
   Raises:
     ValueError/TypeError naming the parameter path: a regex matching nothing, a
-    non-float selected leaf, NaN/Inf weights, or a codebook 2^(n2-1)..2^n1 that
-    the leaf's dtype cannot hold as normal numbers (e.g. float16 at 8 bits); with
-    `pruned`: a mask of the wrong tree, shape or dtype, a pruned weight that is
-    not zero, or pruned weights in a leaf `config` does not quantize.
+    selected leaf that is not a float array (e.g. a string or ints), float64
+    numpy weights while jax's x64 mode is off (jax would cast them to float32
+    silently), NaN/Inf weights, a layer (or channel) whose nonzero weights are
+    all subnormal, or a codebook 2^(n2-1)..2^n1 that the leaf's dtype cannot
+    hold as normal numbers (e.g. float16 at 8 bits); with `pruned`: a mask of
+    the wrong tree, shape or dtype, a pruned weight that is not zero, or pruned
+    weights in a leaf `config` does not quantize. TypeError under `jax.jit` or
+    another transformation: `init` runs eagerly (its checks need concrete
+    values); call it outside jit.
 
   Example:
     >>> state = init({"dense": {"kernel": w, "bias": b}}, INQConfig(bits=5))
@@ -177,20 +214,24 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   """
   if not isinstance(config, INQConfig):
     raise TypeError(f"config must be an INQConfig, got {type(config).__name__}")
+  _checks.check_eager("init", params, pruned)
   chosen = _selected(params, config)
   pruned_masks = None if pruned is None else _pruned_masks(params, pruned, config)
+  for path, leaf in chosen:
+    _checks.check_finite(path, leaf)
+    if jnp.size(leaf):
+      _check_not_subnormal(path, leaf, _axes(leaf, config))
   exponents = {}
   for path, leaf in chosen:
-    _check_finite(path, leaf)
     a = jnp.abs(jnp.asarray(leaf))
-    axes = tuple(range(a.ndim - 1)) if config.granularity == "channel" else None
+    axes = _axes(leaf, config)
     max_abs = jnp.max(a, axis=axes) if a.size else jnp.zeros(a.shape[-1:] if axes else ())
     if config.calibration == "mse" and a.size:
       n1, n2 = _codebook.mse_exponent_bounds(leaf, config.bits, axes)
     else:
       n1, n2 = _codebook.exponent_bounds(max_abs, config.bits)
     dtype = jnp.result_type(leaf)
-    if not isinstance(leaf, jax.core.Tracer) and not _codebook.representable(n1, n2, dtype):
+    if not _codebook.representable(n1, n2, dtype):
       lo, hi = _codebook.dtype_exponent_range(dtype)
       raise ValueError(
           f"{path}: the {config.bits}-bit codebook 2^{_show(n2)}..2^{_show(n1)} (max |w| "
@@ -204,14 +245,19 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
               if path in pruned_masks else jnp.zeros((), jnp.int32) for path in exponents}
 
   def mask(p, leaf):
-    path = path_str(p)
+    path = tree.path_str(p)
     if path in chosen_paths and pruned_masks is not None and path in pruned_masks:
-      return _place_like(pruned_masks[path], leaf)
+      return _checks.place_like(pruned_masks[path], leaf)
     return _mask_like(leaf, path in chosen_paths)
 
   masks = jax.tree_util.tree_map_with_path(mask, params)
   return INQState(masks=masks, exponents=exponents, step=jnp.zeros((), jnp.int32),
                   config=config, pruned=counts)
+
+
+def _axes(leaf, config: INQConfig):
+  """The axes one codebook spans: all (per layer) or all but the last (per channel)."""
+  return tuple(range(jnp.ndim(leaf) - 1)) if config.granularity == "channel" else None
 
 
 def _pruned_masks(params, keep, config: INQConfig):
@@ -220,27 +266,13 @@ def _pruned_masks(params, keep, config: INQConfig):
   Checks `keep` against `params`: same tree, bool masks of the leaf's shape (or
   scalars), pruning only leaves `config` quantizes, pruned weights exactly zero.
   """
-  flat, treedef = leaves_with_paths(params)
-  kflat, ktreedef = leaves_with_paths(keep)
-  if treedef != ktreedef:
-    have, want = {p for p, _ in flat}, {p for p, _ in kflat}
-    diff = sorted(have ^ want)
-    where = f"; differing paths: {diff[:6]}" if diff else ""
-    raise ValueError(f"pruned: the keep mask's tree does not match params ({len(kflat)} "
-                     f"mask leaves, {len(flat)} params){where}")
+  leaves, _ = tree.aligned(params, keep, what="pruned", noun="keep mask")
   out = {}
-  for (path, leaf), (_, m) in zip(flat, kflat):
+  for path, leaf, m in leaves:
     m = jnp.asarray(m)
     if m.dtype != jnp.bool_:
       raise TypeError(f"pruned: {path}: the keep mask must be bool (True = kept), got "
                       f"{m.dtype}")
-    if m.ndim and m.shape != jnp.shape(leaf):
-      raise ValueError(f"pruned: {path}: params have shape {jnp.shape(leaf)} but the "
-                       f"keep mask has shape {m.shape}")
-    if isinstance(m, jax.core.Tracer):
-      if config.selects(path):
-        out[path] = jnp.broadcast_to(~m, jnp.shape(leaf))
-      continue
     if bool(jnp.all(m)):
       continue
     frozen = jnp.broadcast_to(~m, jnp.shape(leaf))
@@ -249,53 +281,46 @@ def _pruned_masks(params, keep, config: INQConfig):
                        "does not quantize it, so nothing would keep them frozen at zero; "
                        "add it to INQConfig.include or do not prune it (and pass the keep "
                        "mask, True = kept, not its inverse)")
-    if not isinstance(leaf, jax.core.Tracer):
-      bad = np.asarray(frozen & (jnp.asarray(leaf) != 0))
-      if bad.any():
-        values = np.asarray(jnp.asarray(leaf, jnp.float32))
-        raise ValueError(
-            f"pruned: {path}: {int(bad.sum())} pruned weights (keep mask False) are not "
-            f"zero, first {_first_bad(bad, values)}; zero them with "
-            "inq_jax.prune.apply(params, keep) and pass the keep mask (True = kept), "
-            "not its inverse")
+    bad = np.asarray(frozen & (jnp.asarray(leaf) != 0))
+    if bad.any():
+      values = np.asarray(jnp.asarray(leaf, jnp.float32))
+      raise ValueError(
+          f"pruned: {path}: {int(bad.sum())} pruned weights (keep mask False) are not "
+          f"zero, first {_first_bad(bad, values)}; zero them with "
+          "inq_jax.prune.apply(params, keep) and pass the keep mask (True = kept), "
+          "not its inverse")
     out[path] = frozen
   return out
 
 
 def _mask_like(leaf, selected: bool):
-  if not selected:
-    return jnp.zeros((), bool)
-  return _place_like(jnp.zeros(jnp.shape(leaf), bool), leaf)
-
-
-def _place_like(x, leaf):
-  # Masks live where (and sharded how) their weights live: the per-leaf kernels
-  # then see the same input shardings every phase and compile only once.
-  if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-    return jax.device_put(x, leaf.sharding)
-  return x
+  # Unquantized leaves get a scalar False, replicated on the leaf's devices.
+  return _checks.place_like(
+      jnp.zeros(jnp.shape(leaf) if selected else (), bool), leaf)
 
 
 def _aligned(params, state: INQState):
-  """[(path, leaf, mask)] in flatten order; raises if `state` was made for other params."""
+  """[(path, leaf, mask)] in flatten order; raises if `state` was made for other params.
+
+  The mask is None for leaves the state does not quantize. Quantized leaves are
+  checked as `init` checked them (float dtype, exponent shape and range).
+  """
   if not isinstance(state, INQState):
     raise TypeError(f"state must be an INQState, got {type(state).__name__}")
-  flat, treedef = leaves_with_paths(params)
-  mflat, mtreedef = leaves_with_paths(state.masks)
-  if treedef != mtreedef:
-    have, want = {p for p, _ in flat}, {p for p, _ in mflat}
-    diff = sorted(have ^ want)
-    where = f"; differing paths: {diff[:6]}" if diff else ""
-    raise ValueError(f"state does not match params: it was made by init() for another "
-                     f"tree ({len(want)} leaves in the state, {len(flat)} in params){where}")
+  leaves, treedef = tree.aligned(
+      params, state.masks, what="state", noun="mask",
+      hint="; the state was made by init() for another tree")
   out = []
-  for (path, leaf), (_, mask) in zip(flat, mflat):
+  for path, leaf, mask in leaves:
     quantized = path in state.exponents
-    if quantized and jnp.shape(mask) != jnp.shape(leaf):
-      raise ValueError(f"{path}: params have shape {jnp.shape(leaf)} but the state's "
-                       f"mask has shape {jnp.shape(mask)}")
+    if quantized:
+      if jnp.shape(mask) != jnp.shape(leaf):
+        raise ValueError(f"{path}: params have shape {jnp.shape(leaf)} but the state's "
+                         f"mask has shape {jnp.shape(mask)}")
+      _checks.check_float_leaf(path, leaf, "quantize")
+      _check_exponents(path, leaf, state.exponents[path], state.config)
     out.append((path, leaf, mask if quantized else None))
-  missing = set(state.exponents) - {p for p, _ in flat}
+  missing = set(state.exponents) - {p for p, _, _ in leaves}
   if missing:
     raise ValueError(f"state quantizes {sorted(missing)[:6]} which are not in params")
   return out, treedef
@@ -342,8 +367,11 @@ def advance(params, state: INQState):
   Every quantized leaf gets frozen up to `round(portions[step] * size)` weights,
   the new ones chosen among its still-float weights and replaced by their codebook
   values. Weights frozen earlier and every leaf that is not quantized come back
-  bit-identical. Runs eagerly (once per phase) with a compiled kernel per leaf
-  shape; all checks happen before anything is computed.
+  bit-identical; unquantized leaves come back as copies (new buffers on the
+  same devices, same sharding), so a jitted step may donate the returned params
+  without deleting arrays the caller still holds. Runs eagerly (once per
+  phase) with a compiled kernel per leaf shape; all checks happen before
+  anything is computed. Call it outside `jax.jit`.
 
   After `init(..., pruned=keep)` a leaf with P pruned weights is frozen up to
   `P + round(portions[step] * (size - P))` (`frozen_count(size, portion, P)`);
@@ -354,22 +382,26 @@ def advance(params, state: INQState):
     state: the `INQState` from `init` or the previous `advance`.
 
   Returns:
-    `(params, state)` after the step; `state.masks` is what `freeze` needs next.
+    `(params, state)` after the step; `state.masks` is what
+    `inq_jax.optim.elementwise_freeze` needs next.
 
   Raises:
     ValueError naming the problem: all portions already applied, a state made for
-    another tree, NaN/Inf in a quantized leaf (path and value), or masks whose
-    frozen count is not the schedule's (e.g. a state rebuilt without `pruned`).
+    another tree, NaN/Inf or float64-without-x64 in a quantized leaf (path and
+    value), a state exponent `init` could not have made (edited, or from another
+    model: path and value), or masks whose frozen count is not the schedule's
+    (e.g. a state rebuilt without `pruned`). TypeError under `jax.jit` (call
+    `advance` outside jit).
 
   Example:
     >>> params, state = advance(params, state)
-    >>> tx = optax.chain(optax.sgd(1e-3, momentum=0.9), freeze(state.masks))
+    >>> tx = optax.chain(optax.sgd(1e-3, momentum=0.9),
+    ...                  inq_jax.optim.elementwise_freeze(state.masks))
 
   Reference: arXiv:1702.03044, Sec. 2.2-2.3.
   """
+  _checks.check_eager("advance", params, state)
   leaves, treedef = _aligned(params, state)
-  if isinstance(state.step, jax.core.Tracer):
-    raise TypeError("advance runs eagerly, once per phase; call it outside jax.jit")
   step = int(state.step)
   config = state.config
   if step >= config.num_steps:
@@ -378,18 +410,26 @@ def advance(params, state: INQState):
   portion = config.portions[step]
   for path, leaf, mask in leaves:
     if mask is not None:
-      _check_finite(path, leaf)
+      _checks.check_finite(path, leaf)
       _check_frozen_count(path, mask, state, step)
+      if step:
+        # Frozen weights must still be in their codebook: an edited exponent or
+        # weights moved by an optimizer that does not freeze them would otherwise
+        # be carried along silently.
+        _check_frozen_in_codebook(path, leaf, mask, state)
   new_leaves, new_masks = [], []
   for path, leaf, mask in leaves:
     if mask is None:
-      new_leaves.append(leaf)
-      new_masks.append(jnp.zeros((), bool))
+      # A copy, never the caller's buffer: a jitted step that donates the params
+      # `advance` returned must not delete arrays the caller still holds.
+      new_leaves.append(_checks.fresh_copy(leaf))
+      new_masks.append(_mask_like(leaf, False))
       continue
     n1, n2 = state.bounds(path)
     k = _partition.frozen_count(jnp.size(leaf), portion, state.pruned_count(path))
-    w, m = _advance_leaf(leaf, _place_like(mask, leaf), n1, n2, _leaf_key(config.seed, step, path),
-                         jnp.int32(k), strategy=config.strategy)
+    w, m = _advance_leaf(leaf, _checks.place_like(mask, leaf), n1, n2,
+                         _leaf_key(config.seed, step, path), jnp.int32(k),
+                         strategy=config.strategy)
     new_leaves.append(w)
     new_masks.append(m)
   new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
@@ -402,11 +442,30 @@ def advance(params, state: INQState):
 @jax.jit
 def _codes(w, n1, n2):
   """(in codebook?, a small int naming the value): 0 for zero, +-(exponent+2048)."""
-  ok = _codebook.in_codebook(w, n1, n2)
   x = w.astype(jnp.float32) if jnp.dtype(w.dtype).itemsize < 4 else w
-  _, e = jnp.frexp(jnp.abs(x))
-  code = jnp.where(x == 0, 0, jnp.sign(x).astype(jnp.int32) * (e.astype(jnp.int32) + 2048))
+  k, ok = _codebook.codebook_exponents(x, n1, n2, xp=jnp)
+  code = jnp.where(x == 0, 0, jnp.sign(x).astype(jnp.int32) * (k.astype(jnp.int32) + 2048))
   return ok, code
+
+
+def _check_frozen_in_codebook(path: str, leaf, mask, state: INQState):
+  """Raises naming `path` and a value if a frozen weight is outside its codebook.
+
+  Returns the value codes of `_codes`.
+  """
+  n1, n2 = state.bounds(path)
+  ok, code = _codes(jnp.asarray(leaf), n1, n2)
+  mask = np.asarray(mask)
+  bad = mask & ~np.asarray(ok)
+  if bad.any():
+    values = np.asarray(jnp.asarray(leaf, jnp.float32))
+    raise ValueError(f"{path}: frozen weight {_first_bad(bad, values)} is not in its "
+                     f"{state.config.bits}-bit codebook {{0, +-2^k: {_show(n2)} <= k <= "
+                     f"{_show(n1)}}} ({int(bad.sum())} such weights). If these params are "
+                     "an optimizer's copy (EMA, schedule-free eval params, lookahead), "
+                     "elementwise_freeze does not protect copies: round them with "
+                     "round_to_pow2 where state.masks is True, then verify")
+  return mask, code
 
 
 def verify(params, state: INQState) -> Dict[str, LeafSummary]:
@@ -422,26 +481,24 @@ def verify(params, state: INQState) -> Dict[str, LeafSummary]:
 
   Raises:
     ValueError naming the leaf and an offending value and index if a frozen
-    weight is not 0 or +-2^k with n2 <= k <= n1.
+    weight is not 0 or +-2^k with n2 <= k <= n1, or if a state exponent is one
+    `init` could not have made. `elementwise_freeze` keeps only the params
+    themselves frozen: an optimizer's own copies (EMA, schedule-free eval
+    params, lookahead slow weights) drift and must be rounded and verified
+    separately. TypeError under `jax.jit` (call `verify` outside jit).
 
   Example:
     >>> summary = verify(params, state)
     >>> max(s.distinct_values for s in summary.values()) <= 2 ** (bits - 1) + 1
   """
+  _checks.check_eager("verify", params, state)
   leaves, _ = _aligned(params, state)
-  bits = state.config.bits
   out = {}
   for path, leaf, mask in leaves:
     if mask is None:
       continue
     n1, n2 = state.bounds(path)
-    ok, code = _codes(jnp.asarray(leaf), n1, n2)
-    mask = np.asarray(mask)
-    bad = mask & ~np.asarray(ok)
-    if bad.any():
-      values = np.asarray(jnp.asarray(leaf, jnp.float32))
-      raise ValueError(f"{path}: frozen weight {_first_bad(bad, values)} is not in its "
-                       f"{bits}-bit codebook {{0, +-2^k: {_show(n2)} <= k <= {_show(n1)}}}")
+    mask, code = _check_frozen_in_codebook(path, leaf, mask, state)
     frozen_codes = np.asarray(code)[mask]
     distinct = int(np.count_nonzero(np.bincount(frozen_codes + 4096, minlength=1))) \
         if frozen_codes.size else 0

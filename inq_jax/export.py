@@ -7,11 +7,11 @@
 
 Every leaf INQ quantized (a path in `state.exponents`) is stored as b-bit codes
 (zero, sign, exponent index n1 - k; see `inq_jax._packing`) with its n1 (one per
-layer, or one per output channel), in whichever layout is smallest: "packed"
-(exactly b bits per weight), "packed+lzma" (those bytes compressed with LZMA2)
-or "sparse+lzma" (LZMA2 of a nonzero bitmap plus one byte per nonzero code; the
-entropy-coded layout that makes pruned layers, mostly zeros, small). Every other
-leaf (biases, BN parameters, `extras`) is stored raw in its own dtype.
+layer, or one per output channel), in the smallest layout the writer tries:
+"packed" (exactly b bits per weight), "codes+deflate" / "sparse+deflate"
+(Huffman-coded bytes, all codes or a nonzero bitmap plus the nonzero codes) or
+"packed+lzma" / "sparse+lzma" (LZMA2, for leaves with repeated runs). Every
+other leaf (biases, BN parameters, `extras`) is stored raw in its own dtype.
 
 File format, version 1 (all integers little-endian):
 
@@ -25,12 +25,22 @@ File format, version 1 (all integers little-endian):
             length (bytes, relative to the end of the header), crc32 of its
             section, group ("params"/"extras"), and for quantized leaves
             bits and n1 (an int, or a list with one per output channel)
-    data    the sections, back to back
+    data    the sections, back to back in leaf order, nothing else
 
 No pickle anywhere: the header is JSON and every section is plain bytes.
-Reading checks the magic, version, lengths and every CRC before it decodes,
-and refuses codes outside their codebook, so a damaged file raises a
-`ValueError` naming the file instead of returning wrong weights.
+
+Reading trusts nothing in the file. Before any section is decoded it checks
+the magic, version, lengths and CRCs, bounds the header's size
+(`MAX_HEADER_BYTES`) and nesting (`MAX_TREE_DEPTH`), and checks every header
+field's type and range: dtypes from a whitelist (`QUANTIZED_DTYPES`,
+`RAW_DTYPES`), every n1 with its whole codebook inside the stored dtype's
+normal numbers, each section's declared size possible for its layout, the
+sections tiling the data exactly, and the trees naming every leaf exactly once
+at its own path. Compressed sections are inflated with an output cap of the
+size their entry declares. Codes outside their codebook are refused. Any
+failure is a `ValueError` naming the file and what is wrong, never wrong
+weights; `inspect` is the one decode that `load` and `inq_jax.verify_file`
+share.
 
 Reference: Zhou et al., "Incremental Network Quantization", ICLR 2017,
 arXiv:1702.03044, Sec. 1 and 2.1 (b-bit power-of-two weights for deployment).
@@ -38,32 +48,61 @@ arXiv:1702.03044, Sec. 1 and 2.1 (b-bit power-of-two weights for deployment).
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import re
+import stat
 import sys
 from collections.abc import Mapping
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from inq_jax import _packing
-from inq_jax._codebook import ZERO_CODEBOOK
+from inq_jax._codebook import ZERO_CODEBOOK, dtype_exponent_range, n2_from_n1
 from inq_jax._state import INQState
 from inq_jax.tree import leaves_with_paths
 
 FORMAT = "inq_jax.export"
 
+# Dtypes a file may declare. Quantized leaves are floats; raw leaves also the
+# integer and bool types that batch statistics, step counters or masks in
+# `extras` use. Anything else (object, datetime, void, complex, ...) is refused
+# by `save` and by the reader alike.
+QUANTIZED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+RAW_DTYPES = QUANTIZED_DTYPES + ("int8", "int16", "int32", "int64", "uint8", "uint16",
+                                 "uint32", "uint64", "bool")
+# The header is read whole and parsed before any section: bound it. Far above
+# what a model needs (a few hundred bytes per leaf plus its n1 lists).
+MAX_HEADER_BYTES = 16 << 20
+# Nesting of the params/extras trees; the JSON header nests a few levels more.
+MAX_TREE_DEPTH = 64
+_MAX_JSON_DEPTH = MAX_TREE_DEPTH + 4
+MAX_NDIM = 32
+# Bound on any declared dimension and weight count, so sizes stay exact ints
+# far from overflow in numpy; the section-size checks bound them far tighter.
+_MAX_COUNT = 1 << 48
+
+_HEADER_KEYS = frozenset({"format", "version", "bits", "inq", "params", "extras", "leaves"})
+_ENTRY_KEYS = frozenset({"path", "group", "shape", "dtype", "kind", "layout", "offset",
+                         "length", "crc32"})
+_QUANTIZED_KEYS = _ENTRY_KEYS | {"bits", "n1"}
+
 
 # ------------------------------------------------------------------ trees
 
 
-def _flatten(tree, what: str, prefix: str = "") -> Tuple[dict, list]:
+def _flatten(tree, what: str, prefix: str = "", depth: int = 1) -> Tuple[dict, list]:
   """(nested dict of leaf indices, [(path, array)]) of a nested dict of arrays."""
   if not isinstance(tree, Mapping):
     raise TypeError(f"{what}: expected a nested dict of arrays, got "
                     f"{type(tree).__name__} at {prefix or 'the top'}; convert NNX "
                     "state with `state.to_pure_dict()`")
+  if depth > MAX_TREE_DEPTH:
+    raise ValueError(f"{what}: {prefix} nests deeper than {MAX_TREE_DEPTH} levels, which "
+                     "the reader refuses")
   skeleton, leaves = {}, []
   for key in sorted(tree, key=str):
     if not isinstance(key, str):
@@ -74,7 +113,7 @@ def _flatten(tree, what: str, prefix: str = "") -> Tuple[dict, list]:
     path = f"{prefix}/{key}" if prefix else key
     value = tree[key]
     if isinstance(value, Mapping):
-      skeleton[key], sub = _flatten(value, what, path)
+      skeleton[key], sub = _flatten(value, what, path, depth + 1)
       leaves += sub
     elif isinstance(value, (list, tuple)) or value is None:
       raise TypeError(f"{what}: {path} is a {type(value).__name__}; only nested dicts of "
@@ -96,16 +135,10 @@ def _number(skeleton: dict, counter: list) -> dict:
   return out
 
 
-def _unflatten(skeleton: dict, values: list, where: str) -> dict:
-  out = {}
-  for key, value in skeleton.items():
-    if isinstance(value, dict):
-      out[key] = _unflatten(value, values, where)
-    elif isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(values):
-      out[key] = values[value]
-    else:
-      raise ValueError(f"{where}: bad leaf index {value!r} at key {key!r}")
-  return out
+def _unflatten(skeleton: dict, values: list) -> dict:
+  """The nested dict of `values` a checked skeleton (see `_File._tree`) names."""
+  return {key: _unflatten(v, values) if isinstance(v, dict) else values[v]
+          for key, v in skeleton.items()}
 
 
 def _host(leaf, path: str) -> np.ndarray:
@@ -122,11 +155,8 @@ def _little_endian(a: np.ndarray) -> bytes:
   return a.tobytes()
 
 
-def _dtype(name: str):
-  try:
-    return np.dtype(jnp.dtype(name))  # jnp knows bfloat16 and friends
-  except TypeError:
-    raise ValueError(f"unknown dtype {name!r}") from None
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(jnp.dtype(name))  # jnp knows bfloat16; names are whitelisted first
 
 
 def _show(n1) -> str:
@@ -134,11 +164,31 @@ def _show(n1) -> str:
   return str(int(n1)) if n1.ndim == 0 else f"{int(n1.min())}..{int(n1.max())}"
 
 
+def _n1_problem(n1_values, bits: int, dtype_name: str) -> Optional[str]:
+  """Why a list of n1 (Python ints) cannot describe `dtype_name` weights, or None.
+
+  Every value of a codebook 2^n2..2^n1 must be a normal number of the stored
+  dtype, so that decoding is exact; compared as Python ints, which cannot
+  overflow (a float64 comparison would: 2^2000 is inf there).
+  """
+  lo, hi = dtype_exponent_range(jnp.dtype(dtype_name))
+  shift = int(n2_from_n1(0, bits))
+  for n1 in n1_values:
+    if n1 != ZERO_CODEBOOK and not (n1 <= hi and n1 + shift >= lo):
+      return (f"codebook 2^{n1 + shift}..2^{n1} does not fit {dtype_name}, whose normal "
+              f"powers of two are 2^{lo}..2^{hi}")
+  return None
+
+
 # ------------------------------------------------------------------ save
 
 
 def _quantized_section(path, w, n1, bits, compress):
   """(section bytes, header entry fields) of one quantized leaf, after every check."""
+  n1_json = int(n1) if np.ndim(n1) == 0 else [int(v) for v in np.asarray(n1)]
+  problem = _n1_problem(np.atleast_1d(n1_json).tolist(), bits, str(w.dtype))
+  if problem:
+    raise ValueError(f"{path}: {problem}; nothing was written")
   codes, valid = _packing.encode(w, n1, bits)
   if not valid.all():
     idx = tuple(int(i) for i in np.argwhere(~valid)[0])
@@ -146,20 +196,57 @@ def _quantized_section(path, w, n1, bits, compress):
     if int(n1_here) == ZERO_CODEBOOK:
       book = "{0} (an all-zero layer or channel)"
     else:
-      book = (f"{{0, +-2^k: {int(_packing.n2_of(n1_here, bits))} <= k <= "
+      book = (f"{{0, +-2^k: {int(n2_from_n1(int(n1_here), bits))} <= k <= "
               f"{int(n1_here)}}}")
     raise ValueError(f"{path}: weight {float(np.asarray(w)[idx])!r} at index {idx} is not "
                      f"in its {bits}-bit codebook {book}; {int((~valid).sum())} such "
                      "weights; nothing was written")
-  back = _packing.decode(codes, n1, bits).astype(w.dtype)
-  if _little_endian(back) != _little_endian(w):  # guards the exact round trip
+  # Guards the exact round trip through the very table `load` decodes with.
+  back = _packing.decode_values(codes, n1, bits, w.dtype)
+  if back.view(f"u{w.dtype.itemsize}").tobytes() != \
+      np.ascontiguousarray(w).view(f"u{w.dtype.itemsize}").tobytes():
     raise ValueError(f"{path}: the {w.dtype} weights do not survive the code round trip")
-  layouts = _packing.QUANTIZED_LAYOUTS if compress else (_packing.LAYOUT_PACKED,)
-  candidates = _packing.encode_sections(codes, bits, layouts)
-  layout = min(layouts, key=lambda name: len(candidates[name]))  # ties: the simpler one
-  data = candidates[layout]
-  n1_json = int(n1) if np.ndim(n1) == 0 else [int(v) for v in np.asarray(n1)]
+  layout, data = _packing.encode_best(codes, bits, compress)
   return data, {"kind": "quantized", "layout": layout, "bits": bits, "n1": n1_json}
+
+
+def _remove_stale_temporaries(path: str) -> None:
+  """Deletes `<path>.tmp<PID>` files that no live process is writing.
+
+  A save killed between creating its temporary and renaming it leaves one
+  behind. A temporary is stale when its PID is this process (an earlier save
+  here that died half-way cannot still be writing) or names no live process;
+  one whose PID is alive is left alone, since another process may be saving
+  the same path right now. The liveness test is local: writers on other hosts
+  sharing the directory are not seen (only one process should write a path).
+  """
+  if os.name != "posix":  # os.kill(pid, 0) is only a liveness probe on POSIX
+    return
+  directory, base = os.path.split(os.path.abspath(path))
+  pattern = re.compile(re.escape(base) + r"\.tmp([0-9]{1,12})\Z")
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return
+  for name in names:
+    match = pattern.match(name)
+    if not match:
+      continue
+    pid = int(match.group(1))
+    if pid != os.getpid() and pid > 0:
+      try:
+        os.kill(pid, 0)
+        continue  # alive
+      except PermissionError:
+        continue  # alive, another user's
+      except (ProcessLookupError, OverflowError):
+        pass
+      except OSError:
+        continue
+    try:
+      os.remove(os.path.join(directory, name))
+    except OSError:
+      pass
 
 
 def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]] = None,
@@ -168,7 +255,9 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
 
   Args:
     path: the output file (conventionally `*.inq`); written to a temporary file
-      next to it and renamed, so a crash never leaves a half-written file.
+      `<path>.tmp<PID>` next to it and renamed, so a crash never leaves a
+      half-written file. Temporaries of `path` left by killed saves (their PID
+      no longer running) are deleted first.
     params: nested dict of arrays, the params after the last `inq.advance`
       (and any retraining). NNX: pass `nnx.state(model, nnx.Param).to_pure_dict()`.
     state: the `INQState` of the finished run; every leaf in `state.exponents`
@@ -176,8 +265,9 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
       codebook.
     extras: optional {name: nested dict of arrays} stored raw alongside, e.g.
       {"batch_stats": variables["batch_stats"]}.
-    compress: also try the LZMA layouts and keep the smallest per leaf (slow
-      for very large layers: LZMA runs at a few MB/s); False: "packed" only.
+    compress: choose each quantized leaf's smallest layout (Huffman-coded
+      DEFLATE for typical layers; LZMA only where a sample shows repeated
+      runs); False: "packed" only.
 
   Returns:
     {"bytes": file size, "float32_bytes": 4 * number of param weights,
@@ -188,8 +278,9 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
   Raises:
     TypeError/ValueError naming the parameter path and value, before anything
     is written: a tree that is not a nested dict of arrays, a state made for
-    other params, a quantized leaf not fully frozen, or a weight outside its
-    codebook.
+    other params, a quantized leaf not fully frozen, a weight outside its
+    codebook, a codebook outside the leaf dtype's normal numbers, or a dtype
+    the format does not store (see `RAW_DTYPES`).
 
   Example:
     >>> stats = save("lenet.inq", params, state)
@@ -208,7 +299,7 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
   for name in sorted(extras):
     if not isinstance(name, str) or not name or "/" in name:
       raise ValueError(f"extras: name {name!r} must be a non-empty string without '/'")
-    extra_skeletons[name], sub = _flatten(extras[name], f"extras[{name!r}]")
+    extra_skeletons[name], sub = _flatten(extras[name], f"extras[{name!r}]", depth=2)
     extra_flat += [(f"{name}/{p}", x) for p, x in sub]
   paths = {p for p, _ in flat}
   missing = sorted(set(state.exponents) - paths)
@@ -217,7 +308,7 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
                      f"look like {sorted(paths)[:6]})")
   masks = dict(leaves_with_paths(state.masks)[0])
 
-  sections, entries, quantized_weights, quantized_bytes, layouts = [], [], 0, 0, {}
+  entries, sections, jobs = [], [], []
   total_weights = 0
   for group, items in (("params", flat), ("extras", extra_flat)):
     for leaf_path, leaf in items:
@@ -227,8 +318,8 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
       if group == "params":
         total_weights += w.size
       if group == "params" and leaf_path in state.exponents:
-        if not jnp.issubdtype(w.dtype, jnp.floating):
-          raise TypeError(f"{leaf_path}: dtype {w.dtype} is not floating point")
+        if str(w.dtype) not in QUANTIZED_DTYPES:
+          raise TypeError(f"{leaf_path}: dtype {w.dtype} is not one of {QUANTIZED_DTYPES}")
         mask = masks.get(leaf_path)
         if mask is None or np.shape(mask) != w.shape or not np.asarray(mask).all():
           frozen = 0 if mask is None else int(np.sum(np.asarray(mask)))
@@ -237,16 +328,40 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
               f"(INQ step {int(state.step)} of {state.config.num_steps}); finish every "
               "portion with inq.advance before exporting; nothing was written")
         n1 = np.asarray(state.exponents[leaf_path]).astype(np.int64)
-        data, fields = _quantized_section(leaf_path, w, n1, bits, compress)
-        entry.update(fields)
-        quantized_weights += w.size
-        quantized_bytes += len(data)
-        layouts[leaf_path] = fields["layout"]
+        jobs.append((len(entries), leaf_path, w, n1))
+        sections.append(None)  # filled in below
       else:
-        data = _little_endian(w)
+        if str(w.dtype) not in RAW_DTYPES:
+          raise TypeError(f"{leaf_path}: dtype {w.dtype} cannot be stored; the format "
+                          f"keeps {RAW_DTYPES}")
+        sections.append(_little_endian(w))
         entry.update({"kind": "raw", "layout": _packing.LAYOUT_RAW})
-      sections.append(data)
       entries.append(entry)
+
+  # Encoding and compression release the GIL (numpy, zlib, lzma): layers run
+  # in parallel, largest first so the last one to finish is small. Errors are
+  # raised for the first bad leaf in file order, whatever finished first.
+  order = sorted(jobs, key=lambda job: -job[2].size)
+  workers = max(1, min(len(order), os.cpu_count() or 1, 8))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = {job[0]: pool.submit(_quantized_section, job[1], job[2], job[3], bits,
+                                   compress) for job in order}
+    done = {}
+    for index, _, _, _ in jobs:
+      try:
+        done[index] = futures[index].result()
+      except BaseException:
+        for f in futures.values():
+          f.cancel()
+        raise
+  quantized_weights, quantized_bytes, layouts = 0, 0, {}
+  for index, leaf_path, w, _ in jobs:
+    data, fields = done[index]
+    entries[index].update(fields)
+    sections[index] = data
+    quantized_weights += w.size
+    quantized_bytes += len(data)
+    layouts[leaf_path] = fields["layout"]
 
   offset = 0
   for entry, data in zip(entries, sections):
@@ -261,10 +376,14 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
       "leaves": entries,
   }
   header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+  if len(header_bytes) > MAX_HEADER_BYTES:
+    raise ValueError(f"the header would take {len(header_bytes)} bytes, more than the "
+                     f"{MAX_HEADER_BYTES} a reader accepts; nothing was written")
   file_len = _packing.PREFIX.size + len(header_bytes) + offset
   prefix = _packing.prefix(len(header_bytes), file_len, _packing.crc32(header_bytes))
 
   path = os.fspath(path)
+  _remove_stale_temporaries(path)
   tmp = f"{path}.tmp{os.getpid()}"
   try:
     with open(tmp, "wb") as f:
@@ -287,6 +406,93 @@ def save(path: str, params, state: INQState, *, extras: Optional[Dict[str, Any]]
 # ------------------------------------------------------------------ read
 
 
+def _read(path: str, offset: int, length: int) -> Tuple[bytes, int]:
+  """(up to `length` bytes of the file from `offset`, the file's size).
+
+  The one place the reader touches storage. Only regular files: a FIFO or a
+  device (/dev/zero) could block or never end, so they are refused before
+  reading, and opened non-blocking so one swapped in after the check cannot
+  block either.
+  """
+  try:
+    mode = os.stat(path).st_mode
+    regular = stat.S_ISREG(mode)
+    if regular:
+      fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) |
+                   getattr(os, "O_BINARY", 0))
+  except FileNotFoundError:
+    raise ValueError(f"{path}: does not exist") from None
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read the file ({e.strerror})") from None
+  except ValueError as e:  # e.g. an embedded NUL in the name
+    raise ValueError(f"{path!r}: cannot read the file ({e})") from None
+  if not regular:
+    raise ValueError(f"{path}: not a regular file")
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise ValueError(f"{path}: not a regular file")
+    with os.fdopen(fd, "rb") as f:
+      fd = None
+      f.seek(offset)
+      return f.read(max(0, min(length, st.st_size - offset))), st.st_size
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read the file ({e.strerror})") from None
+  finally:
+    if fd is not None:
+      os.close(fd)
+
+
+def _json_depth(raw: bytes) -> int:
+  """The deepest nesting of [ and { outside strings in JSON text, in linear time.
+
+  Run before `json.loads`, whose recursion a deeply nested header would
+  exhaust. Only the few structural bytes are looked at: a quote is escaped
+  when an odd run of backslashes precedes it.
+  """
+  b = np.frombuffer(raw, np.uint8)
+  where = np.flatnonzero((b == 0x22) | (b == 0x5C) | (b == 0x5B) | (b == 0x7B) |
+                         (b == 0x5D) | (b == 0x7D))
+  if where.size == 0:
+    return 0
+  ch = b[where]
+  backslash = ch == 0x5C
+  m = where.size
+  idx = np.arange(m)
+  adjacent = np.zeros(m, bool)
+  adjacent[1:] = where[1:] == where[:-1] + 1
+  follows_backslash = np.zeros(m, bool)
+  follows_backslash[1:] = backslash[:-1] & adjacent[1:]
+  # Length of the run of adjacent backslashes ending at each backslash.
+  run_start = np.maximum.accumulate(np.where(backslash & ~follows_backslash, idx, 0))
+  run = np.where(backslash, idx - run_start + 1, 0)
+  run_before = np.zeros(m, np.int64)
+  run_before[1:] = np.where(follows_backslash[1:], run[:-1], 0)
+  quote = (ch == 0x22) & (run_before % 2 == 0)
+  inside = np.cumsum(quote) % 2 == 1  # for a bracket: an odd number of quotes before it
+  delta = np.where(inside | backslash | (ch == 0x22), 0,
+                   np.where((ch == 0x5B) | (ch == 0x7B), 1, -1))
+  return int(max(0, np.cumsum(delta).max()))
+
+
+def _no_duplicate_keys(pairs):
+  out = {}
+  for key, value in pairs:
+    if key in out:
+      raise ValueError(f"duplicate key {key!r}")
+    out[key] = value
+  return out
+
+
+def _no_constant(name):
+  raise ValueError(f"{name} is not JSON")
+
+
+def _brief(value) -> str:
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + "..."
+
+
 class QuantizedCodes(NamedTuple):
   """The stored codes of one quantized leaf, as `read_codes` returns them."""
   path: str
@@ -294,146 +500,329 @@ class QuantizedCodes(NamedTuple):
   bits: int
   n1: np.ndarray      # int64: a scalar, or one per output channel (last axis)
   dtype: np.dtype
-  layout: str         # "packed", "packed+lzma" or "sparse+lzma"
+  layout: str         # one of inq_jax._packing.QUANTIZED_LAYOUTS
   stored_bytes: int   # bytes of the section on disk
 
 
+class _Leaf(NamedTuple):
+  """A checked header entry."""
+  index: int
+  path: str
+  group: str
+  kind: str
+  shape: Tuple[int, ...]
+  dtype: np.dtype
+  layout: str
+  offset: int
+  length: int
+  crc32: int
+  bits: Optional[int]
+  n1: Optional[np.ndarray]
+
+
+class DecodedLeaf(NamedTuple):
+  """One leaf as `inspect` decoded it."""
+  path: str
+  group: str          # "params" or "extras"
+  kind: str           # "quantized" or "raw"
+  layout: str
+  shape: Tuple[int, ...]
+  dtype: np.dtype
+  stored_bytes: int
+  codes: Optional[QuantizedCodes]  # quantized leaves only
+  invalid: int        # codes outside the codebook (quantized leaves)
+  first_invalid: Optional[Tuple[int, ...]]
+  value: Optional[np.ndarray]      # None when a code is invalid
+
+
+class ExportFile(NamedTuple):
+  """A fully decoded export file (`inspect`)."""
+  path: str
+  size: int                  # bytes
+  header: dict
+  leaves: List[DecodedLeaf]  # in file order
+
+  def invalid(self) -> List[DecodedLeaf]:
+    return [leaf for leaf in self.leaves if leaf.invalid]
+
+  def trees(self) -> Tuple[dict, Dict[str, dict]]:
+    """(params, extras), or ValueError for the first leaf with an invalid code."""
+    for leaf in self.leaves:
+      if leaf.invalid:
+        q = leaf.codes
+        raise ValueError(f"{self.path}: {leaf.path}: code "
+                         f"{int(q.codes[leaf.first_invalid])} at index {leaf.first_invalid} "
+                         f"is not in the {q.bits}-bit codebook (n1 {_show(q.n1)})")
+    values = [leaf.value for leaf in self.leaves]
+    params = _unflatten(self.header["params"], values)
+    extras = {name: _unflatten(s, values) for name, s in self.header["extras"].items()}
+    return params, extras
+
+
 class _File:
-  """An opened export file: prefix and header checked, sections read on demand."""
+  """An export file with its prefix and every header field checked."""
 
   def __init__(self, path):
-    self.path = os.fspath(path)
-    try:
-      with open(self.path, "rb") as f:
-        self.blob = f.read()
-    except OSError as e:
-      raise ValueError(f"{self.path}: cannot read the file ({e.strerror})") from None
-    self.header = self._header()
+    self.path = path if isinstance(path, str) else os.fsdecode(os.fspath(path))
+    self.size, self.header, self.leaves = self._open()
 
   def error(self, what: str) -> ValueError:
     return ValueError(f"{self.path}: {what}")
 
-  def _header(self) -> dict:
-    blob, n = self.blob, _packing.PREFIX.size
-    if len(blob) < len(_packing.MAGIC) and _packing.MAGIC.startswith(blob):
-      raise self.error(f"truncated: {len(blob)} bytes, shorter than the magic")
-    if blob[:len(_packing.MAGIC)] != _packing.MAGIC:
-      raise self.error(f"not an inq_jax export (magic {blob[:8]!r}, expected "
+  # -------------------------------------------------------------- framing
+
+  def _open(self):
+    n = _packing.PREFIX.size
+    head, size = _read(self.path, 0, n)
+    if len(head) < len(_packing.MAGIC) and _packing.MAGIC.startswith(head):
+      raise self.error(f"truncated: {len(head)} bytes, shorter than the magic")
+    if head[:len(_packing.MAGIC)] != _packing.MAGIC:
+      raise self.error(f"not an inq_jax export (magic {head[:8]!r}, expected "
                        f"{_packing.MAGIC!r})")
-    if len(blob) < n:
-      raise self.error(f"truncated: {len(blob)} bytes, shorter than the {n}-byte prefix")
-    magic, version, header_len, file_len, header_crc, prefix_crc = \
-        _packing.PREFIX.unpack(blob[:n])
-    del magic
+    if len(head) < n:
+      raise self.error(f"truncated: {len(head)} bytes, shorter than the {n}-byte prefix")
+    _, version, header_len, file_len, header_crc, prefix_crc = _packing.PREFIX.unpack(head)
     if version != _packing.VERSION:
       raise self.error(f"format version {version}; this reader supports version "
                        f"{_packing.VERSION}")
-    if _packing.crc32(blob[:n - 4]) != prefix_crc:
+    if _packing.crc32(head[:n - 4]) != prefix_crc:
       raise self.error("corrupt: the prefix CRC32 does not match")
-    if len(blob) < file_len:
-      raise self.error(f"truncated: {len(blob)} bytes, the file says {file_len}")
-    if len(blob) > file_len:
-      raise self.error(f"{len(blob) - file_len} unexpected bytes after the end "
+    if size < file_len:
+      raise self.error(f"truncated: {size} bytes, the file says {file_len}")
+    if size > file_len:
+      raise self.error(f"{size - file_len} unexpected bytes after the end "
                        f"({file_len} bytes)")
+    if header_len > MAX_HEADER_BYTES:
+      raise self.error(f"corrupt: a header of {header_len} bytes exceeds the "
+                       f"{MAX_HEADER_BYTES}-byte limit")
     if n + header_len > file_len:
       raise self.error(f"corrupt: header length {header_len} runs past the end")
-    raw = blob[n:n + header_len]
+    rest, size_now = _read(self.path, n, file_len - n)
+    if size_now != size or len(rest) != file_len - n:
+      raise self.error("the file changed while it was being read")
+    raw = rest[:header_len]
     if _packing.crc32(raw) != header_crc:
       raise self.error("corrupt: the header CRC32 does not match")
+    self.data = memoryview(rest)[header_len:]
+    depth = _json_depth(raw)
+    if depth > _MAX_JSON_DEPTH:
+      raise self.error(f"corrupt: the header nests {depth} levels deep, more than "
+                       f"{_MAX_JSON_DEPTH}")
     try:
-      header = json.loads(raw.decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise self.error(f"corrupt: the header is not JSON ({e})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT or \
-        header.get("version") != version:
-      raise self.error("corrupt: the header does not describe an inq_jax export")
-    self.data_start = n + header_len
-    self.data_len = file_len - self.data_start
-    return header
+      header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+      raise self.error(f"corrupt: the header is not valid JSON ({e})") from None
+    leaves = self._check_header(header, version)
+    return size, header, leaves
 
-  def entries(self):
-    leaves = self.header.get("leaves")
-    if not isinstance(leaves, list):
-      raise self.error("corrupt: the header has no leaf list")
+  # -------------------------------------------------------------- header
+
+  def _int(self, value, what: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+      raise self.error(f"{what} is {_brief(value)}, not an integer in [{lo}, {hi}]")
+    return value
+
+  def _check_header(self, header, version) -> List[_Leaf]:
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+      raise self.error("corrupt: the header does not describe an inq_jax export")
+    keys = set(header)
+    if keys != _HEADER_KEYS:
+      raise self.error(f"corrupt: header fields {sorted(keys ^ _HEADER_KEYS)} missing or "
+                       "unknown")
+    if header["version"] != version or isinstance(header["version"], bool):
+      raise self.error(f"corrupt: header version {_brief(header['version'])} disagrees "
+                       f"with the prefix's {version}")
+    bits = self._int(header["bits"], "header bits", 2, 8)
+    for name in ("inq", "params", "extras"):
+      if not isinstance(header[name], dict):
+        raise self.error(f"corrupt: header {name!r} is a {type(header[name]).__name__}, "
+                         "not an object")
+    entries = header["leaves"]
+    if not isinstance(entries, list):
+      raise self.error(f"corrupt: header 'leaves' is a {type(entries).__name__}, not a list")
+    leaves, end = [], 0
+    for i, entry in enumerate(entries):
+      leaf = self._check_entry(i, entry, bits, end)
+      end = leaf.offset + leaf.length
+      leaves.append(leaf)
+    if end != len(self.data):
+      raise self.error(f"corrupt: the sections end at data byte {end}, the data has "
+                       f"{len(self.data)}")
+    # Every leaf exactly once, at its own path, in the tree of its group.
+    owner = {}
+    self._tree(header["params"], "params", "", "params", leaves, owner, 1)
+    for name, skeleton in header["extras"].items():
+      if not isinstance(name, str) or not name or "/" in name:
+        raise self.error(f"corrupt: extras name {_brief(name)} is empty or contains '/'")
+      if not isinstance(skeleton, dict):
+        raise self.error(f"corrupt: extras[{name!r}] is a {type(skeleton).__name__}, "
+                         "not an object")
+      self._tree(skeleton, f"extras[{name!r}]", name, "extras", leaves, owner, 2)
+    unnamed = [leaf.path for leaf in leaves if leaf.index not in owner]
+    if unnamed:
+      raise self.error(f"corrupt: leaves {unnamed[:4]} appear in no tree")
     return leaves
 
-  def section(self, entry) -> bytes:
-    try:
-      offset, length, crc = int(entry["offset"]), int(entry["length"]), int(entry["crc32"])
-      where = entry["path"]
-    except (KeyError, TypeError, ValueError):
-      raise self.error(f"corrupt: malformed leaf entry {str(entry)[:200]}") from None
-    if offset < 0 or length < 0 or offset + length > self.data_len:
+  def _check_entry(self, i, entry, bits, start) -> _Leaf:
+    if not isinstance(entry, dict):
+      raise self.error(f"corrupt: leaf entry {i} is a {type(entry).__name__}, not an object")
+    path = entry.get("path")
+    if not isinstance(path, str) or not path or len(path) > 4096:
+      raise self.error(f"corrupt: leaf entry {i} has path {_brief(path)}")
+    where = f"{path} (leaf {i})"
+    kind = entry.get("kind")
+    if kind not in ("quantized", "raw"):
+      raise self.error(f"{where}: unknown leaf kind {_brief(kind)}")
+    expected = _QUANTIZED_KEYS if kind == "quantized" else _ENTRY_KEYS
+    if set(entry) != expected:
+      missing, unknown = sorted(expected - set(entry)), sorted(set(entry) - expected)
+      raise self.error(f"{where}: malformed {kind} leaf entry (missing {missing}, "
+                       f"unknown {unknown})")
+    group = entry["group"]
+    if group not in ("params", "extras"):
+      raise self.error(f"{where}: group {_brief(group)} is neither 'params' nor 'extras'")
+    allowed = QUANTIZED_DTYPES if kind == "quantized" else RAW_DTYPES
+    name = entry["dtype"]
+    if name not in allowed or not isinstance(name, str):
+      raise self.error(f"{where}: dtype {_brief(name)} is not one of {allowed}")
+    dtype = _dtype(name)
+    shape = entry["shape"]
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+      raise self.error(f"{where}: shape {_brief(shape)} is not a list of at most "
+                       f"{MAX_NDIM} sizes")
+    shape = tuple(self._int(s, f"{where}: a dimension", 0, _MAX_COUNT) for s in shape)
+    count = 1
+    for s in shape:
+      count *= s
+    if count > _MAX_COUNT:
+      raise self.error(f"{where}: shape {shape} holds {count} weights, more than "
+                       f"{_MAX_COUNT}")
+    layout = entry["layout"]
+    offset = self._int(entry["offset"], f"{where}: offset", 0, len(self.data))
+    length = self._int(entry["length"], f"{where}: length", 0, len(self.data))
+    crc = self._int(entry["crc32"], f"{where}: crc32", 0, 0xFFFFFFFF)
+    if offset != start:
+      raise self.error(f"{where}: section at data byte {offset}; sections lie back to "
+                       f"back, so it must start at {start}")
+    if offset + length > len(self.data):
       raise self.error(f"{where}: section [{offset}, {offset + length}) lies outside the "
-                       f"{self.data_len} data bytes")
-    data = self.blob[self.data_start + offset:self.data_start + offset + length]
-    if _packing.crc32(data) != crc:
-      raise self.error(f"{where}: corrupt section, CRC32 mismatch")
+                       f"{len(self.data)} data bytes")
+    leaf_bits, n1 = None, None
+    if kind == "raw":
+      if layout != _packing.LAYOUT_RAW:
+        raise self.error(f"{where}: raw leaf with layout {_brief(layout)}")
+      if length != count * dtype.itemsize:
+        raise self.error(f"{where}: {length} bytes, expected {count * dtype.itemsize} "
+                         f"for {shape} {name}")
+    else:
+      if group != "params":
+        raise self.error(f"{where}: a quantized leaf in group {group!r}; only params are "
+                         "quantized")
+      if layout not in _packing.QUANTIZED_LAYOUTS:
+        raise self.error(f"{where}: unknown layout {_brief(layout)}; expected one of "
+                         f"{_packing.QUANTIZED_LAYOUTS}")
+      leaf_bits = self._int(entry["bits"], f"{where}: bits", 2, 8)
+      if leaf_bits != bits:
+        raise self.error(f"{where}: {leaf_bits}-bit codes in a {bits}-bit file")
+      raw_n1 = entry["n1"]
+      if isinstance(raw_n1, list):
+        if not shape or len(raw_n1) != shape[-1]:
+          raise self.error(f"{where}: {len(raw_n1)} per-channel n1 for weights of shape "
+                           f"{shape} (one per entry of the last axis)")
+        values = raw_n1
+      else:
+        values = [raw_n1]
+      values = [self._int(v, f"{where}: n1", -(1 << 62), 1 << 62) for v in values]
+      problem = _n1_problem(values, bits, name)
+      if problem:
+        raise self.error(f"{where}: {problem}")
+      n1 = np.asarray(values if isinstance(raw_n1, list) else values[0], np.int64)
+      least = _packing.min_section_bytes(layout, count, bits)
+      if length < least or (layout == _packing.LAYOUT_PACKED and length != least):
+        raise self.error(f"{where}: a {layout} section of {length} bytes cannot hold "
+                         f"{count} {bits}-bit codes (shape {shape})")
+    return _Leaf(i, path, group, kind, shape, dtype, layout, offset, length, crc, leaf_bits,
+                 n1)
+
+  def _tree(self, skeleton, what, prefix, group, leaves, owner, depth):
+    if depth > MAX_TREE_DEPTH:
+      raise self.error(f"corrupt: {what} nests deeper than {MAX_TREE_DEPTH} levels")
+    for key, value in skeleton.items():
+      if not key or "/" in key:
+        raise self.error(f"corrupt: {what} key {key!r} under {prefix or 'the top'} is "
+                         "empty or contains '/'")
+      path = f"{prefix}/{key}" if prefix else key
+      if isinstance(value, dict):
+        self._tree(value, what, path, group, leaves, owner, depth + 1)
+        continue
+      index = self._int(value, f"corrupt: {what} index at {path}", 0, len(leaves) - 1)
+      if index in owner:
+        raise self.error(f"corrupt: leaf {index} appears at both {owner[index]} and {path}")
+      owner[index] = path
+      leaf = leaves[index]
+      if leaf.path != path or leaf.group != group:
+        raise self.error(f"corrupt: {what} names leaf {index} at {path}, but that leaf is "
+                         f"{leaf.path} in {leaf.group}")
+
+  # -------------------------------------------------------------- sections
+
+  def section(self, leaf: _Leaf) -> bytes:
+    data = bytes(self.data[leaf.offset:leaf.offset + leaf.length])
+    if _packing.crc32(data) != leaf.crc32:
+      raise self.error(f"{leaf.path}: corrupt section, CRC32 mismatch")
     return data
 
-  def codes(self, entry) -> QuantizedCodes:
-    where = entry.get("path", "?")
+  def codes(self, leaf: _Leaf) -> QuantizedCodes:
+    data = self.section(leaf)
+    count = int(np.prod(leaf.shape, dtype=np.int64))
     try:
-      shape, bits, layout = tuple(int(s) for s in entry["shape"]), int(entry["bits"]), \
-          entry["layout"]
-      n1 = np.asarray(entry["n1"], np.int64)
-      dtype = _dtype(entry["dtype"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise self.error(f"{where}: malformed quantized leaf entry ({e})") from None
-    if not 2 <= bits <= 8 or layout not in _packing.QUANTIZED_LAYOUTS or \
-        n1.ndim > 1 or (n1.ndim == 1 and (not shape or n1.shape[0] != shape[-1])):
-      raise self.error(f"{where}: malformed quantized leaf entry (bits {bits}, layout "
-                       f"{layout!r}, n1 of shape {n1.shape} for weights {shape})")
-    data = self.section(entry)
-    count = int(np.prod(shape, dtype=np.int64))
-    try:
-      codes = _packing.decode_section(data, layout, count, bits).reshape(shape)
+      codes = _packing.decode_section(data, leaf.layout, count, leaf.bits)
     except ValueError as e:
-      raise self.error(f"{where}: corrupt {layout} section: {e}") from None
-    return QuantizedCodes(where, codes, bits, n1, dtype, layout, int(entry["length"]))
+      raise self.error(f"{leaf.path}: corrupt {leaf.layout} section: {e}") from None
+    return QuantizedCodes(leaf.path, codes.reshape(leaf.shape), leaf.bits, leaf.n1,
+                          leaf.dtype, leaf.layout, leaf.length)
 
-  def value(self, entry) -> np.ndarray:
-    where = entry.get("path", "?")
-    kind = entry.get("kind")
-    if kind == "quantized":
-      q = self.codes(entry)
-      ok = _packing.valid_codes(q.codes, q.n1, q.bits)
-      if not ok.all():
-        idx = tuple(int(i) for i in np.argwhere(~ok)[0])
-        raise self.error(f"{where}: code {int(q.codes[idx])} at index {idx} is not in the "
-                         f"{q.bits}-bit codebook (n1 {_show(q.n1)})")
-      exact = _packing.decode(q.codes, q.n1, q.bits)
-      with np.errstate(over="ignore"):
-        out = exact.astype(q.dtype)
-      if not np.array_equal(out.astype(np.float64), exact):
-        raise self.error(f"{where}: codebook 2^..2^{_show(q.n1)} does not fit {q.dtype}")
-      return out
-    if kind != "raw":
-      raise self.error(f"{where}: unknown leaf kind {kind!r}")
-    try:
-      shape, dtype = tuple(int(s) for s in entry["shape"]), _dtype(entry["dtype"])
-    except (KeyError, TypeError, ValueError) as e:
-      raise self.error(f"{where}: malformed leaf entry ({e})") from None
-    data = self.section(entry)
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) != count * dtype.itemsize:
-      raise self.error(f"{where}: {len(data)} bytes, expected {count * dtype.itemsize} "
-                       f"for {shape} {dtype}")
-    a = np.frombuffer(data, dtype if dtype.itemsize == 1 or sys.byteorder == "little"
-                      else f"u{dtype.itemsize}")
-    if a.dtype != dtype:
-      a = a.byteswap().view(dtype)
-    return a.reshape(shape).copy()
+  def decode(self, leaf: _Leaf) -> DecodedLeaf:
+    if leaf.kind == "raw":
+      data = self.section(leaf)
+      dtype = leaf.dtype
+      a = np.frombuffer(data, dtype if dtype.itemsize == 1 or sys.byteorder == "little"
+                        else f"u{dtype.itemsize}")
+      if a.dtype != dtype:
+        a = a.byteswap().view(dtype)
+      if dtype == np.bool_ and data and max(data) > 1:
+        raise self.error(f"{leaf.path}: a bool byte other than 0 or 1")
+      return DecodedLeaf(leaf.path, leaf.group, leaf.kind, leaf.layout, leaf.shape, dtype,
+                         leaf.length, None, 0, None, a.reshape(leaf.shape).copy())
+    q = self.codes(leaf)
+    ok = _packing.valid_codes(q.codes, q.n1, q.bits)
+    invalid = int(ok.size - np.count_nonzero(ok))
+    first, value = None, None
+    if invalid:
+      first = tuple(int(i) for i in np.argwhere(~ok)[0])
+    else:
+      value = _packing.decode_values(q.codes, q.n1, q.bits, q.dtype)
+    return DecodedLeaf(leaf.path, leaf.group, leaf.kind, leaf.layout, leaf.shape, leaf.dtype,
+                       leaf.length, q, invalid, first, value)
 
-  def trees(self):
-    values = [self.value(e) for e in self.entries()]
-    try:
-      params = _unflatten(self.header["params"], values, self.path)
-      extras = {name: _unflatten(s, values, self.path)
-                for name, s in self.header["extras"].items()}
-    except (KeyError, AttributeError, TypeError):
-      raise self.error("corrupt: malformed tree in the header") from None
-    return params, extras
+
+def inspect(path) -> ExportFile:
+  """Decodes every leaf of an export file: the one decode behind `load` and verify.
+
+  Codes outside their codebook do not raise here; they are counted per leaf
+  (`DecodedLeaf.invalid`, whose `value` is then None) so that a verifier can
+  report them all. `ExportFile.trees()` is what `load_with_extras` returns,
+  and raises for such codes.
+
+  Raises:
+    ValueError naming the file and what is wrong: not a regular file, not an
+    export, unsupported version, truncated, a CRC32 mismatch, a header field
+    of the wrong type or out of range, a section that cannot hold its declared
+    shape or does not decode to it.
+  """
+  f = _File(path)
+  return ExportFile(f.path, f.size, f.header, [f.decode(leaf) for leaf in f.leaves])
 
 
 def read_header(path) -> dict:
@@ -441,7 +830,7 @@ def read_header(path) -> dict:
 
   Raises:
     ValueError naming the file: wrong magic or version, truncated, corrupt
-    prefix or header (CRC32 mismatch).
+    prefix or header (CRC32 mismatch, a field of the wrong type or range).
   """
   return _File(path).header
 
@@ -450,25 +839,22 @@ def read_codes(path, *, check_all: bool = True) -> Dict[str, QuantizedCodes]:
   """{path: QuantizedCodes} of every quantized leaf, without decoding to floats.
 
   Codes are returned as stored, valid or not (`inq_jax._packing.valid_codes`
-  tells); a verifier checks them against the codebook itself.
+  tells); the header has been checked as for `load`.
 
   Args:
     path: the export file.
     check_all: also read every raw section and check its CRC32.
 
   Raises:
-    ValueError naming the file and the leaf: bad magic/version, truncation, a
-    CRC32 mismatch, a malformed entry or an undecodable LZMA section.
+    ValueError naming the file and the leaf: as `inspect`.
   """
   f = _File(path)
   out = {}
-  for entry in f.entries():
-    if not isinstance(entry, dict):
-      raise f.error("corrupt: malformed leaf entry")
-    if entry.get("kind") == "quantized":
-      out[entry.get("path")] = f.codes(entry)
+  for leaf in f.leaves:
+    if leaf.kind == "quantized":
+      out[leaf.path] = f.codes(leaf)
     elif check_all:
-      f.section(entry)
+      f.section(leaf)
   return out
 
 
@@ -479,15 +865,14 @@ def load_with_extras(path) -> Tuple[dict, Dict[str, dict]]:
   decoded from their codes, the others as stored); extras likewise.
 
   Raises:
-    ValueError naming the file and what is wrong: not an export (magic),
-    unsupported version, truncated, CRC32 mismatch, or a code outside its
-    codebook. Never returns partially or wrongly decoded weights.
+    ValueError naming the file and what is wrong (see `inspect`), or a code
+    outside its codebook. Never returns partially or wrongly decoded weights.
 
   Example:
     >>> params, extras = load_with_extras("lenet.inq")
     >>> logits = model.apply({"params": params, **extras}, images)
   """
-  return _File(path).trees()
+  return inspect(path).trees()
 
 
 def load(path) -> dict:
@@ -495,5 +880,5 @@ def load(path) -> dict:
   return load_with_extras(path)[0]
 
 
-__all__ = ["QuantizedCodes", "load", "load_with_extras", "read_codes", "read_header",
-           "save"]
+__all__ = ["DecodedLeaf", "ExportFile", "QuantizedCodes", "QUANTIZED_DTYPES", "RAW_DTYPES",
+           "inspect", "load", "load_with_extras", "read_codes", "read_header", "save"]

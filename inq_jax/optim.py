@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from inq_jax.tree import leaves_with_paths
+from inq_jax import _checks
+from inq_jax import tree
 
 
 class ElementwiseFreezeState(NamedTuple):
@@ -31,6 +32,23 @@ def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
   The masks live in this transform's state, so a jitted step receives them as an
   argument instead of baking megabytes of bool constants into the executable.
   `jnp.where` (not a multiply) keeps the zero exact even for NaN/Inf updates.
+  Each mask is copied onto its parameter's devices (sharded like it, or a
+  scalar replicated there), so in_shardings taken from the optimizer state
+  (`jax.tree.map(lambda x: x.sharding, opt_state)`) agree with the params'.
+
+  How it differs from `optax.freeze`: `optax.freeze(mask)` takes a static
+  per-leaf bool (a whole parameter is frozen or not) and wraps an inner
+  transform; it cannot take arrays. INQ freezes individual weights, so this
+  transform takes an elementwise bool array per leaf, and it must be the LAST
+  transform of the chain so that nothing after it can move a frozen weight.
+
+  What it does not protect: it zeroes the updates of the parameters only.
+  Copies of the parameters that an optimizer keeps in its own state (the
+  averaged "eval" params of schedule-free optimizers, an EMA of the weights,
+  the slow weights of lookahead) are computed from those params plus other
+  terms and drift off the codebook. Round such copies where `state.masks` is
+  True (`inq_jax.quantize.round_to_pow2` with `state.bounds(path)`) and check
+  them with `inq_jax.quantize.verify` before using or exporting them.
 
   Args:
     frozen_masks: a pytree shaped like the params: a bool array (True = frozen)
@@ -49,19 +67,13 @@ def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
   """
 
   def init_fn(params):
+    leaves, treedef = tree.aligned(params, frozen_masks, what="elementwise_freeze",
+                                   noun="mask")
     # Copies, so that donating the optimizer state to a jitted step never
-    # deletes the caller's masks (e.g. `INQState.masks`).
-    masks = jax.tree.map(lambda m: jnp.array(m, bool, copy=True), frozen_masks)
-    flat, treedef = leaves_with_paths(params)
-    mflat, mtreedef = leaves_with_paths(masks)
-    if treedef != mtreedef:
-      raise ValueError(f"freeze: the masks' tree does not match the params' tree "
-                       f"({len(mflat)} mask leaves, {len(flat)} params)")
-    for (path, p), (_, m) in zip(flat, mflat):
-      if m.ndim and m.shape != jnp.shape(p):
-        raise ValueError(f"freeze: {path} has shape {jnp.shape(p)} but its mask has "
-                         f"shape {m.shape}")
-    return ElementwiseFreezeState(masks=masks)
+    # deletes the caller's masks (e.g. `INQState.masks`), placed with their
+    # params so the optimizer state lives where the params live.
+    masks = [_checks.place_like(jnp.array(m, bool, copy=True), p) for _, p, m in leaves]
+    return ElementwiseFreezeState(masks=jax.tree_util.tree_unflatten(treedef, masks))
 
   def update_fn(updates, state, params=None):
     del params

@@ -46,10 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from inq_jax import _checks
 from inq_jax import _partition
+from inq_jax import tree
 from inq_jax._config import DEFAULT_INCLUDE
-from inq_jax._state import _check_finite
-from inq_jax._state import _place_like
 from inq_jax.tree import leaves_with_paths
 from inq_jax.tree import path_str
 
@@ -155,9 +155,7 @@ class PruneConfig:
 
   def selects(self, path: str) -> bool:
     """Whether the leaf at '/'-joined `path` is pruned under this config."""
-    if not re.search(self.include, path):
-      return False
-    return self.exclude is None or not re.search(self.exclude, path)
+    return tree.matches(path, self.include, self.exclude)
 
   def target_sparsity(self, path: str) -> float:
     """The final sparsity s_f of the (selected) leaf at `path`."""
@@ -217,50 +215,28 @@ class PruneSummary(NamedTuple):
 
 def _selected(params, config: PruneConfig):
   """[(path, leaf, target sparsity)] of the leaves `config` prunes, all checked."""
-  flat, _ = leaves_with_paths(params)
-  paths = [p for p, _ in flat]
-  for name in ("include", "exclude"):
-    pattern = getattr(config, name)
-    if pattern is not None and not any(re.search(pattern, p) for p in paths):
-      raise ValueError(f"PruneConfig {name}={pattern!r} matches no parameter; paths look "
-                       f"like {paths[:6]}")
-  chosen = [(p, leaf) for p, leaf in flat if config.selects(p)]
-  if not chosen:
-    raise ValueError(f"PruneConfig include={config.include!r} minus exclude="
-                     f"{config.exclude!r} leaves no parameter to prune")
+  chosen = tree.select(params, config.include, config.exclude, what="prune",
+                       owner="PruneConfig ")
   for pattern in config.patterns:
     if not any(re.search(pattern, p) for p, _ in chosen):
       raise ValueError(f"sparsity pattern {pattern!r} matches no selected parameter; "
                        f"selected paths: {[p for p, _ in chosen][:6]}")
   out = []
   for path, leaf in chosen:
-    dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"{path}: dtype {dtype} is not floating point; only float weights "
-                      "can be pruned (narrow `include` or add it to `exclude`)")
+    _checks.check_float_leaf(path, leaf, "prune")
     out.append((path, leaf, config.target_sparsity(path)))
   return out
 
 
 def _aligned_masks(params, masks, what: str):
-  """[(path, leaf, mask)] in flatten order, with tree and shape checks."""
-  flat, treedef = leaves_with_paths(params)
-  mflat, mtreedef = leaves_with_paths(masks)
-  if treedef != mtreedef:
-    have, want = {p for p, _ in flat}, {p for p, _ in mflat}
-    diff = sorted(have ^ want)
-    where = f"; differing paths: {diff[:6]}" if diff else ""
-    raise ValueError(f"{what}: the mask's tree does not match params ({len(mflat)} mask "
-                     f"leaves, {len(flat)} params){where}")
+  """[(path, leaf, mask)] in flatten order, with tree, shape and dtype checks."""
+  leaves, treedef = tree.aligned(params, masks, what=what, noun="keep mask")
   out = []
-  for (path, leaf), (_, m) in zip(flat, mflat):
+  for path, leaf, m in leaves:
     m = jnp.asarray(m)
     if m.dtype != jnp.bool_:
       raise TypeError(f"{what}: {path}: the keep mask must be bool (True = kept), got "
                       f"{m.dtype}")
-    if m.ndim and m.shape != jnp.shape(leaf):
-      raise ValueError(f"{what}: {path}: params have shape {jnp.shape(leaf)} but the keep "
-                       f"mask has shape {m.shape}")
     out.append((path, leaf, m))
   return out, treedef
 
@@ -322,7 +298,7 @@ def prune_masks(params, config: PruneConfig, step: int, *, previous=None):
                          "not select it; use the config that made `previous`")
       plan.append((path, leaf, None, None))
       continue
-    _check_finite(path, leaf)
+    _checks.check_finite(path, leaf)
     size = int(np.prod(jnp.shape(leaf)))
     sparsity = config.sparsity_at(path, step)
     n_pruned = pruned_count(size, sparsity)
@@ -336,11 +312,11 @@ def prune_masks(params, config: PruneConfig, step: int, *, previous=None):
   out = []
   for path, leaf, keep, n_keep in plan:
     if keep is None:
-      out.append(jnp.ones((), bool))
+      out.append(_checks.place_like(jnp.ones((), bool), leaf))
       continue
     keep = jnp.broadcast_to(keep, jnp.shape(leaf))
     mask = _partition._keep_largest(jnp.asarray(leaf), keep, jnp.int32(n_keep))
-    out.append(_place_like(mask, leaf))
+    out.append(_checks.place_like(mask, leaf))
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

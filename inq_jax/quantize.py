@@ -1,5 +1,11 @@
 """Incremental Network Quantization as pure functions over parameter pytrees.
 
+The front: `init` (codebooks from the pretrained params), `advance` (quantize
+and freeze the next portion), `verify` (every frozen weight in its codebook)
+and `inq_jax.optim.elementwise_freeze` (the optax transform, last in the chain,
+that keeps frozen weights fixed while retraining). `init`, `advance` and
+`verify` run eagerly, once per phase: call them outside `jax.jit`.
+
 The public module Flax users import::
 
     from inq_jax import quantize as inq
@@ -16,7 +22,11 @@ INQ on a pruned model (paper Sec. 3.4): prune with `inq_jax.prune` (its
 portions count only the remaining weights.
 
 Works on Linen `variables["params"]`, NNX `nnx.state(model, nnx.Param)` and plain
-nested dicts, with float32, bfloat16 and float16 leaves.
+nested dicts, with float32, bfloat16 and float16 leaves (float64 with x64 on).
+
+Codebook arithmetic for scripts and reports: `exponent_bounds`,
+`mse_exponent_bounds`, `n2_from_n1`, `round_to_pow2`, `in_codebook`,
+`max_distinct_values`, `ZERO_CODEBOOK`.
 
 Reference: A. Zhou et al., "Incremental Network Quantization: Towards Lossless
 CNNs with Low-Precision Weights", ICLR 2017, arXiv:1702.03044.
@@ -27,6 +37,7 @@ from inq_jax._codebook import exponent_bounds
 from inq_jax._codebook import in_codebook
 from inq_jax._codebook import max_distinct_values
 from inq_jax._codebook import mse_exponent_bounds
+from inq_jax._codebook import n2_from_n1
 from inq_jax._codebook import round_to_pow2
 from inq_jax._config import DEFAULT_INCLUDE
 from inq_jax._config import INQConfig
@@ -42,8 +53,8 @@ from inq_jax.prune import prune_masks
 from inq_jax.prune import pruned_count
 
 __all__ = [
-    "ZERO_CODEBOOK", "DEFAULT_INCLUDE", "INQConfig", "INQState", "LeafSummary",
-    "PruneConfig", "advance", "exponent_bounds", "frozen_count", "in_codebook",
-    "init", "max_distinct_values", "mse_exponent_bounds", "partition", "prune_masks", "pruned_count",
-    "round_to_pow2", "verify",
+    "init", "advance", "verify", "INQConfig", "INQState", "LeafSummary",
+    "DEFAULT_INCLUDE", "PruneConfig", "prune_masks", "pruned_count", "frozen_count",
+    "partition", "ZERO_CODEBOOK", "exponent_bounds", "mse_exponent_bounds", "n2_from_n1",
+    "round_to_pow2", "in_codebook", "max_distinct_values",
 ]

@@ -35,7 +35,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from inq_jax._codebook import ZERO_CODEBOOK
+from inq_jax._codebook import codebook_exponents
 
 _LIMIT = 2**62  # headroom below int64's 2^63 for the accumulator
 
@@ -78,10 +78,8 @@ def to_codes(w, n1, n2) -> Codes:
   x = np.asarray(w).astype(np.float64)
   n1 = np.asarray(n1, np.int64)
   n2 = np.asarray(n2, np.int64)
-  mantissa, exponent = np.frexp(np.abs(x))
-  k = exponent.astype(np.int64) - 1
+  k, ok = codebook_exponents(x, n1, n2, xp=np)
   nonzero = x != 0
-  ok = ~nonzero | ((mantissa == 0.5) & (k >= n2) & (k <= n1) & (n1 != ZERO_CODEBOOK))
   if not ok.all():
     idx = tuple(int(i) for i in np.argwhere(~ok)[0])
     raise ValueError(f"weight {float(x[idx])!r} at index {idx} is not 0 or +-2^k with "

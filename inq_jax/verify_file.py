@@ -1,18 +1,17 @@
-"""Checks an exported `.inq` model: every code in its codebook, every section intact.
+"""Checks an exported `.inq` model: `python -m inq_jax.verify_file FILE`.
 
-    python -m inq_jax.verify_file model.inq
-    python -m inq_jax.verify_file WORKDIR          # checks WORKDIR/model.inq
-
-A WORKDIR argument (a directory) means the file `WORKDIR/model.inq`, which the
-training script writes at the end of every run (`experiments.checkpoints.
-export_run`; or `python -m experiments.export --workdir=WORKDIR` by hand).
+Decodes the file with the very code `inq_jax.export.load` runs
+(`export.inspect`), then checks every leaf, so "OK" means `load` returns
+exactly the weights described here: every section intact, every header field
+well-formed, every quantized code in its layer's codebook {0, +-2^k : n2 <= k
+<= n1}, every leaf of its declared shape and dtype, and every quantized leaf
+re-encoding to its stored codes.
 
 Prints one row per quantized layer: path, weights, bits, distinct values, n1 and
 n2 (min..max over channels for per-channel codebooks), fraction of zeros, layout,
-stored bytes, and whether every code lies in the layer's codebook
-{0, +-2^k : n2 <= k <= n1}. The codes are checked as stored, without decoding to
-floats, so a file whose CRCs were recomputed after tampering with a code is
-still caught. Exit status 0 if the file is intact and every weight is in its
+stored bytes, and whether every code lies in the codebook. Codes are checked as
+stored, so a file whose CRCs were recomputed after tampering with a code is
+still caught. Exit status 0 if the file loads and every weight is in its
 codebook, 1 otherwise (the reason goes to stderr).
 
 Reference: Zhou et al., "Incremental Network Quantization", ICLR 2017,
@@ -22,16 +21,13 @@ arXiv:1702.03044, Sec. 2.1 (the b-bit power-of-two codebook).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, NamedTuple, Optional
 
 import numpy as np
 
 from inq_jax import _packing, export
-from inq_jax._codebook import ZERO_CODEBOOK
-
-WORKDIR_FILE = "model.inq"
+from inq_jax._codebook import ZERO_CODEBOOK, n2_from_n1
 
 
 class LayerReport(NamedTuple):
@@ -48,19 +44,12 @@ class LayerReport(NamedTuple):
   first_invalid: str     # "code C at index I", or ""
 
 
-def resolve(target: str) -> str:
-  """The export file `target` names: itself, or `target/model.inq` for a directory."""
-  if os.path.isdir(target):
-    return os.path.join(target, WORKDIR_FILE)
-  return target
-
-
 def _bounds(n1: np.ndarray, bits: int):
   flat = np.atleast_1d(n1)
   real = flat[flat != ZERO_CODEBOOK]
   if real.size == 0:
     return "{0}", "{0}"
-  n2 = _packing.n2_of(real, bits)
+  n2 = n2_from_n1(real, bits)
   if n1.ndim == 0:
     return str(int(real[0])), str(int(n2[0]))
   extra = f" +{n1.size - real.size} zero" if real.size < n1.size else ""
@@ -90,6 +79,27 @@ def check_layer(q: export.QuantizedCodes) -> LayerReport:
                      float(np.sum(m == 0)) / size, q.layout, q.stored_bytes, invalid, first)
 
 
+def check_leaf(path: str, leaf: export.DecodedLeaf) -> None:
+  """Raises ValueError naming `path` unless `leaf` decoded to exactly what it declares.
+
+  The decoded value must have the header's shape and dtype, and a quantized
+  leaf's weights must encode back to its stored codes (so the codes, n1 and
+  dtype describe the weights `load` returns and nothing else).
+  """
+  where = f"{path}: {leaf.path}"
+  if leaf.value is None:
+    return  # invalid codes: reported per layer
+  if leaf.value.shape != leaf.shape or leaf.value.dtype != leaf.dtype:
+    raise ValueError(f"{where}: decoded {leaf.value.shape} {leaf.value.dtype}, the header "
+                     f"declares {leaf.shape} {leaf.dtype}")
+  if leaf.codes is not None:
+    q = leaf.codes
+    codes, valid = _packing.encode(leaf.value, q.n1, q.bits)
+    if not valid.all() or not np.array_equal(codes, q.codes):
+      raise ValueError(f"{where}: the decoded weights do not encode back to the stored "
+                       "codes")
+
+
 def format_table(rows: List[LayerReport]) -> str:
   head = ("path", "weights", "bits", "distinct", "n1", "n2", "zero", "layout", "bytes",
           "in codebook")
@@ -106,53 +116,61 @@ def format_table(rows: List[LayerReport]) -> str:
   return "\n".join(lines)
 
 
-def verify_file(path: str) -> List[LayerReport]:
-  """Reports for every quantized layer of an export file.
+def inspect(path: str):
+  """(export.ExportFile, [LayerReport]) of an export file, every leaf checked.
 
   Raises:
-    ValueError naming the file: not an export, wrong version, truncated, or a
-    section whose CRC32 does not match (every section is checked).
+    ValueError naming the file: anything `export.load` refuses other than
+    codes outside their codebook (those are reported in the rows), or a leaf
+    that decodes to something other than what its header declares.
   """
-  return [check_layer(q) for q in export.read_codes(path, check_all=True).values()]
+  f = export.inspect(path)
+  rows = []
+  for leaf in f.leaves:
+    check_leaf(f.path, leaf)
+    if leaf.codes is not None:
+      rows.append(check_layer(leaf.codes))
+  if not f.invalid():
+    f.trees()  # exactly what load returns: must not raise
+  return f, rows
+
+
+def verify_file(path: str) -> List[LayerReport]:
+  """Reports for every quantized layer of an export file (see `inspect`)."""
+  return inspect(path)[1]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   """Command line entry point; returns the exit status (0 ok, 1 failed)."""
   parser = argparse.ArgumentParser(
       prog="python -m inq_jax.verify_file",
-      description="Check that every weight of an exported INQ model (.inq) lies in "
-                  "its layer's power-of-two codebook and that the file is intact. "
-                  f"A directory means DIR/{WORKDIR_FILE}.")
-  parser.add_argument("target", metavar="FILE_OR_WORKDIR")
+      description="Check that an exported INQ model (.inq) loads, that the file is "
+                  "intact and that every weight lies in its layer's power-of-two "
+                  "codebook.")
+  parser.add_argument("file", metavar="FILE")
   args = parser.parse_args(argv)
-  path = resolve(args.target)
-  if not os.path.isfile(path):
-    hint = (f" (export the run with `python -m experiments.export --workdir="
-            f"{args.target}`)" if os.path.isdir(args.target) else "")
-    print(f"error: {path} does not exist{hint}", file=sys.stderr)
-    return 1
   try:
-    header = export.read_header(path)
-    rows = verify_file(path)
+    f, rows = inspect(args.file)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"{path}: inq_jax export v{header['version']}, {header['bits']}-bit, "
-        f"{os.path.getsize(path)} bytes")
+  header = f.header
+  print(f"{f.path}: inq_jax export v{header['version']}, {header['bits']}-bit, "
+        f"{f.size} bytes")
   print(format_table(rows))
-  params = [e for e in header["leaves"] if e.get("group") == "params"]
-  total = sum(int(np.prod(e["shape"], dtype=np.int64)) for e in params)
+  total = sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in f.leaves
+              if leaf.group == "params")
   quantized = sum(r.weights for r in rows)
   print(f"{len(rows)} quantized leaves ({quantized} weights), "
-        f"{len(header['leaves']) - len(rows)} float leaves; float32 would take "
-        f"{4 * total} bytes, {4 * total / os.path.getsize(path):.2f}x more")
+        f"{len(f.leaves) - len(rows)} raw leaves; float32 would take "
+        f"{4 * total} bytes, {4 * total / f.size:.2f}x more")
   bad = [r for r in rows if r.invalid]
   for r in bad:
-    print(f"error: {r.path}: {r.invalid} of {r.weights} codes are outside the "
+    print(f"error: {f.path}: {r.path}: {r.invalid} of {r.weights} codes are outside the "
           f"{r.bits}-bit codebook (n1 {r.n1}), first {r.first_invalid}", file=sys.stderr)
   if bad:
     return 1
-  print("OK: every quantized weight is in its codebook")
+  print("OK: the file loads and every quantized weight is in its codebook")
   return 0
 
 
