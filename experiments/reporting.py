@@ -157,13 +157,55 @@ def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
   return out
 
 
+# A codebook that rounds more than this share of a layer's pretrained weights to
+# zero loses the layer when the last portions are quantized (see results/RESULTS.md).
+MOSTLY_ZERO = 0.5
+
+
+def codebook_fit(params, inq_state) -> dict:
+  """{path: {"n1", "zero_fraction", "relative_error"}}: how each codebook fits its layer.
+
+  What rounding every pretrained weight at once would do: the share rounded to
+  zero and ||round(w) - w|| / ||w||. Computed before any weight is quantized.
+  """
+  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
+  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path, w in leaves_with_paths(params)[0]:
+    if path not in inq_state.exponents:
+      continue
+    n1, n2 = inq_state.bounds(path)
+    w = np.asarray(w, np.float32)
+    q = np.asarray(inq.round_to_pow2(w, n1, n2), np.float32)
+    norm = float(np.linalg.norm(w))
+    out[path] = {"n1": int(np.max(n1)), "zero_fraction": float(np.mean(q == 0)),
+                 "relative_error": float(np.linalg.norm(q - w)) / norm if norm else 0.0}
+  return out
+
+
+def warn_mostly_zero(fit: dict, bits: int, calibration: str) -> list:
+  """Logs a warning naming the layers whose codebook zeroes most weights; returns them."""
+  bad = sorted(p for p, f in fit.items() if f["zero_fraction"] > MOSTLY_ZERO)
+  if bad:
+    hint = ("try --config.inq.calibration=mse (n1 for the least rounding error), more "
+            "bits, or --config.inq.final_finetune_epochs" if calibration == "absmax" else
+            "try more bits, or --config.inq.final_finetune_epochs")
+    logging.warning(
+        "the %d-bit %s codebook rounds most weights of %s to zero (%s); the last "
+        "portions will zero them and retraining cannot bring them back: %s", bits,
+        calibration, ", ".join(bad),
+        ", ".join(f"{p}: {100 * fit[p]['zero_fraction']:.0f}%" for p in bad), hint)
+  return bad
+
+
 def summary_lines(results: dict) -> list:
   """Human-readable lines for the end of a run (and for a finished run's rerun)."""
   lines = [f"baseline (fp32): test accuracy {100 * results['baseline']['test_accuracy']:.2f}%"]
   for i, p in enumerate(results["phases"]):
     lines.append(f"phase {i + 1}: portion {p['portion']:g}, test accuracy "
-                 f"{100 * p['test_accuracy']:.2f}%, train loss {p['train_loss']:.4f}, "
-                 f"{p['seconds']:.1f}s")
+                 f"{100 * p['quantized_test_accuracy']:.2f}% quantized -> "
+                 f"{100 * p['test_accuracy']:.2f}% retrained, train loss "
+                 f"{p['train_loss']:.4f}, {p['seconds']:.1f}s")
   f = results.get("final")
   if f:
     lines.append(f"final {f['bits']}-bit: test accuracy {100 * f['test_accuracy']:.2f}%, "

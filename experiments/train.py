@@ -263,6 +263,8 @@ def _train_and_evaluate(run: Run) -> dict:
     state, seconds = _prune(run, state, results, seconds)
   if int(state.stage) < INQ or int(state.phase) < 0:  # INQ starts: codebooks from these weights
     state = state.replace(inq=inq.init(state.params, run.inq_cfg, pruned=state.keep))
+    results["codebook"] = reporting.codebook_fit(state.params, state.inq)
+    reporting.warn_mostly_zero(results["codebook"], run.inq_cfg.bits, run.inq_cfg.calibration)
     _keep_plot_layer(run, state)
     state, seconds = _advance(run, state, 0, results)
   n = run.inq_cfg.num_steps

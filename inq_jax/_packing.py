@@ -134,7 +134,11 @@ def encode(w: np.ndarray, n1, bits: int) -> Tuple[np.ndarray, np.ndarray]:
     x = x.astype(np.float32)
   n1 = _channel_n1(n1, x.shape)
   k, valid = codebook_exponents(x, n1, n2_from_n1(n1, bits))
-  m = np.where(valid & (x != 0), n1 - k + 1, 0).astype(np.uint8)
+  # m = n1 + 1 - k in uint8 arithmetic: wraps mod 256 where the weight is not a
+  # nonzero member, and those entries are zeroed next; members have m <= 64.
+  m = k.astype(np.uint8)
+  np.subtract((n1 + 1).astype(np.uint8), m, out=m)
+  m *= valid & (x != 0)
   codes = (np.signbit(x).view(np.uint8) << np.uint8(bits - 1)) | m
   return codes, valid
 
@@ -383,10 +387,12 @@ def encode_best(codes: np.ndarray, bits: int, compress_: bool = True) -> Tuple[s
   nonzero = flat != 0
   bitmap = np.packbits(nonzero, bitorder="little")
   nonzero_codes = flat[nonzero]
+  codes_histogram = np.bincount(flat, minlength=256)
+  nonzero_histogram = codes_histogram.copy()
+  nonzero_histogram[0] = 0
   histograms = {
-      LAYOUT_DEFLATE: [np.bincount(flat, minlength=256)],
-      LAYOUT_SPARSE_DEFLATE: [np.bincount(bitmap, minlength=256),
-                              np.bincount(nonzero_codes, minlength=256)]}
+      LAYOUT_DEFLATE: [codes_histogram],
+      LAYOUT_SPARSE_DEFLATE: [np.bincount(bitmap, minlength=256), nonzero_histogram]}
   huffman = {k: sum(huffman_bits(h) for h in v) for k, v in histograms.items()}
   entropy = min(sum(entropy_bits(h) for h in v) for v in histograms.values())
   dense = flat.tobytes()

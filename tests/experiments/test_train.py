@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import checkpoints, models, reporting, train
+from inq_jax import quantize as inq
 from experiments.configs import smoke
 from inq_jax.tree import leaves_with_paths
 
@@ -97,6 +98,28 @@ def test_inq_keeps_the_accuracy_and_the_codebook(finished):
   for path, w in leaves_with_paths(final)[0]:
     if path.endswith("kernel"):
       assert len(np.unique(w)) > 3, path  # a real b-bit codebook, not ternary
+
+
+def test_codebook_warning_at_3_bits_not_at_5(finished):
+  """The paper's codebook zeroes most of a trained LeNet's layers at 3 bits: warned."""
+  workdir, results, _ = finished
+  fit = results["codebook"]  # recorded at INQ start, 5 bits
+  assert sorted(fit) == ["conv1/kernel", "conv2/kernel", "fc1/kernel", "fc2/kernel"]
+  assert all(f["zero_fraction"] < reporting.MOSTLY_ZERO for f in fit.values())
+  model = models.get_model("lenet", 10)
+  template = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))
+  params = checkpoints.load_variables(str(workdir / "baseline_variables"),
+                                      {"params": template["params"], "batch_stats": {}})["params"]
+  for bits, calibration, warned in ((5, "absmax", False), (3, "absmax", True),
+                                    (3, "mse", False)):
+    state = inq.init(params, inq.INQConfig(bits=bits, calibration=calibration))
+    fit = reporting.codebook_fit(params, state)
+    # Independent of codebook_fit: numpy's rounding count for one layer.
+    n1, n2 = (int(x) for x in state.bounds("fc1/kernel"))
+    w = np.asarray(params["fc1"]["kernel"], np.float64)
+    assert fit["fc1/kernel"]["zero_fraction"] == pytest.approx(
+        np.mean(np.abs(w) < 2.0 ** (n2 - 1)), abs=1e-9)
+    assert bool(reporting.warn_mostly_zero(fit, bits, calibration)) is warned, (bits, fit)
 
 
 def test_outputs_written(finished):
