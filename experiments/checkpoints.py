@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from experiments import reporting
 from inq_jax import export as inq_export
 from inq_jax import quantize as inq
 
@@ -53,10 +54,8 @@ def config_diff(old, new, prefix="") -> list:
 
 
 def write_text_atomic(target: epath.Path, text: str) -> None:
-  """Writes `target` through a temporary and a rename: never half-written."""
-  tmp = target.parent / (target.name + ".tmp")
-  tmp.write_text(text)
-  tmp.replace(target)
+  """Writes `target` so that it is never seen half-written (`reporting.atomic_write`)."""
+  reporting.atomic_write(target, text)
 
 
 def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -219,9 +218,13 @@ def save_final(workdir: str, variables: Any, inq_state: inq.INQState) -> None:
           "inq": {"masks": _plain(inq_state.masks), "exponents": dict(inq_state.exponents),
                   "step": inq_state.step, "pruned": dict(inq_state.pruned)}}
   meta = {"version": _FINAL_VERSION, "inq_config": inq_state.config.to_dict()}
-  with ocp.CheckpointManager(path(workdir) / FINAL_DIR, item_names=("tree", "meta")) as mgr:
-    mgr.save(0, args=ocp.args.Composite(tree=ocp.args.StandardSave(tree),
-                                        meta=ocp.args.JsonSave(meta)), force=True)
+  # A new step, then the old one goes (max_to_keep=1): a save killed half-way
+  # leaves the previous final model in place, never a mix.
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  with ocp.CheckpointManager(path(workdir) / FINAL_DIR, item_names=("tree", "meta"),
+                             options=options) as mgr:
+    mgr.save((mgr.latest_step() or 0) + 1, args=ocp.args.Composite(
+        tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
     mgr.wait_until_finished()
 
 
@@ -234,18 +237,19 @@ def load_final(workdir: str):
   directory = path(workdir) / FINAL_DIR
   with ocp.CheckpointManager(directory, item_names=("tree", "meta"),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
-    if mgr.latest_step() is None:
+    step = mgr.latest_step()
+    if step is None:
       raise FileNotFoundError(f"{workdir} holds no finished model ({directory} is missing "
                               "or incomplete): it is written at the end of a run")
-    meta = mgr.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if meta.get("version") != _FINAL_VERSION:
       raise ValueError(f"{directory}: version {meta.get('version')!r}, expected "
                        f"{_FINAL_VERSION}")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
-        mgr.item_metadata(0).tree)
-    tree = mgr.restore(0, args=ocp.args.Composite(
+        mgr.item_metadata(step).tree)
+    tree = mgr.restore(step, args=ocp.args.Composite(
         tree=ocp.args.StandardRestore(abstract))).tree
   cfg = dict(meta["inq_config"], portions=tuple(meta["inq_config"]["portions"]))
   state = inq.INQState(masks=tree["inq"]["masks"], exponents=dict(tree["inq"]["exponents"]),

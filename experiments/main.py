@@ -5,9 +5,23 @@
 
 Rerunning the same command resumes an interrupted run, or reprints a finished
 one's results.
+
+Multi-host (one process per host, every host runs the same command):
+
+  # TPU VM slice, Slurm, Open MPI: JAX finds the coordinator and process ids itself
+  python -m experiments.main --config=... --workdir=SHARED_DIR --config.distributed=True
+
+  # anywhere else (e.g. 2 processes on one machine, CPU collectives over gloo):
+  python -m experiments.main --config=... --workdir=SHARED_DIR --config.distributed=True \
+      --coordinator_address=HOST0:PORT --num_processes=2 --process_id=I
+
+The workdir must be one filesystem all processes see (a shared disk or gs://).
+Instead of the three flags, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID in the environment work too.
 """
 
 import logging as pylogging
+import os
 
 from absl import app
 from absl import flags
@@ -21,7 +35,39 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
   config_flags.DEFINE_config_file("config", None, "Experiment configuration file.",
                                   lock_config=True)
+  flags.DEFINE_string("coordinator_address", None,
+                      "With --config.distributed=True: HOST:PORT of process 0 (default "
+                      "$JAX_COORDINATOR_ADDRESS; on TPU VMs, Slurm, Open MPI: detected).")
+  flags.DEFINE_integer("num_processes", None,
+                       "With --config.distributed=True: how many processes (default "
+                       "$JAX_NUM_PROCESSES, or detected).")
+  flags.DEFINE_integer("process_id", None,
+                       "With --config.distributed=True: this process's index, 0..n-1 "
+                       "(default $JAX_PROCESS_ID, or detected).")
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _env_int(name):
+  value = os.environ.get(name)
+  return int(value) if value not in (None, "") else None
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  """`jax.distributed.initialize`, before any JAX computation; unset values from the env.
+
+  Anything still unset is left to JAX, which detects it on Cloud TPU VMs, Slurm
+  and Open MPI. Cross-process collectives on CPU go over gloo (on GPU and TPU
+  this setting is unused).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  if num_processes is None:
+    num_processes = _env_int("JAX_NUM_PROCESSES")
+  if process_id is None:
+    process_id = _env_int("JAX_PROCESS_ID")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
 
 
 FLAGS = flags.FLAGS
@@ -37,10 +83,15 @@ def main(argv):
   # Imported here so that --help stays fast and flag errors come first.
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import reporting, train  # pylint: disable=g-import-not-at-top
+  cluster = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")}
   if FLAGS.config.get("distributed", False):
-    jax.distributed.initialize()  # multi-host TPU slice / GPU cluster; before any JAX call
-  logging.info("JAX %s on %d %s device(s)", jax.__version__, jax.device_count(),
-               jax.devices()[0].device_kind)
+    initialize_distributed(**cluster)  # multi-host slice / cluster; before any JAX call
+  elif any(v is not None for v in cluster.values()):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
+                         "--config.distributed=True")
+  logging.info("JAX %s on %d %s device(s), process %d of %d", jax.__version__,
+               jax.device_count(), jax.devices()[0].device_kind, jax.process_index(),
+               jax.process_count())
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     for line in reporting.summary_lines(results):

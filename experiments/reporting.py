@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Optional
 
@@ -20,12 +22,25 @@ METRICS_FILE = "metrics.jsonl"
 
 def _path(workdir) -> epath.Path:
   workdir = str(workdir)
-  return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+  return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
+
+
+def is_remote(p) -> bool:
+  """Whether `p` names a remote store (gs://...) rather than a local path."""
+  return "://" in str(p)
 
 
 def atomic_write(target, text: str) -> None:
-  """Writes through a temporary and a rename (local or gs://): never half-written."""
+  """Writes `target` so that a reader never sees it half-written (local or gs://).
+
+  Locally through a temporary and a rename. A remote object store already
+  replaces an object atomically on upload (and has no cheap rename: gcsfs would
+  copy and delete), so there the object is written directly.
+  """
   target = epath.Path(target)
+  if is_remote(target):
+    target.write_text(text)
+    return
   tmp = target.parent / (target.name + ".tmp")
   tmp.write_text(text)
   tmp.replace(target)
@@ -50,28 +65,31 @@ def read_metrics(workdir: str) -> list:
 
 
 class MetricWriter:
-  """JSON lines in metrics.jsonl, and the scalars as TensorBoard events (local workdirs).
+  """JSON lines in metrics.jsonl, and the scalars as TensorBoard events in tensorboard/.
 
   The file is rewritten whole at every record (it holds a few lines per epoch),
   because remote stores cannot append. A resumed run replays the interrupted
   epoch, so that epoch can appear twice; the later line is the one that counts.
+  For a remote workdir the event files are written to a local temporary
+  directory and copied whole into WORKDIR/tensorboard/ after every record.
   """
 
   def __init__(self, workdir: str):
     self._enabled = jax.process_index() == 0
-    self._tb = None
+    self._tb = self._tb_local = None
     if not self._enabled:
       return
     self._file = _path(workdir) / METRICS_FILE
     self._lines = (self._file.read_text().splitlines() if self._file.exists() else [])
-    if "://" in str(workdir):
-      logging.info("remote workdir: metrics.jsonl only, no TensorBoard events")
-      return
+    self._tb_dir = _path(workdir) / "tensorboard"
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(str(_path(workdir)), "tensorboard"))
     except ImportError:  # TensorBoard events are a convenience, not the record
       logging.warning("tensorboardX not installed; writing metrics.jsonl only")
+      return
+    if is_remote(workdir):
+      self._tb_local = epath.Path(tempfile.mkdtemp(prefix="inq_tensorboard_"))
+    self._tb = SummaryWriter(str(self._tb_local or self._tb_dir))
 
   def write(self, step: int, **scalars) -> None:
     if not self._enabled:
@@ -85,10 +103,24 @@ class MetricWriter:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
           self._tb.add_scalar(f"{tag_prefix}/{key}" if tag_prefix else key, value, step)
       self._tb.flush()
+      self._upload_events()
+
+  def _upload_events(self) -> None:
+    """Copies the local event files of a remote workdir into WORKDIR/tensorboard/."""
+    if self._tb_local is None:
+      return
+    self._tb_dir.mkdir(parents=True, exist_ok=True)
+    for local in self._tb_local.iterdir():
+      (self._tb_dir / local.name).write_bytes(local.read_bytes())
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+      self._upload_events()
+      self._tb = None
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)
+      self._tb_local = None
 
 
 def _save_figure(fig, target: epath.Path) -> str:

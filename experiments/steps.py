@@ -85,7 +85,16 @@ class Devices:
             for k, v in batch.items()}
 
   def replicate(self, tree):
-    return jax.device_put(tree, self.replicated)
+    if jax.process_count() == 1:
+      return jax.device_put(tree, self.replicated)
+    # Several processes: an array on this process's own device cannot be
+    # device_put onto the global mesh (no cross-host transfers); every process
+    # holds the same values, so each fills its devices' replicas from its copy.
+    def put(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.device_put(x, self.replicated)
+      return jax.make_array_from_process_local_data(self.replicated, np.asarray(x))
+    return jax.tree.map(put, tree)
 
   def eval_batch_size(self, requested: int) -> int:
     """`requested` rounded up to a multiple of the devices; the padding is masked out."""

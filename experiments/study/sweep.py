@@ -161,8 +161,10 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
   all_cells = cells(sc)
   configs = {cell: cell_config(sc, cell, workdir) for cell in all_cells}
   for cell, config in configs.items():  # every config error before any training
+    probe = copy.deepcopy(config)
+    probe.init_checkpoint = None  # written later, by the seed's fp32 cell
     try:
-      train.check_config(config)
+      train.check_config(probe)
     except (ValueError, TypeError) as e:
       raise type(e)(f"sweep cell {cell.name}: {e}") from e
   claim_sweep(workdir, sc)

@@ -69,6 +69,13 @@ def evaluate(config, weights: str) -> dict:
   from experiments import models, steps  # pylint: disable=g-import-not-at-top
   from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   from inq_jax import export  # pylint: disable=g-import-not-at-top
+  if "://" in weights:  # inq_jax.export reads local files: evaluate a local copy
+    import os, tempfile  # pylint: disable=g-import-not-at-top,multiple-imports
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, os.path.basename(weights))
+      epath.Path(local).write_bytes(epath.Path(weights).read_bytes())
+      return {**evaluate(config, local), "weights": weights}
   params, extras = export.load_with_extras(weights)
   batch_stats = extras.get("batch_stats", {})
   data = input_pipeline.get_dataset(config.dataset)

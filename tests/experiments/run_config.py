@@ -6,6 +6,11 @@
 Writes WORKDIR/masks.npz (every phase's masks, keyed "phase{p}/{path}") and
 WORKDIR/final_params.npz. With KILL_AT_SAVE=N in the environment the process
 SIGKILLs itself on its N-th checkpoint save, while orbax is still writing it.
+
+Multi-process (optional): with the override distributed=True it calls
+experiments.main.initialize_distributed first, which reads JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment; each process then
+writes its own masks.p{I}.npz and final_params.p{I}.npz (I = process index).
 """
 
 import importlib
@@ -29,6 +34,10 @@ def main(config_module, workdir, data_dir, *overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value if node[leaf] is None else type(node[leaf])(value)
+  if config.get("distributed", False):
+    from experiments import main as main_module  # pylint: disable=g-import-not-at-top
+    main_module.initialize_distributed()
+  suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
 
   kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
   if kill_at:
@@ -55,12 +64,12 @@ def main(config_module, workdir, data_dir, *overrides):
         if np.ndim(m):
           masks[f"phase{info['phase']}/{path}"] = np.asarray(m)
       if info["phase"] == train.inq_config(config).num_steps - 1:
-        np.savez(os.path.join(workdir, "final_params.npz"),
+        np.savez(os.path.join(workdir, f"final_params{suffix}.npz"),
                  **{p: np.asarray(x) for p, x in leaves_with_paths(info["params"])[0]})
 
   results = train.train_and_evaluate(config, workdir, callback=callback)
   if masks:
-    np.savez(os.path.join(workdir, "masks.npz"), **masks)
+    np.savez(os.path.join(workdir, f"masks{suffix}.npz"), **masks)
   print("devices", jax.device_count(), "accuracy", results["final"]["test_accuracy"])
 
 

@@ -1,8 +1,11 @@
 """The .inq export: bit-exact round trips, sizes, layouts, and every way to refuse."""
 
+import dataclasses
 import json
 import os
 import re
+import subprocess
+import sys
 
 import hypothesis.strategies as st
 import jax
@@ -276,13 +279,88 @@ def test_invalid_code_with_recomputed_crc_is_refused(saved):
   assert not _packing.valid_codes(codes.codes, codes.n1, 5)[0, 0]
 
 
-def test_n1_edited_to_unrepresentable_is_refused(saved):
+@pytest.mark.parametrize("n1", [400, 2000, -1100, -120, 2 ** 70, -(2 ** 70)])
+def test_n1_outside_the_dtype_is_refused(saved, n1):
+  # 2^2000 and 2^-1100 are inf and 0 in float64 itself: a float guard would
+  # pass them and decode every weight to +-inf or +-0. Compared as ints.
   header, data = split_file(saved)
   entry = next(e for e in header["leaves"] if e["path"] == "dense/kernel")
-  entry["n1"] = 400  # 2^400 overflows float32
+  entry["n1"] = n1
   write_file(saved, header, data)
-  with pytest.raises(ValueError, match="dense/kernel: codebook .* does not fit float32"):
+  pattern = (r"dense/kernel \(leaf \d\): (codebook 2\^-?\d+\.\.2\^-?\d+ does not fit "
+             r"float32, whose normal powers of two are 2\^-126\.\.2\^127|n1 is )")
+  with pytest.raises(ValueError, match=re.escape(str(saved)) + ": " + pattern):
     export.load(saved)
+
+
+def test_save_refuses_a_codebook_outside_the_dtype(tmp_path):
+  params, state = quantized(make_params(jnp.float16), bits=5)
+  # n2 = -17 lies below float16's smallest normal power, 2^-14.
+  state = dataclasses.replace(state, exponents={**state.exponents,
+                                                "dense/kernel": jnp.int32(-10)})
+  params = {**params, "dense": {**params["dense"],
+                                "kernel": jnp.zeros((40, 10), jnp.float16)}}
+  with pytest.raises(ValueError, match=r"dense/kernel: codebook 2\^-17\.\.2\^-10 does not "
+                     "fit float16"):
+    export.save(tmp_path / "m.inq", params, state)
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.dtype("datetime64[s]"), np.dtype("V4"),
+                                   object])
+def test_save_refuses_dtypes_the_reader_refuses(tmp_path, dtype):
+  params, state = quantized(make_params(), bits=5)
+  odd = np.zeros(3, dtype)
+  with pytest.raises(TypeError, match=r"extras/odd|batch_stats/odd"):
+    export.save(tmp_path / "m.inq", params, state, extras={"batch_stats": {"odd": odd}})
+  assert os.listdir(tmp_path) == []
+
+
+def test_save_writes_every_allowed_raw_dtype(tmp_path):
+  params, state = quantized(make_params(), bits=5)
+  extras = {"stats": {name: np.arange(3).astype(jnp.dtype(name))
+                      for name in export.RAW_DTYPES}}
+  export.save(tmp_path / "m.inq", params, state, extras=extras)
+  _, back = export.load_with_extras(tmp_path / "m.inq")
+  for name, value in extras["stats"].items():
+    assert back["stats"][name].dtype == value.dtype
+    assert back["stats"][name].tobytes() == value.tobytes()
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+  params, state = quantized(make_params(), bits=5)
+  out = tmp_path / "m.inq"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()  # a PID that no longer runs
+  (tmp_path / f"m.inq.tmp{dead.pid}").write_bytes(b"half a file")
+  (tmp_path / f"m.inq.tmp{os.getpid()}").write_bytes(b"ours, from a failed save")
+  alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    (tmp_path / f"m.inq.tmp{alive.pid}").write_bytes(b"being written right now")
+    (tmp_path / "other.inq.tmp1").write_bytes(b"another output's")
+    export.save(out, params, state)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.inq", f"m.inq.tmp{alive.pid}",
+                                                   "other.inq.tmp1"])
+  finally:
+    alive.kill()
+    alive.wait()
+  assert_bit_identical(params, export.load(out))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "directory"])
+def test_only_regular_files_are_read(tmp_path, kind):
+  path = {"fifo": tmp_path / "m.inq", "dev_zero": "/dev/zero", "directory": tmp_path}[kind]
+  if kind == "fifo":
+    os.mkfifo(path)
+  with pytest.raises(ValueError, match=re.escape(f"{path}: not a regular file")):
+    export.load(path)
+  with pytest.raises(ValueError, match=re.escape(f"{path}: not a regular file")):
+    export.read_header(path)
+
+
+def test_missing_file(tmp_path):
+  with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'no.inq'}: does not exist")):
+    export.load(tmp_path / "no.inq")
 
 
 # ------------------------------------------------------------- packing

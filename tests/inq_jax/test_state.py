@@ -358,8 +358,10 @@ def ref_round(w: float, n1: int, n2: int) -> float:
 
 
 def ref_n1(s: float) -> int:
-  """max k with 0.75 * 2^k <= s, exactly."""
+  """max k with 0.75 * 2^k <= s, exactly; ZERO_CODEBOOK for s == 0."""
   s, k = Fraction(s), 0
+  if s == 0:
+    return inq.ZERO_CODEBOOK
   while Fraction(3, 4) * Fraction(2) ** k > s:
     k -= 1
   while Fraction(3, 4) * Fraction(2) ** (k + 1) <= s:

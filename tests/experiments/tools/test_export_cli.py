@@ -18,7 +18,7 @@ from inq_jax import export, verify_file
 from inq_jax import quantize as inq
 from inq_jax.tree import leaves_with_paths
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def run_inq(params, config, pruned=None):
@@ -54,7 +54,7 @@ def test_save_final_load_final_export_round_trip(tmp_path, capsys):
   config = inq.INQConfig(bits=4, portions=(0.5, 1.0), granularity="channel", seed=3)
   params, state = run_inq(params, config, pruned=keep)
   checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
-  assert sorted(os.listdir(tmp_path / "final")) == ["inq.json", "state"]
+  assert sorted(os.listdir(tmp_path / "final")) == ["1"]  # one orbax checkpoint
 
   variables, back = checkpoints.load_final(str(tmp_path))
   assert_same(variables, {"params": params, "batch_stats": batch_stats})
@@ -70,7 +70,7 @@ def test_save_final_load_final_export_round_trip(tmp_path, capsys):
   loaded, extras = export.load_with_extras(tmp_path / "model.inq")
   assert_same(loaded, params)
   assert_same(extras, {"batch_stats": batch_stats})
-  assert verify_file.main([str(tmp_path)]) == 0  # WORKDIR means WORKDIR/model.inq
+  assert verify_file.main([str(tmp_path / "model.inq")]) == 0
   assert "OK" in capsys.readouterr().out
 
 
@@ -85,8 +85,10 @@ def test_save_final_overwrites_and_load_final_refuses_incomplete(tmp_path):
   variables, state = checkpoints.load_final(str(tmp_path))
   assert state.config.bits == 3 and state.pruned == {}
   assert_same(variables["params"], p3)
-  os.remove(tmp_path / "final" / "inq.json")  # as if killed before the JSON
-  with pytest.raises(FileNotFoundError):
+  # As if killed mid-save: orbax leaves only its temporary directory.
+  assert sorted(os.listdir(tmp_path / "final")) == ["2"]  # the first one replaced
+  os.rename(tmp_path / "final" / "2", tmp_path / "final" / "2.orbax-checkpoint-tmp-1")
+  with pytest.raises(FileNotFoundError, match="holds no finished model"):
     checkpoints.load_final(str(tmp_path))
 
 

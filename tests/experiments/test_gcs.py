@@ -1,0 +1,277 @@
+"""A run on `gs://`, against a real GCS JSON API: gcp-storage-emulator on 127.0.0.1.
+
+The smoke config (shrunk) runs with --workdir=gs://BUCKET/run, is SIGKILLed
+while a mid-phase checkpoint is being written, resumes from the bucket and must
+end with the params of an uninterrupted local run, bit for bit; model.inq is
+read back from the bucket (and evaluated by `experiments.tools.evaluate` with
+--weights=gs://...).
+
+The storage clients find the emulator through STORAGE_EMULATOR_HOST (gcsfs,
+behind etils.epath) and TENSORSTORE_GCS_HTTP_URL (tensorstore, behind orbax).
+
+The emulator's object download answers without the `x-goog-generation` header
+and ignores the ifGenerationMatch / ifGenerationNotMatch preconditions, which
+real GCS always sends and honours. tensorstore's OCDBT driver (orbax's default
+checkpoint format) revalidates its cached manifest.ocdbt with
+ifGenerationNotMatch=G: real GCS answers 304, the emulator 200 with no
+generation header, which tensorstore reads as generation 0 and then refuses as
+"Malformed StorageGeneration" on the next conditional write (the second
+checkpoint save). `_serve` therefore starts the emulator with those three GCS
+behaviours added (test-only; the trainer uses plain orbax/tensorstore).
+
+Run as a program, this file is the emulator (`serve PORT BUCKET`) or one run of
+the config (`run WORKDIR DATA_DIR OUT [KILL_AT_SAVE]`).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUCKET = "inq-test"
+# The smoke config, shrunk: 16 steps per epoch, a 1-epoch baseline and two INQ
+# phases. Checkpoint saves: 1 baseline epoch, 2 phase 1 quantized, 3 phase 1
+# epoch (killed here, mid-phase), 4 phase 2 quantized, 5 phase 2 epoch, 6 done.
+OVERRIDES = {"dataset.train_split": "train[:1024]", "dataset.test_split": "test[:300]",
+             "batch_size": 64, "eval_batch_size": 100, "baseline.epochs": 1,
+             "inq.portions": (0.5, 1.0), "inq.epochs_per_phase": 1}
+KILL_AT_SAVE = 3
+
+
+# ------------------------------------------------------------ the emulator
+
+
+def _serve(port: int, bucket: str) -> None:
+  """gcp-storage-emulator, in memory, with GCS's generation headers and preconditions."""
+  from http import HTTPStatus  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.exceptions import NotFound  # pylint: disable=g-import-not-at-top
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+
+  def current(storage, bucket_name, name):
+    try:
+      return storage.get_file_obj(bucket_name, name)
+    except NotFound:
+      return None
+
+  def failed(request, obj, reading: bool):
+    """The status of a failed ifGeneration(Not)Match precondition, else None.
+
+    As GCS: generation 0 stands for "no live object"; a read whose
+    ifGenerationNotMatch holds answers 304 Not Modified, anything else 412.
+    """
+    gen = int(obj["generation"]) if obj else 0
+    match = request.query.get("ifGenerationMatch")
+    if match and int(match[0]) != gen:
+      return HTTPStatus.PRECONDITION_FAILED
+    not_match = request.query.get("ifGenerationNotMatch")
+    if not_match and int(not_match[0]) == gen:
+      return HTTPStatus.NOT_MODIFIED if reading else HTTPStatus.PRECONDITION_FAILED
+    return None
+
+  def read(original):
+    def handler(request, response, storage, *args, **kwargs):
+      obj = current(storage, request.params["bucket_name"], request.params["object_id"])
+      status = obj and failed(request, obj, reading=True)
+      if status:
+        response.status = status
+        return None
+      out = original(request, response, storage, *args, **kwargs)
+      if obj and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+        response["x-goog-generation"] = str(obj["generation"])
+        response["x-goog-metageneration"] = str(obj["metageneration"])
+      return out
+    return handler
+
+  def write(original, name_of):
+    def handler(request, response, storage, *args, **kwargs):
+      name = name_of(request)
+      if name is not None:
+        status = failed(request, current(storage, request.params["bucket_name"], name),
+                        reading=False)
+        if status:
+          response.status = status
+          return None
+      return original(request, response, storage, *args, **kwargs)
+    return handler
+
+  def upload_name(request):
+    if "upload_id" in request.query:  # a resumable upload's later request
+      return None
+    return request.query.get("name", [None])[0]
+
+  patched = {objects.download: read(objects.download),
+             objects.get: read(objects.get),
+             objects.insert: write(objects.insert, upload_name),
+             objects.delete: write(objects.delete, lambda r: r.params["object_id"])}
+  objects.download = patched[objects.download]  # objects.get(alt=media) calls it
+  objects.insert = patched[objects.insert]  # the router's fallback for uploads
+  server.HANDLERS = tuple((regex, {method: patched.get(f, f) for method, f in routes.items()})
+                          for regex, routes in server.HANDLERS)
+  emulator = server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+  emulator.run()
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+# ------------------------------------------------------------ one run
+
+
+def _set(config, key, value):
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+
+
+def _run(workdir: str, data_dir: str, out: str, kill_at: int = 0) -> None:
+  """Runs the shrunk smoke config in `workdir`; writes what the test checks to `out`.
+
+  out/final.npz: the final params read back from WORKDIR/final/; for a gs://
+  workdir also out/inq.npz, the params of WORKDIR/model.inq (downloaded through
+  epath, read by inq_jax.export), and out/evaluate.json, experiments.tools.evaluate
+  on --weights=WORKDIR/model.inq. With kill_at=N it SIGKILLs itself while its
+  N-th checkpoint save is being written.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+
+  from experiments import checkpoints, train  # pylint: disable=g-import-not-at-top
+  from experiments.configs import smoke  # pylint: disable=g-import-not-at-top
+  from experiments.tools import evaluate  # pylint: disable=g-import-not-at-top
+  from inq_jax import export  # pylint: disable=g-import-not-at-top
+  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+
+  config = smoke.get_config()
+  config.dataset.data_dir = data_dir
+  for key, value in OVERRIDES.items():
+    _set(config, key, value)
+
+  if kill_at:
+    original, calls = checkpoints.RunCheckpoints.save, [0]
+
+    def save_then_die(self, state, meta):
+      calls[0] += 1
+      if calls[0] < kill_at:
+        return original(self, state, meta)
+      manager = self._manager  # pylint: disable=protected-access
+      manager.save((manager.latest_step() or 0) + 1, args=checkpoints.ocp.args.Composite(
+          state=checkpoints.ocp.args.StandardSave(state),
+          meta=checkpoints.ocp.args.JsonSave({**meta, "format": checkpoints.RUN_FORMAT})))
+      os.kill(os.getpid(), signal.SIGKILL)  # mid-write: the async save has not finished
+
+    checkpoints.RunCheckpoints.save = save_then_die
+
+  results = train.train_and_evaluate(config, workdir)
+  flat = lambda tree: {p: np.asarray(x) for p, x in leaves_with_paths(tree)[0]}
+  variables, _ = checkpoints.load_final(workdir)
+  np.savez(os.path.join(out, "final.npz"), **flat(variables["params"]))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f)
+  if "://" in workdir:
+    remote = epath.Path(workdir) / checkpoints.EXPORT_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+      local = os.path.join(tmp, checkpoints.EXPORT_FILE)
+      with open(local, "wb") as f:
+        f.write(remote.read_bytes())
+      np.savez(os.path.join(out, "inq.npz"), **flat(export.load(local)))
+    with open(os.path.join(out, "evaluate.json"), "w") as f:
+      json.dump(evaluate.evaluate(config, str(remote)), f)
+
+
+if __name__ == "__main__":
+  if sys.argv[1] == "serve":
+    _serve(int(sys.argv[2]), sys.argv[3])
+  elif sys.argv[1] == "run":
+    _run(*sys.argv[2:5], *(int(a) for a in sys.argv[5:]))
+  sys.exit(0)
+
+
+# ------------------------------------------------------------ the test
+
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """The emulator on a free 127.0.0.1 port: the environment that points the clients at it."""
+  port = _free_port()
+  log = tmp_path_factory.mktemp("gcs") / "emulator.log"
+  with open(log, "wb") as out:
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "serve", str(port),
+                             BUCKET], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + 60
+    while True:
+      try:
+        with urllib.request.urlopen(url + "/", timeout=2) as response:
+          if response.status == 200:
+            break
+      except OSError:
+        pass
+      if proc.poll() is not None or time.monotonic() > deadline:
+        pytest.fail(f"the GCS emulator did not start: {log.read_text()[-3000:]}")
+      time.sleep(0.2)
+    yield {"env": dict(os.environ, STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url,
+                       GOOGLE_CLOUD_PROJECT="test", PYTHONPATH=ROOT),
+           "log": log}
+  finally:
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGTERM)
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _run_config(gcs, workdir, data_dir, out, kill_at=0):
+  os.makedirs(out, exist_ok=True)
+  command = [sys.executable, os.path.abspath(__file__), "run", str(workdir), str(data_dir),
+             str(out)] + ([str(kill_at)] if kill_at else [])
+  return subprocess.run(command, env=gcs["env"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=900, check=False)
+
+
+def _assert_same(want, got, what):
+  assert sorted(want) == sorted(got), what
+  for path in want:
+    assert want[path].dtype == got[path].dtype and want[path].tobytes() == got[path].tobytes(), \
+        f"{what}: {path}"
+
+
+def test_gs_workdir_killed_mid_phase_resumes_bit_identically(gcs, fmnist_data_dir, tmp_path):
+  local = _run_config(gcs, tmp_path / "local", fmnist_data_dir, tmp_path / "out_local")
+  assert local.returncode == 0, local.stderr[-3000:]
+
+  workdir = f"gs://{BUCKET}/run"
+  killed = _run_config(gcs, workdir, fmnist_data_dir, tmp_path / "out_killed", KILL_AT_SAVE)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  resumed = _run_config(gcs, workdir, fmnist_data_dir, tmp_path / "out_gcs")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming at stage inq, phase 0, epoch 0" in resumed.stderr, resumed.stderr[-3000:]
+
+  want = dict(np.load(tmp_path / "out_local" / "final.npz"))
+  _assert_same(want, dict(np.load(tmp_path / "out_gcs" / "final.npz")), "gs:// final/")
+  _assert_same(want, dict(np.load(tmp_path / "out_gcs" / "inq.npz")), "gs:// model.inq")
+  results = json.loads((tmp_path / "out_gcs" / "results.json").read_text())
+  local_results = json.loads((tmp_path / "out_local" / "results.json").read_text())
+  assert results["final"] == local_results["final"]
+  assert results["final"]["all_pow2"] and "export" in results["final"]
+  evaluated = json.loads((tmp_path / "out_gcs" / "evaluate.json").read_text())
+  assert evaluated["test_accuracy"] == results["final"]["test_accuracy"]
+  assert evaluated["weights"] == f"{workdir}/model.inq"

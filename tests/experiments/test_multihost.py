@@ -1,0 +1,192 @@
+"""Multi-host for real: the stock smoke config as 2 JAX processes x 2 CPU devices.
+
+A TPU slice is several hosts, one JAX process each. Here the README's
+multi-host recipe runs as 2 processes on this machine (`jax.distributed` over
+127.0.0.1, CPU collectives over gloo, 2 fake devices per process), against
+1 process with 4 devices: the same global batch (96) on the same 4 devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+  python -m experiments.main --config=experiments/configs/smoke.py --workdir=W \\
+      --config.dataset.data_dir=D --config.distributed=True \\
+      --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I   # I = 0, 1
+
+What must hold, and is asserted:
+- the same weights give exactly the same test accuracy on 2 processes as on 1
+  (baseline from the 1-process run's baseline_variables, no training), and
+  the first quantization step gives exactly the same masks and accuracy. Each
+  process feeds only its own half of every batch, so had both read the same
+  half, or the halves been swapped against the devices' rows, counts and
+  accuracy would not match exactly;
+- both processes hold identical masks after every phase;
+- orbax checkpoints are written once, collectively, into the shared workdir;
+- a run trained on 2 processes quantizes fully and lands within
+  TRAINED_TOLERANCE of the 1-process run (cross-process all-reduce may sum
+  the gradients in another order, so bit-equality is not asserted);
+- SIGKILL of both processes mid-phase, then the same command again on both,
+  ends with params bit-identical to the uninterrupted 2-process run.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TRAINED_TOLERANCE = 0.02  # 10 of the 500 test images
+KILL_AFTER_CHECKPOINT = 5  # the save after phase 2's quantization: killed during its retraining
+TIMEOUT = 900
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def env_for(devices, **extra):
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **extra)
+
+
+def readme_command(workdir, data_dir, port, process_id):
+  """The README's multi-host recipe, for process `process_id` of 2."""
+  return [sys.executable, "-m", "experiments.main", "--config=experiments/configs/smoke.py",
+          f"--workdir={workdir}", f"--config.dataset.data_dir={data_dir}",
+          "--config.distributed=True", f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2", f"--process_id={process_id}"]
+
+
+def start(cmd, env, log):
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def start_readme_pair(workdir, data_dir, logs, tag):
+  port = free_port()
+  return [start(readme_command(workdir, data_dir, port, i), env_for(2), logs / f"{tag}.{i}.log")
+          for i in (0, 1)]
+
+
+def start_run_config_pair(workdir, data_dir, logs, tag, *overrides):
+  port = free_port()
+  return [start([sys.executable, os.path.join(HERE, "run_config.py"), "smoke", str(workdir),
+                 data_dir, "distributed=True", *overrides],
+                env_for(2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                        JAX_PROCESS_ID=str(i)),
+                logs / f"{tag}.{i}.log")
+          for i in (0, 1)]
+
+
+def finish(procs, logs, tag):
+  """Waits for every process; all must succeed. Returns process 0's output."""
+  deadline = time.monotonic() + TIMEOUT
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.monotonic()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  outputs = [(logs / f"{tag}.{i}.log").read_text() for i in range(len(procs))]
+  for i, (p, out) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f"{tag} process {i} exited {p.returncode}:\n{out[-4000:]}"
+  return outputs[0]
+
+
+def results(workdir):
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def final_variables(workdir):
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  variables, state = checkpoints.load_final(str(workdir))
+  flat = dict(leaves_with_paths(variables)[0])
+  flat.update({f"mask/{p}": m for p, m in leaves_with_paths(state.masks)[0]})
+  return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def prepare_data(data_dir):
+  """Prepares the smoke splits once: processes started together must not all prepare them."""
+  from experiments.configs import smoke  # pylint: disable=g-import-not-at-top
+  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.dataset.data_dir = data_dir
+  input_pipeline.get_dataset(config.dataset)
+
+
+def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmnist_data_dir):
+  prepare_data(fmnist_data_dir)
+  logs = tmp_path / "logs"
+  logs.mkdir()
+  one, two, killed, same = (tmp_path / n for n in ("one", "two", "killed", "same"))
+
+  # 1 process x 4 devices (reference) and the README recipe, 2 processes x 2 devices.
+  ref = start([sys.executable, os.path.join(HERE, "run_config.py"), "smoke", str(one),
+               fmnist_data_dir], env_for(4), logs / "one.0.log")
+  pair = start_readme_pair(two, fmnist_data_dir, logs, "two")
+  finish([ref], logs, "one")
+  out = finish(pair, logs, "two")
+  r1, r2 = results(one), results(two)
+  assert r1["num_devices"] == r2["num_devices"] == 4
+  assert "final 5-bit: test accuracy" in out and "results:" in out  # process 0 reports
+  assert "process 1 of 2" in (logs / "two.1.log").read_text()
+  assert r2["final"]["all_pow2"] and r2["final"]["max_distinct_values"] > 3
+  assert len(r2["phases"]) == 4
+  for key in ("baseline", "final"):
+    assert abs(r1[key]["test_accuracy"] - r2[key]["test_accuracy"]) <= TRAINED_TOLERANCE, \
+        (key, r1[key], r2[key])
+  # One collective set of checkpoints: the run's (max_to_keep=2), the baseline, the final model.
+  assert sorted(os.listdir(two / "checkpoints")) == ["10", "9"]
+  assert (two / "baseline_variables").is_dir() and (two / "model.inq").is_file()
+  assert not [n for n in os.listdir(two / "checkpoints") if "tmp" in n]
+
+  # Both processes SIGKILLed mid-phase, then both rerun with the same command.
+  pair = start_readme_pair(killed, fmnist_data_dir, logs, "killed")
+  # Meanwhile: from the 1-process baseline, no training, on 2 processes (exact).
+  exact = start_run_config_pair(same, fmnist_data_dir, logs, "same",
+                                f"init_checkpoint={one / 'baseline_variables'}",
+                                "inq.epochs_per_phase=0")
+  marker = killed / "checkpoints" / str(KILL_AFTER_CHECKPOINT)
+  deadline = time.monotonic() + TIMEOUT
+  while not marker.is_dir():
+    assert all(p.poll() is None for p in pair), "a process ended before it could be killed"
+    assert time.monotonic() < deadline, "no checkpoint to kill after"
+    time.sleep(0.05)
+  for p in pair:
+    os.kill(p.pid, signal.SIGKILL)
+  for p in pair:
+    assert p.wait() == -signal.SIGKILL
+  assert not (killed / "results.json").exists()
+  resumed = start_readme_pair(killed, fmnist_data_dir, logs, "resumed")
+  finish(exact, logs, "same")
+  finish(resumed, logs, "resumed")
+  assert "resuming at stage inq" in (logs / "resumed.0.log").read_text()
+  rk = results(killed)
+  assert rk["final"]["test_accuracy"] == r2["final"]["test_accuracy"]
+  assert [p["test_accuracy"] for p in rk["phases"]] == [p["test_accuracy"] for p in r2["phases"]]
+  want, got = final_variables(two), final_variables(killed)
+  assert sorted(want) == sorted(got)
+  for key, value in want.items():
+    assert np.array_equal(value, got[key]), key
+
+  # Same weights, 1 vs 2 processes: identical accuracy and masks, on both processes.
+  rs = results(same)
+  assert rs["num_devices"] == 4
+  assert rs["baseline"]["test_accuracy"] == r1["baseline"]["test_accuracy"]
+  assert rs["phases"][0]["quantized_test_accuracy"] == r1["phases"][0]["quantized_test_accuracy"]
+  m0, m1 = dict(np.load(same / "masks.p0.npz")), dict(np.load(same / "masks.p1.npz"))
+  ref_masks = dict(np.load(one / "masks.npz"))
+  assert sorted(m0) == sorted(m1) == sorted(ref_masks) and len(m0) == 16
+  for key in m0:
+    assert np.array_equal(m0[key], m1[key]), key
+    if key.startswith("phase0/"):
+      assert np.array_equal(m0[key], ref_masks[key]), key
