@@ -138,14 +138,18 @@ def progress(total: int, desc: str):
 
 
 def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
-  """accuracy.png: test accuracy after the baseline and after every INQ phase."""
+  """accuracy.png: test accuracy after the baseline and every INQ phase, before and after retraining."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   labels = ["fp32"] + [f"{p['portion']:g}" for p in results["phases"]]
   acc = [results["baseline"]["test_accuracy"]] + [p["test_accuracy"] for p in results["phases"]]
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  ax.plot(range(len(acc)), [100 * a for a in acc], "o-")
+  ax.plot(range(len(acc)), [100 * a for a in acc], "o-", label="after retraining")
+  quantized = [p.get("quantized_test_accuracy") for p in results["phases"]]
+  if all(q is not None for q in quantized):  # what each quantization step cost at once
+    ax.plot(range(1, len(acc)), [100 * q for q in quantized], "x", color="tab:red",
+            label="right after quantizing")
   ax.axhline(100 * acc[0], color="gray", ls="--", lw=0.8, label="fp32 baseline")
   ax.set_xticks(range(len(acc)), labels)
   ax.set_xlabel("accumulated portion quantized")
@@ -154,7 +158,7 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   ax.set_title(f"INQ {bits}-bit: {results['config']['model']} on "
                f"{results['config']['dataset']['name']}")
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower left")
+  ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
   out = _save_figure(fig, _path(workdir) / "accuracy.png")
   plt.close(fig)

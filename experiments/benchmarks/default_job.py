@@ -5,6 +5,7 @@ A finished run in `workdir` is read back, not rerun; its wall time comes from
 kill has no honest wall time, so none is reported).
 """
 
+import argparse
 import json
 import os
 import time
@@ -33,6 +34,15 @@ def ensure_run(workdir: str, data_dir=None) -> dict:
     reporting.atomic_write_json(os.path.join(workdir, WALL_FILE),
                                 {"wall_seconds": time.perf_counter() - start})
   return results
+
+
+def from_command_line(description: str):
+  """(args, results): parses --workdir/--data_dir, then `ensure_run`."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--data_dir", default=None)
+  args = parser.parse_args()
+  return args, ensure_run(args.workdir, args.data_dir)
 
 
 def epochs(workdir: str) -> list:

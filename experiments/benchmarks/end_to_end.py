@@ -9,7 +9,6 @@ job's total wall time (when this benchmark ran it start to finish), and the
 device kind.
 """
 
-import argparse
 import json
 
 import jax
@@ -18,11 +17,7 @@ from experiments.benchmarks import default_job
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--data_dir", default=None)
-  args = parser.parse_args()
-  results = default_job.ensure_run(args.workdir, args.data_dir)
+  args, results = default_job.from_command_line(__doc__.split("\n")[0])
   out = {"benchmark": "end_to_end"}
   for stage in ("baseline", "inq"):
     records = [r for r in default_job.epochs(args.workdir) if r["stage"] == stage]

@@ -8,7 +8,6 @@ ahead-of-time compile of that phase's step, timed by train.py) over the phase's
 wall time (advance + compile + retraining). Target: every fraction <= 0.05.
 """
 
-import argparse
 import json
 
 import jax
@@ -17,11 +16,7 @@ from experiments.benchmarks import default_job
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--data_dir", default=None)
-  args = parser.parse_args()
-  results = default_job.ensure_run(args.workdir, args.data_dir)
+  args, results = default_job.from_command_line(__doc__.split("\n")[0])
   phases = [p for p in results["phases"] if p["epochs"] > 0]
   if any("compile_seconds" not in p for p in phases):
     raise SystemExit(f"{args.workdir}: results.json predates compile timing; use a new "
