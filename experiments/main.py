@@ -68,6 +68,27 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address,
                              num_processes=num_processes, process_id=process_id)
+  if jax.default_backend() == "cpu" and jax.process_count() > 1:
+    _connect_cpu_collectives()
+
+
+def _connect_cpu_collectives():
+  """One all-reduce over every device, right after `initialize` while the processes are in step.
+
+  Gloo connects a set of devices on its first collective and gives up if one
+  process comes more than 30 s after another (a fixed limit in XLA), e.g.
+  when one host is still compiling the train step. Once connected, a
+  collective waits for late processes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+  mesh = Mesh(np.array(jax.devices()), ("data",))  # the mesh of steps.Devices
+  ones = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, PartitionSpec("data")), np.ones(jax.local_device_count(), np.int32))
+  total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(ones)
+  if int(total) != jax.device_count():
+    raise RuntimeError(f"all-reduce over {jax.device_count()} devices gave {int(total)}")
 
 
 FLAGS = flags.FLAGS

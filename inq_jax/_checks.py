@@ -105,6 +105,11 @@ def place_like(x, leaf):
   """
   if not isinstance(leaf, jax.Array) or is_tracer(leaf) or is_tracer(x):
     return x
+  if not leaf.committed:
+    # An uncommitted leaf lives on the default device and may move with its
+    # computation; committing the mask would change the per-leaf kernels'
+    # signatures between the first and later phases and compile them twice.
+    return x
   if jnp.ndim(x) == 0 and jnp.ndim(leaf) != 0:
     return jax.device_put(x, replicated(leaf.sharding))
   return jax.device_put(x, leaf.sharding)
@@ -118,5 +123,7 @@ def fresh_copy(leaf):
   caller still holds, such as the pretrained biases.
   """
   if isinstance(leaf, jax.Array) and not is_tracer(leaf):
+    if not leaf.committed:
+      return jnp.array(leaf, copy=True)  # stays uncommitted, like the original
     return jax.device_put(leaf, leaf.sharding, may_alias=False)
   return leaf

@@ -118,7 +118,7 @@ def exponent_bounds(max_abs, bits: int):
   mantissa, exponent = jnp.frexp(s)
   n1 = exponent.astype(jnp.int32) - (mantissa < 0.75).astype(jnp.int32)
   n1 = jnp.where(s > 0, n1, jnp.int32(ZERO_CODEBOOK))
-  n2 = n1 + jnp.int32(1 - num_exponents(bits))
+  n2 = n2_from_n1(n1, bits)
   return n1, n2
 
 
@@ -219,18 +219,17 @@ def mse_exponent_bounds(w, bits: int, axes=None):
   x = w.astype(_compute_dtype(w.dtype))
   n1_max, _ = exponent_bounds(jnp.max(jnp.abs(x), axis=axes), bits)
   empty = n1_max == ZERO_CODEBOOK
-  shift = jnp.int32(1 - num_exponents(bits))
   best_n1, best_err = n1_max, None
   for d in range(MSE_SEARCH_OCTAVES + 1):
     n1 = jnp.where(empty, n1_max, n1_max - d)
-    err = jnp.sum(jnp.square(round_to_pow2(x, n1, n1 + shift) - x), axis=axes)
+    err = jnp.sum(jnp.square(round_to_pow2(x, n1, n2_from_n1(n1, bits)) - x), axis=axes)
     if best_err is None:
       best_err = err
       continue
     better = err < best_err  # strict: on a tie the larger n1 (less saturation) stays
     best_n1 = jnp.where(better, n1, best_n1)
     best_err = jnp.where(better, err, best_err)
-  return best_n1, best_n1 + shift
+  return best_n1, n2_from_n1(best_n1, bits)
 
 
 def n2_from_n1(n1, bits: int):

@@ -74,7 +74,6 @@ LAYOUT_RAW = "raw"
 QUANTIZED_LAYOUTS = (LAYOUT_PACKED, LAYOUT_DEFLATE, LAYOUT_SPARSE_DEFLATE, LAYOUT_LZMA,
                      LAYOUT_SPARSE)
 _LZMA_LAYOUTS = (LAYOUT_LZMA, LAYOUT_SPARSE)
-_DEFLATE_LAYOUTS = (LAYOUT_DEFLATE, LAYOUT_SPARSE_DEFLATE)
 
 # Upper bounds on (decompressed bytes) / (compressed bytes). DEFLATE cannot
 # exceed 1032:1 (a 258-byte match in at least 2 bits); LZMA2 reaches about
@@ -89,6 +88,10 @@ _LZMA_MEMLIMIT_SLACK = 128 << 20
 # Codes are packed this many at a time (a multiple of 8, so every chunk ends
 # on a byte boundary) to bound the temporary memory of very large layers.
 _CHUNK = 1 << 20
+# LZMA lands some 5-7% above the order-0 entropy of independent codes, and
+# runs at a few hundred KB/s: it is worth trying only when Huffman coding
+# wastes more than this factor over the entropy.
+_HUFFMAN_SLACK = 1.10
 # Bytes of a stream sampled to decide whether the LZMA layouts are worth trying.
 _SAMPLE_WINDOW = 1 << 13
 _SAMPLE_WINDOWS = 4
@@ -375,9 +378,10 @@ def encode_best(codes: np.ndarray, bits: int, compress_: bool = True) -> Tuple[s
 
   Of the two DEFLATE layouts only the one whose Huffman size, computed from the
   code and bitmap histograms (`huffman_bits`), is smaller gets compressed.
-  "sparse+lzma" is tried as well when that Huffman size is more than 2% above
-  the histograms' entropy (skewed codes, where LZMA's arithmetic coder gains
-  what whole-bit Huffman codes cannot), and both LZMA layouts when `repetitive`
+  "sparse+lzma" is tried as well when that Huffman size exceeds the histograms'
+  entropy by more than `_HUFFMAN_SLACK` (very skewed codes, where LZMA's
+  arithmetic coder gains what whole-bit Huffman codes cannot; below that LZMA's
+  own overhead over the entropy eats the gain), and both LZMA layouts when `repetitive`
   finds repeated strings in a sample (there a histogram says nothing).
   "packed" whenever nothing beats its exact size. `compress_=False`: "packed".
   """
@@ -405,7 +409,7 @@ def encode_best(codes: np.ndarray, bits: int, compress_: bool = True) -> Tuple[s
   if repetitive(sparse) or repetitive(dense):
     candidates[LAYOUT_LZMA] = compress(pack(flat, bits))
     candidates[LAYOUT_SPARSE] = compress(sparse)
-  elif min(huffman.values()) > 1.02 * entropy + 64:
+  elif min(huffman.values()) > _HUFFMAN_SLACK * entropy + 64:
     candidates[LAYOUT_SPARSE] = compress(sparse)
   best = min(candidates, key=lambda name: (len(candidates[name]),
                                            QUANTIZED_LAYOUTS.index(name)))

@@ -223,13 +223,16 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
       _check_not_subnormal(path, leaf, _axes(leaf, config))
   exponents = {}
   for path, leaf in chosen:
-    a = jnp.abs(jnp.asarray(leaf))
+    w = jnp.asarray(leaf)
     axes = _axes(leaf, config)
-    max_abs = jnp.max(a, axis=axes) if a.size else jnp.zeros(a.shape[-1:] if axes else ())
-    if config.calibration == "mse" and a.size:
-      n1, n2 = _codebook.mse_exponent_bounds(leaf, config.bits, axes)
-    else:
+    if not w.size:
+      max_abs = jnp.zeros(w.shape[-1:] if axes else ())
       n1, n2 = _codebook.exponent_bounds(max_abs, config.bits)
+    elif config.calibration == "mse":
+      max_abs = jnp.max(jnp.abs(w), axis=axes)
+      n1, n2 = _codebook.mse_exponent_bounds(w, config.bits, axes)
+    else:
+      n1, n2, max_abs = _absmax_bounds(w, bits=config.bits, axes=axes)
     dtype = jnp.result_type(leaf)
     if not _codebook.representable(n1, n2, dtype):
       lo, hi = _codebook.dtype_exponent_range(dtype)
@@ -253,6 +256,18 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   masks = jax.tree_util.tree_map_with_path(mask, params)
   return INQState(masks=masks, exponents=exponents, step=jnp.zeros((), jnp.int32),
                   config=config, pruned=counts)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "axes"))
+def _absmax_bounds(w, *, bits, axes):
+  """(n1, n2, max |w|) of one leaf: one compiled program per leaf shape and bits.
+
+  The inputs were checked first (finite, not all subnormal), which
+  `exponent_bounds` cannot do on traced values.
+  """
+  max_abs = jnp.max(jnp.abs(w), axis=axes)
+  n1, n2 = _codebook.exponent_bounds(max_abs, bits)
+  return n1, n2, max_abs
 
 
 def _axes(leaf, config: INQConfig):
@@ -412,11 +427,11 @@ def advance(params, state: INQState):
     if mask is not None:
       _checks.check_finite(path, leaf)
       _check_frozen_count(path, mask, state, step)
-      if step:
-        # Frozen weights must still be in their codebook: an edited exponent or
-        # weights moved by an optimizer that does not freeze them would otherwise
-        # be carried along silently.
-        _check_frozen_in_codebook(path, leaf, mask, state)
+      # Frozen weights must still be in their codebook: an edited exponent or
+      # weights moved by an optimizer that does not freeze them would otherwise
+      # be carried along silently. (Also at step 0, where only pruned zeros are
+      # frozen, so that every phase runs the same compiled programs.)
+      _check_frozen_in_codebook(path, leaf, mask, state)
   new_leaves, new_masks = [], []
   for path, leaf, mask in leaves:
     if mask is None:

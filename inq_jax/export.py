@@ -116,7 +116,7 @@ def _flatten(tree, what: str, prefix: str = "", depth: int = 1) -> Tuple[dict, l
       skeleton[key], sub = _flatten(value, what, path, depth + 1)
       leaves += sub
     elif isinstance(value, (list, tuple)) or value is None:
-      raise TypeError(f"{what}: {path} is a {type(value).__name__}; only nested dicts of "
+      raise TypeError(f"{what}: {path} is {_a(value)}; only nested dicts of "
                       "arrays can be exported (turn lists into dicts with string keys)")
     else:
       skeleton[key] = None
@@ -488,6 +488,12 @@ def _no_constant(name):
   raise ValueError(f"{name} is not JSON")
 
 
+def _a(value) -> str:
+  """'a list', 'an int': the JSON value's Python type, for messages."""
+  name = type(value).__name__
+  return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def _brief(value) -> str:
   text = repr(value)
   return text if len(text) <= 60 else text[:57] + "..."
@@ -636,11 +642,11 @@ class _File:
     bits = self._int(header["bits"], "header bits", 2, 8)
     for name in ("inq", "params", "extras"):
       if not isinstance(header[name], dict):
-        raise self.error(f"corrupt: header {name!r} is a {type(header[name]).__name__}, "
+        raise self.error(f"corrupt: header {name!r} is {_a(header[name])}, "
                          "not an object")
     entries = header["leaves"]
     if not isinstance(entries, list):
-      raise self.error(f"corrupt: header 'leaves' is a {type(entries).__name__}, not a list")
+      raise self.error(f"corrupt: header 'leaves' is {_a(entries)}, not a list")
     leaves, end = [], 0
     for i, entry in enumerate(entries):
       leaf = self._check_entry(i, entry, bits, end)
@@ -656,7 +662,7 @@ class _File:
       if not isinstance(name, str) or not name or "/" in name:
         raise self.error(f"corrupt: extras name {_brief(name)} is empty or contains '/'")
       if not isinstance(skeleton, dict):
-        raise self.error(f"corrupt: extras[{name!r}] is a {type(skeleton).__name__}, "
+        raise self.error(f"corrupt: extras[{name!r}] is {_a(skeleton)}, "
                          "not an object")
       self._tree(skeleton, f"extras[{name!r}]", name, "extras", leaves, owner, 2)
     unnamed = [leaf.path for leaf in leaves if leaf.index not in owner]
@@ -666,7 +672,7 @@ class _File:
 
   def _check_entry(self, i, entry, bits, start) -> _Leaf:
     if not isinstance(entry, dict):
-      raise self.error(f"corrupt: leaf entry {i} is a {type(entry).__name__}, not an object")
+      raise self.error(f"corrupt: leaf entry {i} is {_a(entry)}, not an object")
     path = entry.get("path")
     if not isinstance(path, str) or not path or len(path) > 4096:
       raise self.error(f"corrupt: leaf entry {i} has path {_brief(path)}")

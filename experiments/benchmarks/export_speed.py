@@ -15,7 +15,9 @@ with LZMA preset 6, keeping the smallest), so the layout choice can be judged
 by `size_ratio_vs_full_try`; `--no_full_try` skips that slow reference.
 
 Prints one JSON line. Target on a 2-core CPU at width_divisor 1: save_seconds
-<= 2 with size_ratio_vs_full_try <= 1.02.
+<= 2 with size_ratio_vs_full_try <= 1.02. `save_cpu_seconds` (summed over the
+writer's threads) and `load_average` (the machine's 1-minute load when the save
+started) tell a slow run on a busy machine from a slow writer.
 """
 
 import argparse
@@ -76,9 +78,11 @@ def main():
   jax.block_until_ready(params)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "model.inq")
-    start = time.perf_counter()
+    load_average = os.getloadavg()[0]
+    start, cpu = time.perf_counter(), time.process_time()
     stats = export.save(path, params, state)
     save_seconds = time.perf_counter() - start
+    save_cpu_seconds = time.process_time() - cpu  # all threads
     start = time.perf_counter()
     export.load(path)
     load_seconds = time.perf_counter() - start
@@ -94,7 +98,8 @@ def main():
       "benchmark": "export_speed", "width_divisor": args.width_divisor, "bits": args.bits,
       "zero_fraction": args.zero_fraction, "cpus": os.cpu_count(),
       "quantized_weights": stats["quantized_weights"],
-      "save_seconds": round(save_seconds, 3), "load_seconds": round(load_seconds, 3),
+      "save_seconds": round(save_seconds, 3), "save_cpu_seconds": round(save_cpu_seconds, 3),
+      "load_seconds": round(load_seconds, 3), "load_average": round(load_average, 2),
       "bytes": stats["bytes"], "full_try_bytes": full_try,
       "size_ratio_vs_full_try": None if full_try is None else round(stats["bytes"] / full_try, 4),
       "full_try_seconds": None if full_try_seconds is None else round(full_try_seconds, 3),

@@ -15,8 +15,6 @@ import copy
 import json
 import lzma
 import os
-import stat
-import struct
 import tempfile
 import tracemalloc
 import zlib

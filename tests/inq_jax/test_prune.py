@@ -454,8 +454,9 @@ def test_unpruned_keep_mask_matches_no_pruning():
   b = inq.init(params, inq.INQConfig())
   assert {p: int(v) for p, v in a.pruned.items()} == {"encoder/layers/0/kernel": 0,
                                                       "head/kernel": 0}
+  pa = pb = params
   for _ in range(4):
-    pa, a = inq.advance(params, a)
-    pb, b = inq.advance(params, b)
+    pa, a = inq.advance(pa, a)
+    pb, b = inq.advance(pb, b)
     for x, y in zip(jax.tree.leaves((pa, a.masks)), jax.tree.leaves((pb, b.masks))):
       np.testing.assert_array_equal(x, y)
