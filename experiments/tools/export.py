@@ -7,7 +7,7 @@ Reads WORKDIR/final/ (written by the training script at the end of every run,
 `checkpoints.save_final`), writes the params (every quantized kernel as b-bit
 codes, see `inq_jax.export`) and the batch statistics, and prints the size
 statistics as one JSON line. The default output is WORKDIR/model.inq, the file
-`python -m inq_jax.verify_file WORKDIR` checks and that
+`python -m inq_jax.verify_file WORKDIR/model.inq` checks and that
 
   python -m experiments.tools.evaluate --config=CONFIG --weights=FILE
 
