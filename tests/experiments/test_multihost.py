@@ -105,13 +105,12 @@ def results(workdir):
     return json.load(f)
 
 
-def final_variables(workdir):
-  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+def exported(workdir):
+  """{path: array} of the run's model.inq: every param, bit-exact, and the batch stats."""
+  from inq_jax import export  # pylint: disable=g-import-not-at-top
   from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
-  variables, state = checkpoints.load_final(str(workdir))
-  flat = dict(leaves_with_paths(variables)[0])
-  flat.update({f"mask/{p}": m for p, m in leaves_with_paths(state.masks)[0]})
-  return {k: np.asarray(v) for k, v in flat.items()}
+  params, extras = export.load_with_extras(str(workdir / "model.inq"))
+  return {p: np.asarray(x) for p, x in leaves_with_paths({"params": params, **extras})[0]}
 
 
 def prepare_data(data_dir):
@@ -173,8 +172,8 @@ def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmn
   rk = results(killed)
   assert rk["final"]["test_accuracy"] == r2["final"]["test_accuracy"]
   assert [p["test_accuracy"] for p in rk["phases"]] == [p["test_accuracy"] for p in r2["phases"]]
-  want, got = final_variables(two), final_variables(killed)
-  assert sorted(want) == sorted(got)
+  want, got = exported(two), exported(killed)
+  assert sorted(want) == sorted(got) and want
   for key, value in want.items():
     assert np.array_equal(value, got[key]), key
 
