@@ -83,12 +83,7 @@ class INQConfig:
       pattern = getattr(self, name)
       if pattern is None and name == "exclude":
         continue
-      if not isinstance(pattern, str):
-        raise TypeError(f"{name} must be a regex string, got {pattern!r}")
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(f"{name}={pattern!r} is not a valid regex: {e}") from None
+      tree.check_regex(pattern, name)
     if self.granularity not in GRANULARITIES:
       raise ValueError(f"unknown granularity {self.granularity!r}; expected one of "
                        f"{GRANULARITIES}")

@@ -67,16 +67,6 @@ def _check_sparsity(value, where: str) -> float:
   return value
 
 
-def _check_regex(pattern, name: str) -> str:
-  if not isinstance(pattern, str):
-    raise TypeError(f"{name} must be a regex string, got {pattern!r}")
-  try:
-    re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"{name}={pattern!r} is not a valid regex: {e}") from None
-  return pattern
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PruneConfig:
   """Configuration of iterative magnitude pruning (validated on construction).
@@ -126,7 +116,7 @@ class PruneConfig:
         if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
           raise TypeError(f"sparsity pairs must be (regex, float), got {pair!r}")
         pattern, value = pair
-        _check_regex(pattern, "sparsity pattern")
+        tree.check_regex(pattern, "sparsity pattern")
         pairs.append((pattern, _check_sparsity(value, f" for pattern {pattern!r}")))
       if not pairs:
         raise ValueError("sparsity has no (regex, float) pairs; give a float or at least "
@@ -136,9 +126,9 @@ class PruneConfig:
       raise TypeError(f"sparsity must be a float in [0, 1) or (regex, float) pairs, got "
                       f"{sparsity!r}")
     object.__setattr__(self, "sparsity", sparsity)
-    _check_regex(self.include, "include")
+    tree.check_regex(self.include, "include")
     if self.exclude is not None:
-      _check_regex(self.exclude, "exclude")
+      tree.check_regex(self.exclude, "exclude")
     if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
       raise TypeError(f"steps must be an int >= 1, got {self.steps!r}")
     if self.steps < 1:

@@ -40,6 +40,17 @@ def path_str(path) -> str:
   return "/".join(names)
 
 
+def check_regex(pattern, name: str) -> str:
+  """`pattern` if it is a valid regex string, else a clear TypeError/ValueError."""
+  if not isinstance(pattern, str):
+    raise TypeError(f"{name} must be a regex string, got {pattern!r}")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{name}={pattern!r} is not a valid regex: {e}") from None
+  return pattern
+
+
 def leaves_with_paths(tree) -> Tuple[List[Tuple[str, Any]], Any]:
   """[(path string, leaf)] in flatten order, and the treedef."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from experiments.benchmarks import quantize_speed
-from inq_jax import _packing, export
+from inq_jax import export
 from inq_jax import quantize as inq
 
 
@@ -51,15 +51,27 @@ def quantized_model(width_divisor: int, bits: int, zero_fraction: float, seed: i
   return params, state
 
 
+def _pack(codes: np.ndarray, bits: int) -> bytes:
+  """b-bit codes as a little-endian bit stream (the `packed` layout's bytes)."""
+  planes = (codes[:, None].astype(np.uint8) >> np.arange(bits, dtype=np.uint8)) & 1
+  return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def _sparse_stream(codes: np.ndarray) -> bytes:
+  """A nonzero bitmap, then one byte per nonzero code (the sparse layouts' stream)."""
+  nonzero = codes != 0
+  return np.packbits(nonzero, bitorder="little").tobytes() + codes[nonzero].tobytes()
+
+
 def _full_try_bytes(path: str) -> int:
-  """Section bytes the exhaustive writer would have stored for every quantized leaf."""
+  """Section bytes an exhaustive writer (every layout LZMA-compressed) would store."""
   total = 0
   for q in export.read_codes(path).values():
-    flat = q.codes.reshape(-1)
-    packed = _packing.pack(flat, q.bits)
+    flat = np.asarray(q.codes, np.uint8).reshape(-1)
+    packed = _pack(flat, q.bits)
     old = lambda data: lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE,
                                      preset=6)
-    total += min(len(packed), len(old(packed)), len(old(_packing.sparse_stream(flat))))
+    total += min(len(packed), len(old(packed)), len(old(_sparse_stream(flat))))
   return total
 
 

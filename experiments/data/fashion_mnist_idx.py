@@ -9,8 +9,8 @@ content instead (magic numbers, shapes, sizes), needs no TensorFlow, and writes
 array_record, which `tfds.data_source` reads. Features: 'image' uint8
 (28, 28, 1) and 'label' with `fashion_mnist`'s 10 class names. The image is a
 raw-bytes Tensor rather than `fashion_mnist`'s PNG Image: TFDS encodes PNGs
-from arrays with TensorFlow, and without PNG coding preparing takes about half
-as long (~11 s instead of ~20 s for all 70k on 2 cores) and reading is faster.
+from arrays with TensorFlow, and without PNG coding both preparing and reading
+are faster.
 
 The four files are taken from the manual dir (`download_config.manual_dir`).
 `download_idx_files` fetches the originals when there is no local copy.

@@ -14,7 +14,7 @@ run that is killed and resumed at epoch `e` sees exactly the same batches.
 Storage: TFDS datasets prepared as array_record in `data_dir`, read with
 `tfds.data_source` (random access, no TensorFlow). Fashion-MNIST and CIFAR-10
 are loaded into memory once as uint8 and cached as an .npz next to the prepared
-files, since decoding 60k PNGs through TFDS takes ~20 s. ImageNet streams:
+files, since decoding every record through TFDS again each run is slow. ImageNet streams:
 decode, crop and resize per example with PIL in a thread pool.
 
 Where the data comes from:

@@ -98,8 +98,8 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
 def _max_pool_2x2(x):
   """nn.max_pool(x, (2, 2), (2, 2)) for even H and W, as a reshape and a max.
 
-  Same values; its gradient avoids XLA:CPU's slow select-and-scatter, which made
-  the LeNet train step about 25% slower on CPU (measured: 129 vs 104 ms at batch 128).
+  Same values; its gradient avoids XLA:CPU's select-and-scatter, which is slow
+  enough on CPU to dominate a small net's train step.
   """
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
@@ -485,8 +485,8 @@ def init_variables(model: nn.Module, input_shape: Sequence[int], rng) -> dict:
   x = jnp.zeros(tuple(input_shape), jnp.float32)
   init = jax.jit(lambda key: model.init({"params": key}, x, train=False))
   # XLA:CPU spends most of this compile on one threefry kernel per distinct
-  # weight shape; the non-partitionable threefry compiles about twice as fast
-  # (GoogLeNet ~15 s instead of ~30 s on 2 cores). Init is unsharded (the
+  # weight shape; the non-partitionable threefry compiles much faster. Init is
+  # unsharded (the
   # trainer replicates it afterwards), so partitionability buys nothing here.
   # Values stay a pure function of `rng`.
   flag = getattr(jax, "threefry_partitionable", None)
