@@ -486,8 +486,8 @@ def init_variables(model: nn.Module, input_shape: Sequence[int], rng) -> dict:
   init = jax.jit(lambda key: model.init({"params": key}, x, train=False))
   # XLA:CPU spends most of this compile on one threefry kernel per distinct
   # weight shape; the non-partitionable threefry compiles much faster. Init is
-  # unsharded (the
-  # trainer replicates it afterwards), so partitionability buys nothing here.
+  # unsharded (the trainer replicates it afterwards), so partitionability buys
+  # nothing here.
   # Values stay a pure function of `rng`.
   flag = getattr(jax, "threefry_partitionable", None)
   with flag(False) if flag is not None else contextlib.nullcontext():
