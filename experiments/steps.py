@@ -298,5 +298,7 @@ def test_batches(data, eval_batch_size: int, devices: Devices):
 def train_split_eval_batches(data, eval_batch_size: int, devices: Devices, seed: int):
   """The train split without augmentation, every example unmasked (eval mode)."""
   size = devices.eval_batch_size(eval_batch_size)
+  if size > data.train_size:  # one (smaller) batch rather than none
+    size = max(devices.count, data.train_size // devices.count * devices.count)
   return ({**b, "mask": np.ones(len(b["label"]), bool)}
           for b in data.train_batches(size, 0, seed, augment=False))

@@ -173,7 +173,9 @@ class Run:
                           self.devices)
 
   def save(self, state: TrainState, results: dict, seconds: float) -> None:
-    self.ckpt.save(state, {"results": results, "seconds": seconds})
+    # Fields set on the host (epoch, stage) become global arrays, which a
+    # multi-process orbax save needs; what is already replicated stays put.
+    self.ckpt.save(self.devices.replicate(state), {"results": results, "seconds": seconds})
 
   def train(self, state: TrainState, stage_config, masks, *, epochs: float, data_seed: int,
             desc: str, results: dict, seconds: float, record: dict):

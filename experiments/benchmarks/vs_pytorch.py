@@ -66,17 +66,18 @@ def _torch_lenet(torch, params):
       return self.fc2(torch.relu(self.fc1(x)))
 
   net = LeNet()
-  p = jax.tree.map(np.asarray, params)
+  p = jax.tree.map(np.array, params)  # writable copies
   with torch.no_grad():
     for name in ("conv1", "conv2"):
-      getattr(net, name).weight.copy_(torch.from_numpy(p[name]["kernel"].transpose(3, 2, 0, 1)))
-      getattr(net, name).bias.copy_(torch.from_numpy(p[name]["bias"]))
+      oihw = np.ascontiguousarray(p[name]["kernel"].transpose(3, 2, 0, 1))
+      getattr(net, name).weight.copy_(torch.from_numpy(oihw))
+      getattr(net, name).bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
     # JAX flattens [B, 4, 4, 50] (h, w, c); PyTorch flattens [B, 50, 4, 4] (c, h, w).
     fc1 = p["fc1"]["kernel"].reshape(4, 4, 50, 500).transpose(2, 0, 1, 3).reshape(800, 500)
     net.fc1.weight.copy_(torch.from_numpy(np.ascontiguousarray(fc1.T)))
-    net.fc1.bias.copy_(torch.from_numpy(p["fc1"]["bias"]))
+    net.fc1.bias.copy_(torch.from_numpy(np.array(p["fc1"]["bias"])))
     net.fc2.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["fc2"]["kernel"].T)))
-    net.fc2.bias.copy_(torch.from_numpy(p["fc2"]["bias"]))
+    net.fc2.bias.copy_(torch.from_numpy(np.array(p["fc2"]["bias"])))
   return net
 
 
