@@ -97,6 +97,20 @@ def check_config(config: ml_collections.ConfigDict):
 # ------------------------------------------------------------------- run
 
 
+def _get_dataset(dataset_config):
+  """The dataset; with several processes, process 0 prepares it while the rest wait.
+
+  Processes preparing one fresh TFDS data_dir at once would race on its renames.
+  """
+  if jax.process_count() == 1:
+    return input_pipeline.get_dataset(dataset_config)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.get_dataset(dataset_config) if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("inq_jax: dataset prepared")
+  return data or input_pipeline.get_dataset(dataset_config)
+
+
+
 class Run:
   """What a run reads (data, model, initial weights) and where it writes; no state."""
 
@@ -104,7 +118,7 @@ class Run:
     self.config, self.workdir = config, workdir
     self.inq_cfg, self.prune_cfg = check_config(config)
     self.callback = callback or (lambda event, **info: None)
-    self.data = input_pipeline.get_dataset(config.dataset)
+    self.data = _get_dataset(config.dataset)
     self.steps_per_epoch = self.data.steps_per_epoch(config.batch_size)
     if self.steps_per_epoch == 0:
       raise ValueError(f"batch_size={config.batch_size} is larger than the train split "
