@@ -24,7 +24,10 @@ Threads: PyTorch is set to `--threads` (default: the CPUs this process may use,
 intra-op Eigen pool is sized to the CPUs it may use, so the default is the same
 number; run under `taskset -c 0-(N-1)` to give both sides N. With
 `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` XLA runs single-threaded (then
-pass `--threads 1`).
+pass `--threads 1`). On a loaded machine (load average above the core count)
+PyTorch's multi-threaded (OpenMP) kernels slow down far more than XLA's: there
+compare with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false ... --threads 1` too,
+and read `load_average` before trusting `ratio`.
 
 Prints one JSON line (skips, with a message and exit status 0, when torch is
 not installed: `{"benchmark": "vs_pytorch", "skipped": "..."}`).

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Mutation testing of the inq_jax core with mutmut 3 (pip install mutmut).
+#
+#   scripts/mutation_test.sh MODULE [mutmut-run-args...]
+#
+# MODULE is one of: optim codebook partition state packing
+# Slow (minutes to hours on 2 cores): NOT part of .ci/run. Latest counts are in
+# docs/mutation_testing.md.
+#
+# The working tree is never touched: the repository (tracked + untracked,
+# non-ignored files) is copied to $MUT_WORKDIR/<module> (default
+# /tmp/inq_mutmut/<module>), a [mutmut] section is appended to THAT copy's
+# setup.cfg, and mutmut runs there (its mutants/ folder lives in the copy).
+# Inspect survivors afterwards with:
+#   cd /tmp/inq_mutmut/<module> && mutmut results && mutmut show <name>
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+MODULE=${1:?usage: scripts/mutation_test.sh optim|codebook|partition|state|packing [mutmut run args]}
+shift
+PY=${PYTHON:-$REPO/.venv/bin/python}
+MUTMUT=${MUTMUT:-$(dirname "$PY")/mutmut}
+JOBS=${MUT_JOBS:-2}
+
+case "$MODULE" in
+  optim)     SRC=inq_jax/optim.py
+             TESTS=(tests/inq_jax/test_optim.py tests/inq_jax/test_mutants_optim.py) ;;
+  codebook)  SRC=inq_jax/_codebook.py
+             TESTS=(tests/inq_jax/test_codebook.py tests/inq_jax/test_mutants_codebook.py) ;;
+  partition) SRC=inq_jax/_partition.py
+             TESTS=(tests/inq_jax/test_partition.py tests/inq_jax/test_mutants_partition.py) ;;
+  state)     SRC=inq_jax/_state.py
+             TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_core_hostile.py
+                    tests/inq_jax/test_mutants_state.py) ;;
+  packing)   SRC=inq_jax/_packing.py
+             TESTS=(tests/inq_jax/test_export.py tests/inq_jax/test_verify_file.py
+                    tests/inq_jax/test_mutants_packing.py) ;;
+  *) echo "unknown module: $MODULE" >&2; exit 2 ;;
+esac
+
+WORK=${MUT_WORKDIR:-/tmp/inq_mutmut}/$MODULE
+mkdir -p "$WORK"
+# Fresh copy of the sources each time (keeps mutmut's cache in $WORK/mutants).
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard) |
+  (cd "$REPO" && xargs -0 cp --parents -f -t "$WORK" 2>/dev/null || true)
+
+{
+  echo
+  echo "[mutmut]"
+  echo "source_paths = inq_jax"
+  echo "only_mutate = $SRC"
+  echo "pytest_add_cli_args ="
+  echo "    -p"
+  echo "    mutmut_jax_plugin"
+  echo "    -x"
+  echo "    -q"
+  echo "    -p"
+  echo "    no:cacheprovider"
+  if [[ "$MODULE" == packing ]]; then
+    echo "    -k"
+    echo "    not hostile"
+  fi
+  echo "pytest_add_cli_args_test_selection ="
+  for t in "${TESTS[@]}"; do [[ -e "$REPO/$t" ]] && echo "    $t"; done
+  echo "use_git_change_detection = false"
+  # Fork each mutant's run from a server that has NOT started XLA: forking a
+  # process whose XLA thread pools are running deadlocks the child (seen with
+  # the default process_isolation = fork: children sat at 0% CPU for minutes).
+  echo "process_isolation = forkserver"
+  echo "forkserver_warmup = none"
+} >> "$WORK/setup.cfg"
+
+cd "$WORK"
+export PYTHONPATH="$REPO/scripts${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_PLATFORMS=cpu
+"$MUTMUT" run --max-children "$JOBS" "$@"
+"$MUTMUT" results --all true 2>/dev/null || "$MUTMUT" results
