@@ -1,11 +1,13 @@
 """pytest plugin loaded by scripts/mutation_test.sh (never by the normal suite).
 
-mutmut 3 forks every mutant's test run from a process that has already run the
-tests once (to map tests to functions). jax.jit keeps its traces in memory, so
-a forked child would reuse the trace of the ORIGINAL code and report a mutant
-in a jitted function as "survived" although the mutated Python never ran.
-Clearing JAX's in-memory caches at the start of each pytest session makes every
-mutant's run trace the (mutated) code afresh.
+Belt and braces. The script runs mutmut with process_isolation = forkserver
+(warmup none), so no mutant's worker inherits a process that has run JAX. With
+mutmut's default (fork), every mutant's run would be forked from the process
+that already ran the tests once to map tests to functions; jax.jit keeps its
+traces in memory, so the child would reuse the trace of the ORIGINAL code and
+report a mutant inside a jitted function as "survived" although the mutated
+Python never ran. Clearing JAX's in-memory caches at the start of each pytest
+session makes every run trace the (mutated) code afresh either way.
 """
 
 import jax
