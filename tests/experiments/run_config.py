@@ -21,6 +21,29 @@ import sys
 import numpy as np
 
 
+def die_on_save(kill_at: int) -> None:
+  """Makes this process SIGKILL itself on its `kill_at`-th checkpoint save (0: never).
+
+  The save is started, then the process dies while orbax is still writing it.
+  """
+  if not kill_at:
+    return
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  original, calls = checkpoints.RunCheckpoints.save, [0]
+
+  def save_then_die(self, state, meta):
+    calls[0] += 1
+    if calls[0] < kill_at:
+      return original(self, state, meta)
+    manager = self._manager  # pylint: disable=protected-access
+    manager.save((manager.latest_step() or 0) + 1, args=checkpoints.ocp.args.Composite(
+        state=checkpoints.ocp.args.StandardSave(state),
+        meta=checkpoints.ocp.args.JsonSave({**meta, "format": checkpoints.RUN_FORMAT})))
+    os.kill(os.getpid(), signal.SIGKILL)  # mid-write: the async save has not finished
+
+  checkpoints.RunCheckpoints.save = save_then_die
+
+
 def main(config_module, workdir, data_dir, *overrides):
   import jax  # pylint: disable=g-import-not-at-top
   from experiments import checkpoints, train  # pylint: disable=g-import-not-at-top
@@ -39,22 +62,7 @@ def main(config_module, workdir, data_dir, *overrides):
     main_module.initialize_distributed()
   suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
 
-  kill_at = int(os.environ.get("KILL_AT_SAVE", "0"))
-  if kill_at:
-    original, calls = checkpoints.RunCheckpoints.save, [0]
-
-    def save_then_die(self, state, meta):
-      calls[0] += 1
-      if calls[0] < kill_at:
-        return original(self, state, meta)
-      self._manager.save(  # pylint: disable=protected-access
-          (self._manager.latest_step() or 0) + 1,  # pylint: disable=protected-access
-          args=checkpoints.ocp.args.Composite(
-              state=checkpoints.ocp.args.StandardSave(state),
-              meta=checkpoints.ocp.args.JsonSave({**meta, "format": checkpoints.RUN_FORMAT})))
-      os.kill(os.getpid(), signal.SIGKILL)  # mid-write: the async save has not finished
-
-    checkpoints.RunCheckpoints.save = save_then_die
+  die_on_save(int(os.environ.get("KILL_AT_SAVE", "0")))
 
   masks = {}
 

@@ -169,20 +169,8 @@ def _run(workdir: str, data_dir: str, out: str, kill_at: int = 0) -> None:
   for key, value in OVERRIDES.items():
     _set(config, key, value)
 
-  if kill_at:
-    original, calls = checkpoints.RunCheckpoints.save, [0]
-
-    def save_then_die(self, state, meta):
-      calls[0] += 1
-      if calls[0] < kill_at:
-        return original(self, state, meta)
-      manager = self._manager  # pylint: disable=protected-access
-      manager.save((manager.latest_step() or 0) + 1, args=checkpoints.ocp.args.Composite(
-          state=checkpoints.ocp.args.StandardSave(state),
-          meta=checkpoints.ocp.args.JsonSave({**meta, "format": checkpoints.RUN_FORMAT})))
-      os.kill(os.getpid(), signal.SIGKILL)  # mid-write: the async save has not finished
-
-    checkpoints.RunCheckpoints.save = save_then_die
+  import run_config  # pylint: disable=g-import-not-at-top  (this script's own folder)
+  run_config.die_on_save(kill_at)
 
   results = train.train_and_evaluate(config, workdir)
   flat = lambda tree: {p: np.asarray(x) for p, x in leaves_with_paths(tree)[0]}
