@@ -57,7 +57,8 @@ def mock_tfds(monkeypatch, tmp_path):
 
 # The big ImageNet nets take minutes each on a 2-core CPU (XLA compile time and
 # 60-140M-parameter checkpoints); they run with `pytest -m slow`.
-SLOW = {"imagenet_alexnet", "imagenet_vgg16", "imagenet_googlenet", "imagenet_resnet50"}
+SLOW = {"imagenet_alexnet", "imagenet_vgg16", "imagenet_googlenet", "imagenet_resnet18",
+        "imagenet_resnet50"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
