@@ -94,11 +94,14 @@ def replicated(sharding):
                                     memory_kind=sharding.memory_kind)
 
 
-def place_like(x, leaf):
+def place_like(x, leaf, *, replicate=False):
   """`x` on the devices of `leaf`: sharded like it, or replicated if `x` is a scalar.
 
-  Masks live where (and sharded how) their weights live: the per-leaf kernels
-  then see the same input shardings every phase and compile only once, and a
+  With `replicate`, `x` (e.g. per-channel exponents) is replicated on the
+  leaf's devices whatever its shape.
+
+  Masks live where (and sharded how) their weights live: the quantization
+  programs then see the same input shardings every phase and compile only once, and a
   jitted step whose in_shardings come from the optimizer state finds every mask
   on the params' devices (a scalar placeholder on device 0 would not be on a
   multi-device mesh).
@@ -107,10 +110,10 @@ def place_like(x, leaf):
     return x
   if not leaf.committed:
     # An uncommitted leaf lives on the default device and may move with its
-    # computation; committing the mask would change the per-leaf kernels'
+    # computation; committing the mask would change the quantization programs'
     # signatures between the first and later phases and compile them twice.
     return x
-  if jnp.ndim(x) == 0 and jnp.ndim(leaf) != 0:
+  if replicate or (jnp.ndim(x) == 0 and jnp.ndim(leaf) != 0):
     return jax.device_put(x, replicated(leaf.sharding))
   return jax.device_put(x, leaf.sharding)
 
@@ -123,7 +126,9 @@ def fresh_copy(leaf):
   caller still holds, such as the pretrained biases.
   """
   if isinstance(leaf, jax.Array) and not is_tracer(leaf):
+    # device_put copies without compiling anything (jnp.array(copy=True) would
+    # compile a program per shape); an uncommitted leaf stays uncommitted.
     if not leaf.committed:
-      return jnp.array(leaf, copy=True)  # stays uncommitted, like the original
+      return jax.device_put(leaf, may_alias=False)
     return jax.device_put(leaf, leaf.sharding, may_alias=False)
   return leaf

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from typing import Any, Dict, NamedTuple
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 
 from inq_jax import _checks
 from inq_jax import _codebook
+from inq_jax import _packed
 from inq_jax import _partition
 from inq_jax import tree
 from inq_jax._checks import first_bad as _first_bad
@@ -217,30 +217,7 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   _checks.check_eager("init", params, pruned)
   chosen = _selected(params, config)
   pruned_masks = None if pruned is None else _pruned_masks(params, pruned, config)
-  for path, leaf in chosen:
-    _checks.check_finite(path, leaf)
-    if jnp.size(leaf):
-      _check_not_subnormal(path, leaf, _axes(leaf, config))
-  exponents = {}
-  for path, leaf in chosen:
-    w = jnp.asarray(leaf)
-    axes = _axes(leaf, config)
-    if not w.size:
-      max_abs = jnp.zeros(w.shape[-1:] if axes else ())
-      n1, n2 = _codebook.exponent_bounds(max_abs, config.bits)
-    elif config.calibration == "mse":
-      max_abs = jnp.max(jnp.abs(w), axis=axes)
-      n1, n2 = _codebook.mse_exponent_bounds(w, config.bits, axes)
-    else:
-      n1, n2, max_abs = _absmax_bounds(w, bits=config.bits, axes=axes)
-    dtype = jnp.result_type(leaf)
-    if not _codebook.representable(n1, n2, dtype):
-      lo, hi = _codebook.dtype_exponent_range(dtype)
-      raise ValueError(
-          f"{path}: the {config.bits}-bit codebook 2^{_show(n2)}..2^{_show(n1)} (max |w| "
-          f"{_show(max_abs)}) needs exponents {_show(n2 - 1)}..{_show(n1)}, but {dtype} "
-          f"holds normal numbers 2^{lo}..2^{hi}; use fewer bits or a wider dtype")
-    exponents[path] = n1
+  exponents = _init_exponents(chosen, config)
   chosen_paths = set(exponents)
   counts = {}
   if pruned_masks is not None:
@@ -258,16 +235,52 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
                   config=config, pruned=counts)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "axes"))
-def _absmax_bounds(w, *, bits, axes):
-  """(n1, n2, max |w|) of one leaf: one compiled program per leaf shape and bits.
+def _init_exponents(chosen, config: INQConfig):
+  """{path: n1} for the chosen leaves, all computed by one compiled program.
 
-  The inputs were checked first (finite, not all subnormal), which
-  `exponent_bounds` cannot do on traced values.
+  Raises (naming the path) on NaN/Inf weights, a leaf or channel whose nonzero
+  weights are all subnormal, or a codebook the leaf's dtype cannot hold; the
+  detailed messages come from the per-leaf checks, run only on failure.
   """
-  max_abs = jnp.max(jnp.abs(w), axis=axes)
-  n1, n2 = _codebook.exponent_bounds(max_abs, bits)
-  return n1, n2, max_abs
+  live = [(path, leaf) for path, leaf in chosen if jnp.size(leaf)]
+  channel = config.granularity == "channel"
+  stats = _packed.init_stats([jnp.asarray(leaf) for _, leaf in live], bits=config.bits,
+                             channel=channel, mse=config.calibration == "mse") if live else None
+  nonfinite, top, n1s = jax.device_get(stats) if live else ((), (), ())
+  units = [jnp.shape(leaf)[-1] if channel else 1 for _, leaf in live]
+  ends = np.cumsum(units, dtype=np.int64)
+  found = {}
+  for (path, leaf), end, unit in zip(live, ends, units):
+    found[path] = (top[end - unit:end], n1s[end - unit:end].astype(np.int64))
+  for (path, leaf), bad in zip(live, nonfinite):
+    if bad:
+      _checks.check_finite(path, leaf)
+  for path, leaf in live:
+    dtype = jnp.dtype(jnp.result_type(leaf))
+    t = found[path][0].astype(np.uint64)
+    if np.any((t > 0) & (t < np.uint64(1) << np.uint64(jnp.finfo(dtype).nmant))):
+      _check_not_subnormal(path, leaf, _axes(leaf, config))
+  exponents = {}
+  for path, leaf in chosen:
+    dtype = jnp.dtype(jnp.result_type(leaf))
+    shape = jnp.shape(leaf)[-1:] if channel else ()
+    if path not in found:  # an empty leaf: the codebook {0}
+      n1 = np.full(shape, _codebook.ZERO_CODEBOOK, np.int64)
+    else:
+      t, n1 = found[path]
+      n1 = n1.reshape(shape)
+      n2 = _codebook.n2_from_n1(n1, config.bits)
+      if not _codebook.representable(n1, n2, dtype):
+        lo, hi = _codebook.dtype_exponent_range(dtype)
+        max_abs = t.astype(_packed.UINT[dtype.itemsize]).view(dtype).reshape(shape)
+        raise ValueError(
+            f"{path}: the {config.bits}-bit codebook 2^{_show(n2)}..2^{_show(n1)} (max |w| "
+            f"{_show(max_abs)}) needs exponents {_show(n2 - 1)}..{_show(n1)}, but {dtype} "
+            f"holds normal numbers 2^{lo}..2^{hi}; use fewer bits or a wider dtype")
+    # Placed where the leaf's codebook is used, without compiling anything.
+    exponents[path] = _checks.place_like(jax.device_put(n1.astype(np.int32)), leaf,
+                                         replicate=True)
+  return exponents
 
 
 def _axes(leaf, config: INQConfig):
@@ -310,8 +323,9 @@ def _pruned_masks(params, keep, config: INQConfig):
 
 def _mask_like(leaf, selected: bool):
   # Unquantized leaves get a scalar False, replicated on the leaf's devices.
+  # From host zeros: jnp.zeros would compile a program per shape.
   return _checks.place_like(
-      jnp.zeros(jnp.shape(leaf) if selected else (), bool), leaf)
+      jax.device_put(np.zeros(jnp.shape(leaf) if selected else (), bool)), leaf)
 
 
 def _aligned(params, state: INQState):
@@ -341,23 +355,8 @@ def _aligned(params, state: INQState):
   return out, treedef
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def _advance_leaf(w, frozen, n1, n2, key, k, *, strategy):
-  new = _partition._partition(w, frozen, key, k, strategy=strategy)
-  # Earlier frozen weights are passed through untouched (bit-identical); only the
-  # newly frozen ones are rounded.
-  w = jnp.where(new & ~frozen, _codebook.round_to_pow2(w, n1, n2), w)
-  return w, new
-
-
-@jax.jit
-def _count(mask):
-  return jnp.sum(mask, dtype=jnp.int32)
-
-
-def _check_frozen_count(path: str, mask, state: INQState, step: int) -> None:
-  want = state.frozen_target(path, int(np.prod(jnp.shape(mask))), step)
-  have = int(_count(mask))
+def _check_frozen_count(path: str, have: int, size: int, state: INQState, step: int):
+  want = state.frozen_target(path, size, step)
   if have != want:
     pruned = state.pruned_count(path)
     how = f"{pruned} pruned + " if pruned else ""
@@ -365,15 +364,8 @@ def _check_frozen_count(path: str, mask, state: INQState, step: int) -> None:
     raise ValueError(
         f"{path}: the state's mask has {have} frozen weights, but after {step} of "
         f"{state.config.num_steps} portions there should be {want} ({how}round({sigma} * "
-        f"{int(np.prod(jnp.shape(mask))) - pruned})); the masks do not belong to this "
-        "state (was it rebuilt or restored without its `pruned` counts?)")
-
-
-def _leaf_key(seed: int, step: int, path: str):
-  # Derived from the path, not from flatten order or the host: every process of a
-  # multi-host run draws the same random partition.
-  key = jax.random.fold_in(jax.random.key(seed), step)
-  return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+        f"{size - pruned})); the masks do not belong to this state (was it rebuilt or "
+        "restored without its `pruned` counts?)")
 
 
 def advance(params, state: INQState):
@@ -385,8 +377,11 @@ def advance(params, state: INQState):
   bit-identical; unquantized leaves come back as copies (new buffers on the
   same devices, same sharding), so a jitted step may donate the returned params
   without deleting arrays the caller still holds. Runs eagerly (once per
-  phase) with a compiled kernel per leaf shape; all checks happen before
-  anything is computed. Call it outside `jax.jit`.
+  phase) as one compiled program over every quantized leaf (inq_jax/_packed.py),
+  compiled on the first call and reused by every later step. It measures what
+  the checks need in the same pass and returns nothing unless every check
+  passes; nothing the caller holds is changed either way. Call it outside
+  `jax.jit`.
 
   After `init(..., pruned=keep)` a leaf with P pruned weights is frozen up to
   `P + round(portions[step] * (size - P))` (`frozen_count(size, portion, P)`);
@@ -423,30 +418,43 @@ def advance(params, state: INQState):
     raise ValueError(f"all {config.num_steps} portions {config.portions} are already "
                      f"applied (state.step={step}); the model is fully quantized")
   portion = config.portions[step]
-  for path, leaf, mask in leaves:
-    if mask is not None:
+  pruned = {path: int(c) for path, c in jax.device_get(state.pruned).items()}
+  live = [i for i, (_, leaf, mask) in enumerate(leaves) if mask is not None and jnp.size(leaf)]
+  live_set = set(live)
+  # Other jax arrays come back as copies, never the caller's buffers: a jitted
+  # step that donates the params `advance` returned must not delete arrays the
+  # caller still holds (e.g. the pretrained biases).
+  copied = [i for i, (_, leaf, mask) in enumerate(leaves)
+            if i not in live_set and isinstance(leaf, jax.Array) and not _checks.is_tracer(leaf)]
+  ks = [_partition.frozen_count(int(np.prod(jnp.shape(leaves[i][1]))), portion,
+                                pruned.get(leaves[i][0], 0)) for i in live]
+  # One program for the whole tree (see _packed): it also measures what the
+  # checks below need, so nothing is read back leaf by leaf, and its result is
+  # dropped if a check fails.
+  new_w, new_m, stats = _packed.advance(
+      [jnp.asarray(leaves[i][1]) for i in live],
+      [_checks.place_like(leaves[i][2], leaves[i][1]) for i in live],
+      [state.exponents[leaves[i][0]] for i in live], np.asarray(ks, np.int32),
+      np.asarray([config.seed, step], np.uint32), bits=config.bits,
+      strategy=config.strategy) if live else ([], [], ((),) * 3)
+  for i, bad, have, outside in zip(live, *jax.device_get(stats)):
+    path, leaf, mask = leaves[i]
+    # Frozen weights must still be in their codebook: an edited exponent or
+    # weights moved by an optimizer that does not freeze them would otherwise
+    # be carried along silently.
+    if bad:
       _checks.check_finite(path, leaf)
-      _check_frozen_count(path, mask, state, step)
-      # Frozen weights must still be in their codebook: an edited exponent or
-      # weights moved by an optimizer that does not freeze them would otherwise
-      # be carried along silently. (Also at step 0, where only pruned zeros are
-      # frozen, so that every phase runs the same compiled programs.)
+    _check_frozen_count(path, int(have), int(np.prod(jnp.shape(leaf))), state, step)
+    if outside:
       _check_frozen_in_codebook(path, leaf, mask, state)
-  new_leaves, new_masks = [], []
-  for path, leaf, mask in leaves:
-    if mask is None:
-      # A copy, never the caller's buffer: a jitted step that donates the params
-      # `advance` returned must not delete arrays the caller still holds.
-      new_leaves.append(_checks.fresh_copy(leaf))
-      new_masks.append(_mask_like(leaf, False))
-      continue
-    n1, n2 = state.bounds(path)
-    k = _partition.frozen_count(jnp.size(leaf), portion, state.pruned_count(path))
-    w, m = _advance_leaf(leaf, _checks.place_like(mask, leaf), n1, n2,
-                         _leaf_key(config.seed, step, path), jnp.int32(k),
-                         strategy=config.strategy)
-    new_leaves.append(w)
-    new_masks.append(m)
+  new_leaves = [leaf for _, leaf, _ in leaves]
+  new_masks = [None if i in live_set else _mask_like(leaf, mask is not None)
+               for i, (_, leaf, mask) in enumerate(leaves)]
+  for i, w, m in zip(live, new_w, new_m):
+    new_leaves[i] = _checks.place_like(w, leaves[i][1])
+    new_masks[i] = _checks.place_like(m, leaves[i][1])
+  for i in copied:
+    new_leaves[i] = _checks.fresh_copy(leaves[i][1])
   new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
   new_state = dataclasses.replace(
       state, masks=jax.tree_util.tree_unflatten(treedef, new_masks),
@@ -508,17 +516,26 @@ def verify(params, state: INQState) -> Dict[str, LeafSummary]:
   """
   _checks.check_eager("verify", params, state)
   leaves, _ = _aligned(params, state)
+  quantized = [(path, leaf, mask) for path, leaf, mask in leaves if mask is not None]
+  live = [(path, leaf, mask) for path, leaf, mask in quantized if jnp.size(leaf)]
+  arrays = [jnp.asarray(leaf) for _, leaf, _ in live]
+  ids, outside = _packed.value_ids(
+      arrays, [_checks.place_like(mask, leaf) for _, leaf, mask in live],
+      [state.exponents[path] for path, _, _ in live],
+      bits=state.config.bits) if live else ([], ())
+  for (path, leaf, mask), bad in zip(live, jax.device_get(outside)):
+    if bad:
+      _check_frozen_in_codebook(path, leaf, mask, state)
+  found = {}
+  for group, packed in zip(_packed.groups(arrays), jax.device_get(ids)):
+    for i, leaf_ids in zip(group.index, _packed.split(packed, group)):
+      found[live[i][0]] = leaf_ids
   out = {}
-  for path, leaf, mask in leaves:
-    if mask is None:
-      continue
+  for path, leaf, mask in quantized:
     n1, n2 = state.bounds(path)
-    mask, code = _check_frozen_in_codebook(path, leaf, mask, state)
-    frozen_codes = np.asarray(code)[mask]
-    distinct = int(np.count_nonzero(np.bincount(frozen_codes + 4096, minlength=1))) \
-        if frozen_codes.size else 0
-    out[path] = LeafSummary(total=int(mask.size), frozen=int(mask.sum()),
-                            distinct_values=distinct,
-                            zeros=int(np.sum(frozen_codes == 0)),
+    frozen, distinct, zeros = (_packed.distinct_and_zeros(found[path]) if path in found
+                               else (0, 0, 0))
+    out[path] = LeafSummary(total=int(np.prod(jnp.shape(leaf))), frozen=frozen,
+                            distinct_values=distinct, zeros=zeros,
                             n1=np.asarray(n1), n2=np.asarray(n2))
   return out

@@ -9,8 +9,11 @@ Prints one JSON line with two sets of timings, both from this fresh process:
 
 * first call (what a user waits, compilation included): `first_init_seconds`
   and `first_advance_seconds` (one per portion, `first_advance_seconds_max`),
-  with `first_compiles` / `first_advance_compiles` counting the XLA backend
-  compilations each triggered (jax.monitoring's backend-compile events);
+  with `first_compiles` (all of them) and `first_init_compiles`,
+  `first_advance_compiles`, `first_verify_compiles` counting the XLA backend
+  compilations each triggered (jax.monitoring's backend-compile events): one
+  program each for init, advance and verify over the whole tree (inq_jax
+  packs the leaves; see inq_jax/_packed.py), compiled once per run;
 * steady state (everything compiled): `init_seconds`, `advance_seconds`,
   `advance_seconds_max`, `verify_seconds`, the same calls repeated on fresh
   copies (`--repeats` times; the per-call median is reported).
@@ -154,6 +157,7 @@ def main():
       "first_compiles": init_compiles + sum(advance_compiles) + verify_compiles,
       "first_init_compiles": init_compiles,
       "first_advance_compiles": advance_compiles,
+      "first_verify_compiles": verify_compiles,
       "repeats": args.repeats,
       "init_seconds": round(float(np.median(init_s)), 4),
       "advance_seconds": advance_med, "advance_seconds_max": max(advance_med),
