@@ -127,7 +127,8 @@ class Run:
                                   dtype=jnp.dtype(config.dtype))
     self.devices = steps.Devices()
     self.eval_step = steps.make_eval_step(self.model, self.devices,
-                                          top5=self.data.num_classes > 10)
+                                          top5=self.data.num_classes > 10,
+                                          normalization=self.data.normalization)
     self.initial = self._initial_variables()  # validates init_checkpoint before any write
     self.ckpt = self.writer = None
 
@@ -207,7 +208,8 @@ class Run:
     last = None
     if int(state.epoch) >= len(chunks):
       return state, seconds, last, 0.0
-    train_step = steps.make_train_step(self.model, tx, self.devices, self.config.seed)
+    train_step = steps.make_train_step(self.model, tx, self.devices, self.config.seed,
+                                       normalization=self.data.normalization)
     train_step, compile_seconds = steps.compile_step(
         train_step, state, self.config.batch_size, self.data.image_shape, self.devices)
     seconds += compile_seconds

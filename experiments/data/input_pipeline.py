@@ -1,9 +1,11 @@
 """Datasets for the experiments: Fashion-MNIST, CIFAR-10, ImageNet, without TensorFlow.
 
 `get_dataset(config.dataset)` returns a `Dataset` whose batches are numpy
-arrays, normalized with the usual per-dataset mean/std:
+arrays of uint8 images, as stored: they go to the device as they are (4x fewer
+bytes than float32) and the jitted step normalizes them there with
+`Dataset.normalization`, the usual per-dataset (mean, std) (`experiments.steps`):
 
-  train_batches(batch_size, epoch, seed)  {'image' f32 [b,H,W,C], 'label' i32 [b]}
+  train_batches(batch_size, epoch, seed)  {'image' u8 [b,H,W,C], 'label' i32 [b]}
   test_batches(batch_size)                same plus 'mask' bool [b]
 
 `batch_size` is global; each process gets its own b = batch_size / processes
@@ -15,7 +17,9 @@ Storage: TFDS datasets prepared as array_record in `data_dir`, read with
 `tfds.data_source` (random access, no TensorFlow). Fashion-MNIST and CIFAR-10
 are loaded into memory once as uint8 and cached as an .npz next to the prepared
 files, since decoding every record through TFDS again each run is slow. ImageNet streams:
-decode, crop and resize per example with PIL in a thread pool.
+grain worker processes (`dataset.workers`, default every CPU) read the JPEGs,
+decode, crop and resize them and hand over whole uint8 batches
+(`experiments/data/imagenet.py`); nothing per image runs in the main process.
 
 Where the data comes from:
   * fashion_mnist: `fashion_mnist_idx.FashionMnistIdx`, built from the four IDX
@@ -32,11 +36,9 @@ Where the data comes from:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import importlib.util
-import math
 import os
 import re
 from typing import Any, Iterator, Optional
@@ -44,11 +46,11 @@ from typing import Any, Iterator, Optional
 import jax
 import ml_collections
 import numpy as np
-import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
 from experiments.data import fashion_mnist_idx
+from experiments.data import imagenet
 
 # (mean, std) per channel, of images scaled to [0, 1].
 NORMALIZATION = {
@@ -106,80 +108,18 @@ class _ArraySource:
 
 
 class _ImageNetSource:
-  """An ImageNet split read on demand from a TFDS data source."""
+  """An ImageNet split read on demand (JPEG bytes) by worker processes."""
 
-  def __init__(self, data_source, image_size: int, pool: concurrent.futures.Executor):
-    self.data_source, self.image_size, self.pool = data_source, image_size, pool
+  def __init__(self, data_source, image_size: int, workers: int):
+    self.data_source, self.image_size, self.workers = data_source, image_size, workers
 
   def __len__(self) -> int:
     return len(self.data_source)
 
-  def load(self, indices: np.ndarray, rng: Optional[np.random.Generator],
-           local: slice) -> tuple[np.ndarray, np.ndarray]:
-    mine = indices[local].tolist()
-    # One seed per example of the global batch, so crops don't depend on the process count.
-    seeds = (rng.integers(0, 2**63, size=len(indices))[local].tolist() if rng is not None
-             else [None] * len(mine))
-    # Concurrent reads of a TFDS ArrayRecordDataSource are supported (Grain does
-    # the same); PIL releases the GIL while decoding and resizing.
-    out = list(self.pool.map(self._example, mine, seeds))
-    return (np.stack([image for image, _ in out]),
-            np.array([label for _, label in out], np.int32))
-
-  def _example(self, index: int, seed: Optional[int]) -> tuple[np.ndarray, int]:
-    example = self.data_source[index]
-    image = np.asarray(example["image"])
-    if image.ndim == 3 and image.shape[-1] == 1:
-      image = image[..., 0]
-    pil = PIL.Image.fromarray(image)
-    if pil.mode != "RGB":
-      pil = pil.convert("RGB")
-    size = self.image_size
-    if seed is None:
-      out = center_crop(pil, size)
-    else:
-      rng = np.random.default_rng(seed)
-      x, y, w, h = random_resized_crop_box(rng, pil.width, pil.height)
-      out = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR, box=(x, y, x + w, y + h)))
-      if rng.random() < 0.5:
-        out = out[:, ::-1]
-    return out, int(example["label"])
-
-
-def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
-                            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple:
-  """(x, y, w, h) as torchvision's RandomResizedCrop picks it (10 tries, then center)."""
-  area = width * height
-  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-  for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-  in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    w, h = int(round(height * ratio[1])), height
-  else:
-    w, h = width, height
-  return (width - w) // 2, (height - h) // 2, w, h
-
-
-def center_crop(pil: PIL.Image.Image, size: int) -> np.ndarray:
-  """Shorter side to size*256/224 (256 for 224), then the central size x size."""
-  resize = int(round(size * 256 / 224))
-  width, height = pil.size
-  if width <= height:
-    new = (resize, int(resize * height / width))
-  else:
-    new = (int(resize * width / height), resize)
-  image = np.asarray(pil.resize(new, PIL.Image.BILINEAR))
-  top = int(round((new[1] - size) / 2.0))
-  left = int(round((new[0] - size) / 2.0))
-  return image[top:top + size, left:left + size]
+  def batches(self, indices: np.ndarray, local: slice, **kwargs) -> Iterator[dict]:
+    source = imagenet.BatchSource(self.data_source, indices, (local.start, local.stop),
+                                  self.image_size, **kwargs)
+    return imagenet.iterate(source, self.workers)
 
 
 # ----------------------------------------------------------------- dataset
@@ -234,13 +174,18 @@ class Dataset:
     order = np.random.default_rng([seed, int(epoch), 0]).permutation(self.train_size)
     steps = self.steps_per_epoch(batch_size)
 
+    if isinstance(self.train_source, _ImageNetSource):
+      return self.train_source.batches(
+          order[:steps * batch_size].reshape(steps, batch_size), local, seed=seed,
+          epoch=int(epoch), augment=augment)
+
     def batch(step):
       indices = order[step * batch_size:(step + 1) * batch_size]
       rng = np.random.default_rng([seed, int(epoch), step + 1]) if augment else None
       images, labels = self.train_source.load(indices, rng, local)
-      return {"image": self._normalize(images), "label": labels.astype(np.int32)}
+      return {"image": images, "label": labels.astype(np.int32)}
 
-    return self._iterate(batch, steps)
+    return (batch(step) for step in range(steps))
 
   def test_batches(self, batch_size: int) -> Iterator[dict]:
     """Every test example once, in order; the last batch padded, with 'mask' False there.
@@ -251,18 +196,22 @@ class Dataset:
     local = self._local_slice(batch_size)
     b = local.stop - local.start
     steps = -(-self.test_size // batch_size)
+    if isinstance(self.test_source, _ImageNetSource):
+      indices = np.arange(steps * batch_size)
+      indices[self.test_size:] = -1  # padding, masked out
+      return self.test_source.batches(indices.reshape(steps, batch_size), local, mask=True)
 
     def batch(step):
       indices = np.arange(step * batch_size, min((step + 1) * batch_size, self.test_size))
       real = len(indices[local])
-      image = np.zeros((b,) + tuple(self.image_shape), np.float32)
+      image = np.zeros((b,) + tuple(self.image_shape), np.uint8)
       label = np.zeros((b,), np.int32)
       if real:
         images, labels = self.test_source.load(indices, None, local)
-        image[:real], label[:real] = self._normalize(images), labels
+        image[:real], label[:real] = images, labels
       return {"image": image, "label": label, "mask": np.arange(b) < real}
 
-    return self._iterate(batch, steps)
+    return (batch(step) for step in range(steps))
 
   def _local_slice(self, batch_size: int) -> slice:
     count, index = jax.process_count(), jax.process_index()
@@ -272,25 +221,14 @@ class Dataset:
     b = batch_size // count
     return slice(index * b, (index + 1) * b)
 
-  def _normalize(self, images: np.ndarray) -> np.ndarray:
-    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[self.name])
-    return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
+  @property
+  def normalization(self) -> tuple:
+    """((mean,), (std,)) per channel of images scaled to [0, 1]; applied on the device."""
+    return NORMALIZATION[self.name]
 
-  def _iterate(self, make_batch, steps: int) -> Iterator[dict]:
-    if not isinstance(self.train_source, _ImageNetSource):
-      return (make_batch(step) for step in range(steps))
-    return _prefetch(make_batch, steps)
-
-
-def _prefetch(make_batch, steps: int, depth: int = 2) -> Iterator[dict]:
-  """make_batch(0..steps-1), computed up to `depth` batches ahead in a thread."""
-  with concurrent.futures.ThreadPoolExecutor(1) as executor:
-    pending = [executor.submit(make_batch, step) for step in range(min(depth, steps))]
-    for step in range(steps):
-      result = pending.pop(0).result()
-      if step + depth < steps:
-        pending.append(executor.submit(make_batch, step + depth))
-      yield result
+  def normalize(self, images: np.ndarray) -> np.ndarray:
+    """float32 normalized images on the host, for tools that compute there."""
+    return imagenet.normalize_host(images, self.normalization)
 
 
 # ----------------------------------------------------------------- loading
@@ -301,7 +239,8 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
   Fields (all but `name` optional): name, data_dir (TFDS data dir, None = TFDS
   default), manual_dir, train_split ('train'), test_split ('test'), augment
-  (False), image_size (224, imagenet2012 only).
+  (False), image_size (224, imagenet2012 only), workers (imagenet2012 only:
+  decoding worker processes, None = every CPU, 0 = in this process).
 
   Raises:
     DatasetNotFoundError: the data is not prepared and cannot be prepared here.
@@ -326,8 +265,10 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
   if name == "imagenet2012":
     size = int(config.get("image_size", 224))
-    pool = concurrent.futures.ThreadPoolExecutor(min(32, os.cpu_count() or 1))
-    train, test = (_ImageNetSource(builder.as_data_source(split=split), size, pool)
+    workers = imagenet.workers_default(config.get("workers", None))
+    # Undecoded: the workers decode (and can decode JPEGs at reduced scale).
+    train, test = (_ImageNetSource(builder.as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}), size, workers)
                    for split in (train_split, test_split))
     image_shape = (size, size, 3)
   else:

@@ -82,7 +82,8 @@ def evaluate(config, weights: str) -> dict:
   model = models.get_model(config.model, data.num_classes, dtype=jnp.dtype(config.dtype))
   _check_fits(model, data, params, batch_stats, weights, config.model)
   devices = steps.Devices()
-  eval_step = steps.make_eval_step(model, devices, top5=data.num_classes > 10)
+  eval_step = steps.make_eval_step(model, devices, top5=data.num_classes > 10,
+                                   normalization=data.normalization)
   variables = devices.replicate({"params": params, "batch_stats": batch_stats})
   result = steps.evaluate(eval_step, variables["params"], variables["batch_stats"],
                           steps.test_batches(data, config.eval_batch_size, devices), devices)

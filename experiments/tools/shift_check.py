@@ -358,7 +358,7 @@ def _test_batches(data, batch_size: int, limit: Optional[int]):
       return
     keep = np.flatnonzero(batch["mask"])[:left]
     left -= len(keep)
-    yield batch["image"][keep], batch["label"][keep]
+    yield data.normalize(batch["image"][keep]), batch["label"][keep]
 
 
 def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,

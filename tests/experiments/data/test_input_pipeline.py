@@ -15,13 +15,17 @@ import urllib.error
 import urllib.request
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from experiments import steps
 from experiments.data import fashion_mnist_idx
+from experiments.data import imagenet
+from experiments.data import synthetic_imagenet
 from experiments.data import input_pipeline as ip
 
 DEBIAN = fashion_mnist_idx.DEBIAN_DIR
@@ -91,9 +95,8 @@ def test_fashion_mnist_augmentation_is_a_shift_or_mirror(fm):
   plain = next(fm.train_batches(32, epoch=2, seed=5, augment=False))
   np.testing.assert_array_equal(aug["label"], plain["label"])
   assert not np.array_equal(aug["image"], plain["image"])
-  mean, std = ip.NORMALIZATION["fashion_mnist"]
-  to_uint8 = lambda x: np.round((x * std[0] + mean[0]) * 255).astype(np.uint8)
-  for image, original in zip(to_uint8(aug["image"]), to_uint8(plain["image"])):
+  assert aug["image"].dtype == plain["image"].dtype == np.uint8  # as stored
+  for image, original in zip(aug["image"], plain["image"]):
     padded = np.pad(original, ((2, 2), (2, 2), (0, 0)))
     windows = [padded[y:y + 28, x:x + 28] for y in range(5) for x in range(5)]
     assert any(np.array_equal(w, image) or np.array_equal(w[:, ::-1], image)
@@ -118,8 +121,12 @@ def test_normalization_constants_match_the_data(fm, idx):
   mean, std = ip.NORMALIZATION["fashion_mnist"]
   assert abs(pixels.mean() - mean[0]) < 1e-3 and abs(pixels.std() - std[0]) < 1e-3
   images = collect(fm.test_batches(2500))["image"]
-  assert images.dtype == np.float32
-  assert abs(images.mean()) < 0.02 and abs(images.std() - 1) < 0.02
+  assert images.dtype == np.uint8 and fm.normalization == ip.NORMALIZATION["fashion_mnist"]
+  # What the step computes on the device (steps.prepare_images) and the host's
+  # float reference (Dataset.normalize) agree, and normalize the data.
+  on_device = np.asarray(steps.prepare_images(jnp.asarray(images), fm.normalization))
+  np.testing.assert_allclose(on_device, fm.normalize(images), rtol=1e-6, atol=1e-6)
+  assert abs(on_device.mean()) < 0.02 and abs(on_device.std() - 1) < 0.02
 
 
 def test_cached_reload_reads_the_cache_and_is_identical(fm, fm_dir, monkeypatch):
@@ -149,7 +156,7 @@ def test_train_batches_are_a_pure_function_of_seed_and_epoch(fm):
   b = list(fm.train_batches(128, epoch=3, seed=7))
   assert len(a) == 16
   for x, y in zip(a, b):
-    assert x["image"].shape == (128, 28, 28, 1) and x["image"].dtype == np.float32
+    assert x["image"].shape == (128, 28, 28, 1) and x["image"].dtype == np.uint8
     assert x["label"].shape == (128,) and x["label"].dtype == np.int32
     np.testing.assert_array_equal(x["image"], y["image"])
     np.testing.assert_array_equal(x["label"], y["label"])
@@ -178,7 +185,7 @@ def test_test_batches_cover_every_example_once(fm):
   got = collect(batches)
   mask = got["mask"]
   np.testing.assert_array_equal(got["label"][mask], fm.test_source.labels)
-  np.testing.assert_array_equal(got["image"][mask], fm._normalize(fm.test_source.images))
+  np.testing.assert_array_equal(got["image"][mask], fm.test_source.images)
 
 
 # ----------------------------------------------------------------- bad or missing data
@@ -344,11 +351,10 @@ def test_cifar10_augmentation_and_process_sharding(mock_tfds, monkeypatch):
   plain = list(data.train_batches(16, epoch=1, seed=3, augment=False))
   assert len(aug) == 3
   assert not np.array_equal(aug[0]["image"], plain[0]["image"])
-  mean, std = (np.array(v, np.float32) for v in ip.NORMALIZATION["cifar10"])
-  to_uint8 = lambda x: np.round((x * std + mean) * 255).astype(np.uint8)
   for a, p in zip(aug, plain):
     np.testing.assert_array_equal(a["label"], p["label"])  # same order either way
-    for image, original in zip(to_uint8(a["image"]), to_uint8(p["image"])):
+    assert a["image"].dtype == np.uint8
+    for image, original in zip(a["image"], p["image"]):
       assert _crop_of(np.pad(original, ((4, 4), (4, 4), (0, 0))), image)
 
   single = collect(data.test_batches(16))
@@ -375,31 +381,51 @@ def test_cifar10_augmentation_and_process_sharding(mock_tfds, monkeypatch):
     next(data.train_batches(15, 0, 0))
 
 
-def test_imagenet_streams_cropped_batches(mock_tfds, tmp_path):
-  for tar in ip.IMAGENET_TARS:
-    (tmp_path / tar).touch()  # checked for before the (mocked) preparation
-  with mock_tfds(6):
-    data = ip.get_dataset(make_config(name="imagenet2012", image_size=24, augment=True,
-                                      manual_dir=str(tmp_path), test_split="validation"))
-    assert (data.num_classes, data.image_shape, data.train_size) == (1000, (24, 24, 3), 6)
-    first = list(data.train_batches(2, epoch=0, seed=1))
-    again = list(data.train_batches(2, epoch=0, seed=1))
-    later = list(data.train_batches(2, epoch=1, seed=1))
-    test = list(data.test_batches(4))
-  assert len(first) == 3 and first[0]["image"].shape == (2, 24, 24, 3)
-  for a, b in zip(first, again):
-    np.testing.assert_array_equal(a["image"], b["image"])
+@pytest.fixture(scope="module")
+def synthetic_imagenet_dir(tmp_path_factory):
+  """A generated imagenet2012 of real 500x375 JPEGs (experiments/data/synthetic_imagenet.py)."""
+  path = str(tmp_path_factory.mktemp("imagenet"))
+  synthetic_imagenet.prepare(path, train=12, validation=6)
+  return path
+
+
+def test_imagenet_workers_stream_the_same_cropped_batches(synthetic_imagenet_dir):
+  # The stock setting (workers=None: every CPU) against 1 worker and this process.
+  data = {w: ip.get_dataset(make_config(name="imagenet2012", image_size=32, augment=True,
+                                        data_dir=synthetic_imagenet_dir, workers=w,
+                                        test_split="validation"))
+          for w in (None, 0, 1)}
+  assert data[None].train_source.workers == len(os.sched_getaffinity(0))
+  assert (data[0].num_classes, data[0].image_shape, data[0].train_size) == (1000, (32, 32, 3),
+                                                                            12)
+  runs = {w: (list(d.train_batches(4, epoch=0, seed=1)), list(d.test_batches(4)))
+          for w, d in data.items()}
+  first, test = runs[0]
+  assert len(first) == 3 and first[0]["image"].shape == (4, 32, 32, 3)
+  assert first[0]["image"].dtype == np.uint8 and first[0]["label"].dtype == np.int32
+  for w in (None, 1):  # worker processes make exactly the batches this process makes
+    for a, b in zip(first + test, runs[w][0] + runs[w][1]):
+      assert a.keys() == b.keys()
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+  later = list(data[0].train_batches(4, epoch=1, seed=1))
   assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, later))
   assert [int(b["mask"].sum()) for b in test] == [4, 2]
-  assert test[0]["image"].shape == (4, 24, 24, 3) and test[0]["image"].dtype == np.float32
-  assert np.isfinite(test[0]["image"]).all()
+  assert not test[1]["image"][2:].any()  # the padding
+  # Eval crops are the center crop of the decoded JPEG.
+  raw = data[0].test_source.data_source[0]
+  np.testing.assert_array_equal(test[0]["image"][0], imagenet.eval_image(raw["image"], 32))
+  assert test[0]["label"][0] == raw["label"]
+  with pytest.raises(ValueError, match="workers"):
+    ip.get_dataset(make_config(name="imagenet2012", data_dir=synthetic_imagenet_dir,
+                               workers=-1))
 
 
 def test_random_resized_crop_box_stays_inside():
   rng = np.random.default_rng(0)
   for width, height in [(500, 375), (40, 400), (400, 40), (1, 1)]:
     for _ in range(50):
-      x, y, w, h = ip.random_resized_crop_box(rng, width, height)
+      x, y, w, h = imagenet.random_resized_crop_box(rng, width, height)
       assert 0 <= x and 0 <= y and 0 < w and 0 < h
       assert x + w <= width and y + h <= height
 
@@ -408,7 +434,28 @@ def test_center_crop_resizes_the_shorter_side_to_256():
   import PIL.Image  # pylint: disable=g-import-not-at-top
   image = np.zeros((300, 600, 3), np.uint8)
   image[:, 300:] = 255  # right half white: the center crop straddles the edge
-  out = ip.center_crop(PIL.Image.fromarray(image), 224)
+  out = imagenet.eval_image(image, 224)
   assert out.shape == (224, 224, 3)
   # 300x600 -> 256x512; the crop spans columns 144..368, the edge is at 256.
   assert out[:, :100].max() == 0 and out[:, 124:].min() == 255
+  # Resampling only the crop's box equals resizing the whole image, then cropping.
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 256, (375, 500, 3), np.uint8)
+  whole = np.asarray(PIL.Image.fromarray(noise).resize((341, 256), PIL.Image.BILINEAR))
+  top, left = int(round((256 - 224) / 2)), int(round((341 - 224) / 2))
+  want = whole[top:top + 224, left:left + 224].astype(int)
+  assert np.abs(imagenet.eval_image(noise, 224).astype(int) - want).max() <= 1
+
+
+def test_jpeg_bytes_decode_like_arrays():
+  import io  # pylint: disable=g-import-not-at-top
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(1)
+  image = np.asarray(PIL.Image.fromarray(rng.integers(0, 256, (12, 16, 3), np.uint8)).resize(
+      (500, 375), PIL.Image.BICUBIC))
+  buf = io.BytesIO()
+  PIL.Image.fromarray(image).save(buf, format="PNG")  # lossless: the same pixels
+  np.testing.assert_array_equal(imagenet.train_image(buf.getvalue(), 5, 64),
+                                imagenet.train_image(image, 5, 64))
+  np.testing.assert_array_equal(imagenet.eval_image(buf.getvalue(), 64),
+                                imagenet.eval_image(image, 64))

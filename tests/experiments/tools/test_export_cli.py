@@ -146,7 +146,7 @@ def test_evaluate_equals_the_runs_own_evaluation(fmnist_data_dir, tmp_path):
   # The trainer's evaluation of the in-memory quantized params.
   data = input_pipeline.get_dataset(config.dataset)
   devices = steps.Devices()
-  eval_step = steps.make_eval_step(model, devices, top5=False)
+  eval_step = steps.make_eval_step(model, devices, top5=False, normalization=data.normalization)
   want = steps.evaluate(eval_step, devices.replicate(params), {},
                         steps.test_batches(data, config.eval_batch_size, devices), devices)
 

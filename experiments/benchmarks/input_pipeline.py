@@ -1,0 +1,157 @@
+"""Benchmark: ImageNet input pipeline images/s on ImageNet-sized JPEGs, per core.
+
+    python -m experiments.benchmarks.input_pipeline [--train 512] [--validation 128]
+
+Prepares the generated `imagenet2012` (experiments/data/synthetic_imagenet.py:
+500 x 375 JPEGs) in `--data_dir`, then times the train pipeline
+(random-resized-crop + flip) and the eval pipeline (resize + center crop) at
+224 x 224, with 1 and with 2 decoding cores, for:
+
+* `legacy`: the pipeline before this benchmark existed: a pool of 1 or 2
+  threads decodes and crops, a prefetch thread stacks and normalizes each
+  batch to float32 (serially);
+* `workers`: the experiments' pipeline: 1 or 2 grain worker processes make
+  whole uint8 batches (normalized later, on the device).
+
+The main process is not pinned (on a TPU host it has cores of its own).
+Images/s counts the batches after the first of each pass (worker start-up is
+reported apart, as `startup_seconds`). Prints one JSON line with images/s per
+decoding core, the per-core speed-up over `legacy`, the scaling from 1 to 2
+cores, the single-image costs (`profile_ms`: JPEG decode, crop-resize) that
+bound any pipeline on this CPU, and a projection for a 96-vCPU TPU host.
+Targets: per-core speed-up >= 2 and scaling >= 1.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from experiments.data import imagenet
+from experiments.data import input_pipeline
+from experiments.data import synthetic_imagenet
+
+
+def _pass(make_iter, batch: int) -> tuple:
+  """(images/s after the first batch, seconds to the first batch) of one pass."""
+  start = time.perf_counter()
+  it = make_iter()
+  next(it)
+  first = time.perf_counter()
+  n = 0
+  for b in it:
+    n += len(b["label"])
+  end = time.perf_counter()
+  del batch
+  return n / (end - first), first - start
+
+
+def measure(data, split: str, pipeline: str, cores: int, batch: int, repeats: int) -> dict:
+  source_of = {"train": data.train_source, "eval": data.test_source}[split]
+  size = data.train_size if split == "train" else data.test_size
+  steps = size // batch
+  rates, startups = [], []
+  if True:  # pylint: disable=using-constant-test
+    for r in range(repeats):
+      order = np.random.default_rng([r]).permutation(size)[:steps * batch].reshape(steps, batch)
+      source = imagenet.BatchSource(source_of.data_source, order, (0, batch),
+                                    source_of.image_size, seed=r, epoch=r,
+                                    augment=split == "train", mask=split == "eval")
+      if pipeline == "legacy":
+        make = lambda s=source: imagenet.legacy_batches(s, cores, data.normalization)
+      else:
+        make = lambda s=source: imagenet.iterate(s, cores)
+      rate, startup = _pass(make, batch)
+      rates.append(rate)
+      startups.append(startup)
+  return {"images_per_second": round(float(np.median(rates)), 1),
+          "startup_seconds": round(float(np.median(startups)), 2)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data_dir", default=None,
+                      help="where to prepare the generated dataset (default: a folder in "
+                      "the temp dir named after --train and --validation)")
+  parser.add_argument("--train", type=int, default=512)
+  parser.add_argument("--validation", type=int, default=256)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args(argv)
+  if len(os.sched_getaffinity(0)) < 2:
+    parser.error("needs 2 CPU cores to measure the scaling from 1 to 2")
+  if args.data_dir is None:
+    args.data_dir = os.path.join(tempfile.gettempdir(), f"inq_jax_synthetic_imagenet_"
+                                 f"{args.train}_{args.validation}")
+  builder = synthetic_imagenet.prepare(args.data_dir, args.train, args.validation)
+  config = input_pipeline.ml_collections.ConfigDict({
+      "name": "imagenet2012", "data_dir": args.data_dir, "test_split": "validation",
+      "image_size": args.image_size, "augment": True, "workers": 0})
+  data = input_pipeline.get_dataset(config)
+  files = [os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(builder.data_dir)
+           for f in fs if "array_record" in f]
+  results, summary = {}, {"per_core_speedup": {}, "scaling_1_to_2": {}}
+  for split in ("train", "eval"):
+    results[split] = {p: {str(c): measure(data, split, p, c, args.batch, args.repeats)
+                          for c in (1, 2)} for p in ("legacy", "workers")}
+    rate = lambda p, c: results[split][p][str(c)]["images_per_second"]
+    summary["per_core_speedup"][split] = round(rate("workers", 1) / rate("legacy", 1), 2)
+    summary["scaling_1_to_2"][split] = round(rate("workers", 2) / rate("workers", 1), 2)
+    summary.setdefault("legacy_scaling_1_to_2", {})[split] = round(
+        rate("legacy", 2) / rate("legacy", 1), 2)
+    # A 96-vCPU host (e.g. TPU v4-8) if per-core throughput held at the 2-core rate.
+    summary.setdefault("projected_96_vcpu_images_per_second", {})[split] = round(
+        rate("workers", 2) / 2 * 96)
+  print(json.dumps({
+      "profile_ms": _profile(data, args.image_size),
+      "benchmark": "input_pipeline", "train_images": data.train_size,
+      "eval_images": data.test_size, "source_image_size": [500, 375],
+      "mean_record_kb": round(sum(files) / (data.train_size + data.test_size) / 1024, 1),
+      "image_size": args.image_size, "batch": args.batch, "repeats": args.repeats,
+      "cpu": _cpu_name(), "load_average": [round(x, 2) for x in os.getloadavg()],
+      "results": results, **summary,
+      "targets": {"per_core_speedup": 2.0, "scaling_1_to_2": 1.7}}))
+
+
+def _profile(data, size: int) -> dict:
+  """Median milliseconds per image of each stage, in this process, one thread."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  source = data.train_source.data_source
+  stages = {"read": [], "decode": [], "train_crop_resize": [], "eval_crop_resize": []}
+  rng = np.random.default_rng(0)
+  for i in range(min(64, len(source))):
+    t0 = time.perf_counter()
+    raw = source[i]["image"]
+    t1 = time.perf_counter()
+    pil = imagenet._to_pil(raw).convert("RGB")  # pylint: disable=protected-access
+    t2 = time.perf_counter()
+    x, y, w, h = imagenet.random_resized_crop_box(rng, *pil.size)
+    pil.resize((size, size), PIL.Image.BILINEAR, box=(x, y, x + w, y + h))
+    t3 = time.perf_counter()
+    x, y, w, h = imagenet.center_crop_box(*pil.size, size)
+    pil.resize((size, size), PIL.Image.BILINEAR, box=(x, y, x + w, y + h))
+    t4 = time.perf_counter()
+    for k, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+      stages[k].append(dt * 1000)
+  return {k: round(float(np.median(v)), 3) for k, v in stages.items()}
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "unknown"
+
+
+if __name__ == "__main__":
+  main()
