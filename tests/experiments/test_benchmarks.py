@@ -86,3 +86,22 @@ def test_quantize_speed_rejects_a_bad_width_divisor():
   out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.quantize_speed",
                         "--width_divisor=3"], capture_output=True, text=True, check=False)
   assert out.returncode != 0 and "width_divisor must divide 64, got 3" in out.stderr
+
+
+def test_input_pipeline_prints_rates_per_core_and_scaling(tmp_path):
+  line = _json_line("experiments.benchmarks.input_pipeline", "--train=16", "--validation=8",
+                    "--batch=4", "--image_size=32", "--repeats=1",
+                    f"--data_dir={tmp_path / 'tfds'}")
+  assert line["benchmark"] == "input_pipeline"
+  assert (line["train_images"], line["eval_images"], line["batch"]) == (16, 8, 4)
+  for split in ("train", "eval"):
+    for pipeline in ("legacy", "workers"):
+      for cores in ("1", "2"):
+        figure = line["results"][split][pipeline][cores]
+        assert figure["images_per_second"] > 0 and figure["startup_seconds"] >= 0
+    rate = lambda p, c, s=split: line["results"][s][p][c]["images_per_second"]
+    assert line["per_core_speedup"][split] == round(rate("workers", "1") / rate("legacy", "1"), 2)
+    assert line["scaling_1_to_2"][split] == round(rate("workers", "2") / rate("workers", "1"), 2)
+    assert line["projected_96_vcpu_images_per_second"][split] == round(rate("workers", "2") / 2 * 96)
+  assert set(line["profile_ms"]) == {"read", "decode", "train_crop_resize", "eval_crop_resize"}
+  assert line["targets"] == {"per_core_speedup": 2.0, "scaling_1_to_2": 1.7}

@@ -79,12 +79,17 @@ class _FakeData:
   def test_batches(self, batch_size):
     for start in range(0, 8, batch_size):  # last batch padded, as input_pipeline does
       idx = np.arange(start, start + batch_size)
-      yield {"image": idx.astype(np.float32), "label": idx, "mask": idx < self.test_size}
+      yield {"image": idx.astype(np.uint8), "label": idx, "mask": idx < self.test_size}
+
+  def normalize(self, images):  # the float images shift_check computes on
+    return images.astype(np.float32) / 2
 
 
 def test_test_batches_drops_padding_and_honours_limit():
   got = lambda limit: np.concatenate(
       [l for _, l in shift_check._test_batches(_FakeData(), 4, limit)])  # pylint: disable=protected-access
   np.testing.assert_array_equal(got(None), np.arange(7))
+  images = np.concatenate([i for i, _ in shift_check._test_batches(_FakeData(), 4, None)])  # pylint: disable=protected-access
+  np.testing.assert_array_equal(images, np.arange(7, dtype=np.float32) / 2)  # normalized
   np.testing.assert_array_equal(got(5), np.arange(5))
   np.testing.assert_array_equal(got(100), np.arange(7))
