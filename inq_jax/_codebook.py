@@ -218,18 +218,32 @@ def mse_exponent_bounds(w, bits: int, axes=None):
     raise TypeError(f"mse_exponent_bounds needs floating-point weights, got dtype {w.dtype}")
   x = w.astype(_compute_dtype(w.dtype))
   n1_max, _ = exponent_bounds(jnp.max(jnp.abs(x), axis=axes), bits)
+  best_n1 = mse_search(x, n1_max, bits, lambda n1: n1,
+                       lambda err: jnp.sum(err, axis=axes))
+  return best_n1, n2_from_n1(best_n1, bits)
+
+
+def mse_search(x, n1_max, bits: int, at_weights, reduce):
+  """The candidate n1 = n1_max - d (d = 0..MSE_SEARCH_OCTAVES) of least squared error.
+
+  `at_weights(n1)` broadcasts per-codebook exponents against `x`, `reduce`
+  sums squared errors per codebook; ties keep the larger n1 (less saturation),
+  and all-zero codebooks keep `ZERO_CODEBOOK`. Shared by `mse_exponent_bounds`
+  (one leaf) and `inq_jax._packed` (every leaf at once).
+  """
   empty = n1_max == ZERO_CODEBOOK
   best_n1, best_err = n1_max, None
   for d in range(MSE_SEARCH_OCTAVES + 1):
-    n1 = jnp.where(empty, n1_max, n1_max - d)
-    err = jnp.sum(jnp.square(round_to_pow2(x, n1, n2_from_n1(n1, bits)) - x), axis=axes)
+    cand = jnp.where(empty, n1_max, n1_max - d)
+    n1 = at_weights(cand)
+    err = reduce(jnp.square(round_to_pow2(x, n1, n2_from_n1(n1, bits)) - x))
     if best_err is None:
-      best_err = err
+      best_n1, best_err = cand, err
       continue
     better = err < best_err  # strict: on a tie the larger n1 (less saturation) stays
-    best_n1 = jnp.where(better, n1, best_n1)
+    best_n1 = jnp.where(better, cand, best_n1)
     best_err = jnp.where(better, err, best_err)
-  return best_n1, n2_from_n1(best_n1, bits)
+  return best_n1
 
 
 def n2_from_n1(n1, bits: int):

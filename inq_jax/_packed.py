@@ -157,20 +157,8 @@ def _from_bits(bits, dtype):
 
 def _mse_search(x, n1_max, seg, n, bits):
   """`_codebook.mse_exponent_bounds` for every leaf of a packed group at once."""
-  empty = n1_max == _codebook.ZERO_CODEBOOK
-  best_n1, best_err = n1_max, None
-  for d in range(_codebook.MSE_SEARCH_OCTAVES + 1):
-    cand = jnp.where(empty, n1_max, n1_max - d)
-    n1 = _per_row(cand, seg)
-    q = _codebook.round_to_pow2(x, n1, _codebook.n2_from_n1(n1, bits))
-    err = _seg_sum(jnp.sum(jnp.square(q - x), axis=1), seg, n)
-    if best_err is None:
-      best_err = err
-      continue
-    better = err < best_err  # strict: on a tie the larger n1 (less saturation) stays
-    best_n1 = jnp.where(better, cand, best_n1)
-    best_err = jnp.where(better, err, best_err)
-  return best_n1
+  return _codebook.mse_search(x, n1_max, bits, lambda n1: _per_row(n1, seg),
+                              lambda err: _seg_sum(jnp.sum(err, axis=1), seg, n))
 
 
 # --- advance ------------------------------------------------------------------------
