@@ -3,7 +3,7 @@
 #
 #   scripts/mutation_test.sh MODULE [mutmut-run-args...]
 #
-# MODULE is one of: optim codebook partition state packing
+# MODULE is one of: optim codebook partition state packed packing
 # Slow (minutes to hours on 2 cores): NOT part of .ci/run. Latest counts are in
 # docs/mutation_testing.md.
 #
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-MODULE=${1:?usage: scripts/mutation_test.sh optim|codebook|partition|state|packing [mutmut run args]}
+MODULE=${1:?usage: scripts/mutation_test.sh optim|codebook|partition|state|packed|packing [mutmut run args]}
 shift
 PY=${PYTHON:-$REPO/.venv/bin/python}
 MUTMUT=${MUTMUT:-$(dirname "$PY")/mutmut}
@@ -32,6 +32,8 @@ case "$MODULE" in
   state)     SRC=inq_jax/_state.py
              TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_core_hostile.py
                     tests/inq_jax/test_mutants_state.py) ;;
+  packed)    SRC=inq_jax/_packed.py
+             TESTS=(tests/inq_jax/test_packed.py tests/inq_jax/test_state.py) ;;
   packing)   SRC=inq_jax/_packing.py
              TESTS=(tests/inq_jax/test_export.py tests/inq_jax/test_verify_file.py
                     tests/inq_jax/test_mutants_packing.py) ;;
