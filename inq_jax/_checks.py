@@ -118,6 +118,19 @@ def place_like(x, leaf, *, replicate=False):
   return jax.device_put(x, leaf.sharding)
 
 
+def on_cpu(x) -> bool:
+  """Is the jax array `x` on CPU devices only?"""
+  return isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices())
+
+
+def put_like(x, leaf):
+  """`place_like`, and a host (numpy) `x` copied to the leaf's devices without compiling."""
+  if isinstance(x, np.ndarray):
+    committed = isinstance(leaf, jax.Array) and not is_tracer(leaf) and leaf.committed
+    return jax.device_put(x, leaf.sharding) if committed else jax.device_put(x)
+  return place_like(x, leaf)
+
+
 def fresh_copy(leaf):
   """A jax array leaf copied into new buffers (same sharding); other leaves as they are.
 

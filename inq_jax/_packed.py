@@ -198,8 +198,8 @@ def _select_largest(keys, ks, seg, n, finish):
                       lambda: finish(above | lowest_tied()), lambda: finish(above | tied))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "strategy"))
-def advance(leaves, masks, n1s, ks, key, *, bits, strategy):
+@functools.partial(jax.jit, static_argnames=("bits", "strategy", "unpack"))
+def advance(leaves, masks, n1s, ks, key, *, bits, strategy, unpack=True):
   """One INQ step over every quantized leaf; see `inq_jax._state.advance`.
 
   Args:
@@ -207,13 +207,20 @@ def advance(leaves, masks, n1s, ks, key, *, bits, strategy):
     ks: int32 [len(leaves)], each leaf's frozen count after this step.
     key: uint32 [seed, step]; the random partition draws from it (strategy "random").
 
+    unpack: cut the per-leaf arrays out of the packed results here. False:
+      return the packed (weights, masks) of each dtype group instead, for
+      `split` on the host (see `inq_jax._state.advance`: on CPU that saves the
+      one compiled kernel per output array that cutting them here costs).
+
   Returns:
     (new leaves, new masks, stats) where stats holds three int32 vectors, one
     entry per leaf, measured before the step: the non-finite weights, the
     frozen weights and the frozen weights outside their codebook. The caller
-    checks them and discards the step if anything is wrong.
+    checks them and discards the step if anything is wrong. With
+    `unpack=False` the first two are lists of packed arrays, one per group.
   """
   new_leaves, new_masks = [None] * len(leaves), [None] * len(leaves)
+  packed_w, packed_m = [], []
   nonfinite, frozen_count, outside = ([None] * len(leaves) for _ in range(3))
   for g, group in enumerate(groups(leaves)):
     seg, n = _segments(group), len(group.index)
@@ -242,8 +249,14 @@ def advance(leaves, masks, n1s, ks, key, *, bits, strategy):
     w, new = _select_largest(keys, ks[np.asarray(group.index)] + pads, seg, n, finish)
     for j, i in enumerate(group.index):
       nonfinite[i], frozen_count[i], outside[i] = (s[j:j + 1] for s in stats)
+    if not unpack:
+      packed_w.append(w)
+      packed_m.append(new)
+      continue
     for i, a, m in zip(group.index, _unpack(w, group), _unpack(new, group)):
       new_leaves[i], new_masks[i] = a, m
+  if not unpack:
+    new_leaves, new_masks = packed_w, packed_m
   return new_leaves, new_masks, tuple(
       jnp.concatenate(x) for x in (nonfinite, frozen_count, outside))
 

@@ -431,12 +431,17 @@ def advance(params, state: INQState):
   # One program for the whole tree (see _packed): it also measures what the
   # checks below need, so nothing is read back leaf by leaf, and its result is
   # dropped if a check fails.
+  arrays = [jnp.asarray(leaves[i][1]) for i in live]
+  # On CPU the per-leaf arrays are cut out of the packed results on the host
+  # (zero-copy views, one copy each into new buffers): XLA would compile one
+  # kernel per output array, which on CPU costs more than the rest of the
+  # program together. Elsewhere the program cuts them on the device.
+  on_host = bool(live) and all(_checks.on_cpu(a) for a in arrays)
   new_w, new_m, stats = _packed.advance(
-      [jnp.asarray(leaves[i][1]) for i in live],
-      [_checks.place_like(leaves[i][2], leaves[i][1]) for i in live],
+      arrays, [_checks.place_like(leaves[i][2], leaves[i][1]) for i in live],
       [state.exponents[leaves[i][0]] for i in live], np.asarray(ks, np.int32),
       np.asarray([config.seed, step], np.uint32), bits=config.bits,
-      strategy=config.strategy) if live else ([], [], ((),) * 3)
+      strategy=config.strategy, unpack=not on_host) if live else ([], [], ((),) * 3)
   for i, bad, have, outside in zip(live, *jax.device_get(stats)):
     path, leaf, mask = leaves[i]
     # Frozen weights must still be in their codebook: an edited exponent or
@@ -450,9 +455,15 @@ def advance(params, state: INQState):
   new_leaves = [leaf for _, leaf, _ in leaves]
   new_masks = [None if i in live_set else _mask_like(leaf, mask is not None)
                for i, (_, leaf, mask) in enumerate(leaves)]
+  if on_host:
+    host_w, host_m = jax.device_get((new_w, new_m))
+    new_w, new_m = [None] * len(arrays), [None] * len(arrays)
+    for group, w, m in zip(_packed.groups(arrays), host_w, host_m):
+      for j, a, b in zip(group.index, _packed.split(w, group), _packed.split(m, group)):
+        new_w[j], new_m[j] = a, b
   for i, w, m in zip(live, new_w, new_m):
-    new_leaves[i] = _checks.place_like(w, leaves[i][1])
-    new_masks[i] = _checks.place_like(m, leaves[i][1])
+    new_leaves[i] = _checks.put_like(w, leaves[i][1])
+    new_masks[i] = _checks.put_like(m, leaves[i][1])
   for i in copied:
     new_leaves[i] = _checks.fresh_copy(leaves[i][1])
   new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
