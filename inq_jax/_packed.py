@@ -63,6 +63,7 @@ def _pack(arrays, group: Group, fill):
 
 
 def _unpack(packed, group: Group):
+  """The per-leaf arrays of a packed group (jax arrays in a program, numpy views on the host)."""
   flat, out, start = packed.reshape(-1), [], 0
   for shape, rows in zip(group.shapes, group.rows):
     out.append(flat[start:start + int(np.prod(shape))].reshape(shape))
@@ -291,13 +292,9 @@ def value_ids(leaves, masks, n1s, *, bits):
   return ids, jnp.concatenate(outside)
 
 
-def split(packed: np.ndarray, group: Group):
-  """Host side of `_unpack`: the per-leaf arrays of a packed group (numpy views)."""
-  flat, out, start = np.asarray(packed).reshape(-1), [], 0
-  for shape, rows in zip(group.shapes, group.rows):
-    out.append(flat[start:start + int(np.prod(shape))].reshape(shape))
-    start += rows * ROW
-  return out
+def split(packed, group: Group):
+  """Host side of `_unpack`: the per-leaf numpy views of a packed group."""
+  return _unpack(np.asarray(packed), group)
 
 
 def distinct_and_zeros(ids: np.ndarray) -> Tuple[int, int, int]:

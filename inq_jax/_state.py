@@ -444,12 +444,12 @@ def advance(params, state: INQState):
       strategy=config.strategy, unpack=not on_host) if live else ([], [], ((),) * 3)
   for i, bad, have, outside in zip(live, *jax.device_get(stats)):
     path, leaf, mask = leaves[i]
-    # Frozen weights must still be in their codebook: an edited exponent or
-    # weights moved by an optimizer that does not freeze them would otherwise
-    # be carried along silently.
     if bad:
       _checks.check_finite(path, leaf)
     _check_frozen_count(path, int(have), int(np.prod(jnp.shape(leaf))), state, step)
+    # Frozen weights must still be in their codebook: an edited exponent or
+    # weights moved by an optimizer that does not freeze them would otherwise
+    # be carried along silently.
     if outside:
       _check_frozen_in_codebook(path, leaf, mask, state)
   new_leaves = [leaf for _, leaf, _ in leaves]

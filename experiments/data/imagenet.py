@@ -191,57 +191,6 @@ def _prefetch(source, steps: int, depth: int = 2) -> Iterator[dict]:
       yield result
 
 
-def legacy_batches(source: BatchSource, threads: int, normalization) -> Iterator[dict]:
-  """The pipeline before worker processes, for the benchmark's side-by-side baseline.
-
-  As the experiments read ImageNet until then: examples decoded and cropped
-  (the whole image resized for eval) in a pool of `threads` threads, the batch
-  normalized to float32, all made up to two batches ahead in one prefetch
-  thread; the normalization and the stacking are serial, per batch.
-  """
-  mean, std = (np.asarray(v, np.float32) for v in normalization)
-  start, stop = source.local
-  size = source.image_size
-  pool = concurrent.futures.ThreadPoolExecutor(threads)
-
-  def one(index, seed):
-    image = _to_pil(source.data_source[index]["image"])
-    label = int(source.data_source[index]["label"])
-    if seed is None:
-      return _legacy_center_crop(image.convert("RGB"), size), label
-    rng = np.random.default_rng(seed)
-    x, y, w, h = random_resized_crop_box(rng, *image.size)
-    out = np.asarray(image.convert("RGB").resize((size, size), PIL.Image.BILINEAR,
-                                                 box=(x, y, x + w, y + h)))
-    return (out[:, ::-1] if rng.random() < 0.5 else out), label
-
-  class Batches:
-    def __getitem__(self, t):
-      mine = source.indices[t][start:stop].tolist()
-      seeds = (np.random.default_rng([source.seed, source.epoch, t + 1]).integers(
-          0, 2**63, size=source.indices.shape[1])[start:stop].tolist() if source.augment
-               else [None] * len(mine))
-      out = list(pool.map(one, mine, seeds))
-      images = np.stack([image for image, _ in out])
-      return {"image": (images.astype(np.float32) * np.float32(1 / 255) - mean) / std,
-              "label": np.array([label for _, label in out], np.int32)}
-
-  try:
-    yield from _prefetch(Batches(), len(source))
-  finally:
-    pool.shutdown()
-
-
-def _legacy_center_crop(pil: PIL.Image.Image, size: int) -> np.ndarray:
-  resize = int(round(size * 256 / 224))
-  width, height = pil.size
-  new = ((resize, int(resize * height / width)) if width <= height
-         else (int(resize * width / height), resize))
-  image = np.asarray(pil.resize(new, PIL.Image.BILINEAR))
-  top, left = int(round((new[1] - size) / 2.0)), int(round((new[0] - size) / 2.0))
-  return image[top:top + size, left:left + size]
-
-
 def normalize_host(images: np.ndarray, normalization) -> np.ndarray:
   """float32 (images / 255 - mean) / std on the host (tools that need floats there)."""
   mean, std = (np.asarray(v, np.float32) for v in normalization)
