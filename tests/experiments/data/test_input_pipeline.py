@@ -103,6 +103,30 @@ def test_fashion_mnist_augmentation_is_a_shift_or_mirror(fm):
                for w in windows)
 
 
+@pytest.mark.parametrize("name,shape", [("fashion_mnist", (28, 28, 1)),
+                                        ("cifar10", (32, 32, 3))])
+def test_augmentation_is_the_seeded_crop_and_flip_of_each_image(name, shape):
+  # The batch's one gather against the per-image definition, with the same
+  # draws: the crop at (y, x) of the zero-padded image, mirrored where drawn.
+  # Any change here changes every augmented run (and breaks resumes).
+  images = np.random.default_rng(0).integers(0, 256, (40,) + shape, dtype=np.uint8)
+  source = ip._ArraySource(images, np.arange(40, dtype=np.int32), name)
+  indices = np.random.default_rng(1).permutation(40)[:24]
+  for local in (slice(0, 24), slice(8, 16)):
+    got, labels = source.load(indices, np.random.default_rng([3, 4, 5]), local)
+    rng = np.random.default_rng([3, 4, 5])
+    pad = {"fashion_mnist": 2, "cifar10": 4}[name]
+    offsets = rng.integers(0, 2 * pad + 1, size=(24, 2))
+    flips = rng.random(24) < 0.5
+    for k in range(local.start, local.stop):
+      (y, x), image = offsets[k], images[indices[k]]
+      want = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))[y:y + shape[0], x:x + shape[1]]
+      want = want[:, ::-1] if flips[k] else want
+      np.testing.assert_array_equal(got[k - local.start], want, err_msg=f"{name} {k}")
+    np.testing.assert_array_equal(labels, indices[local])
+    assert got.dtype == np.uint8 and got.flags.c_contiguous
+
+
 def test_fashion_mnist_pixels_and_labels_match_idx(fm, idx):
   test = fm.test_source
   assert test.images.dtype == np.uint8 and test.labels.dtype == np.int32
