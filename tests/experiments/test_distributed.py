@@ -2,16 +2,19 @@
 
 Each run is a subprocess (XLA_FLAGS must be set before JAX starts), driven by
 run_config.py, with the stock config as the README runs it: only the data
-directory is set.
+directory is set (and, for 3 and 8 devices, the 1-device run's baseline as
+init_checkpoint).
 
 What must hold, whatever the machine:
 - the same weights give the same test accuracy on any device count, exactly:
   the last eval batch is padded to the device count and the padding masked out;
-- from the same weights, the partition gives identical masks on any device count;
-- a run trained on N devices quantizes fully and lands near the 1-device run.
-  Their weights differ in the last float bits (an N-way all-reduce sums the
-  gradients in another order), so near-tied weights may cross a partition
-  threshold; how many does depends on the machine, and is not asserted.
+- from the same weights, the partition gives identical masks on any device count,
+  and the quantized model the same accuracy;
+- INQ retrained on N devices from the 1-device baseline lands within 1 point of
+  the 1-device run. Their weights differ in the last float bits after the first
+  retraining step (an N-way all-reduce sums the gradients in another order), so
+  near-tied weights may then cross a partition threshold; how many do depends
+  on the machine and is not asserted.
 """
 
 import json
@@ -23,9 +26,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-# Two smoke runs trained on different device counts: their final test accuracy
-# over the 500 test images may differ by this much (10 images).
-TRAINED_TOLERANCE = 0.02
+# INQ from the same baseline, retrained on 1 and on N devices: their final test
+# accuracy over the smoke config's 500 test images may differ by this much (5 images).
+TRAINED_TOLERANCE = 0.01
 
 
 def run(workdir, devices, data_dir, *overrides, env=None):
@@ -45,30 +48,27 @@ def results_of(workdir, proc):
 
 
 def test_stock_smoke_config_on_1_3_and_8_devices(tmp_path, fmnist_data_dir):
-  one, _ = results_of(tmp_path / "one", run(tmp_path / "one", 1, fmnist_data_dir))
-  for n in (3, 8):
-    trained, _ = results_of(tmp_path / f"n{n}", run(tmp_path / f"n{n}", n, fmnist_data_dir))
-    assert trained["num_devices"] == n
-    assert trained["final"]["all_pow2"] and trained["final"]["max_distinct_values"] > 3
-    assert abs(one["final"]["test_accuracy"] - trained["final"]["test_accuracy"]) \
-        <= TRAINED_TOLERANCE, (n, one["final"], trained["final"])
-
-  # From the 1-device baseline: evaluation and partition are exact on any count.
+  one, one_masks = results_of(tmp_path / "one", run(tmp_path / "one", 1, fmnist_data_dir))
   start = f"init_checkpoint={tmp_path / 'one' / 'baseline_variables'}"
-  same = {}
-  for n in (1, 3, 8):
-    workdir = tmp_path / f"q{n}"
-    same[n] = results_of(workdir, run(workdir, n, fmnist_data_dir, start,
-                                      "inq.epochs_per_phase=0"))
   for n in (3, 8):
-    results, masks = same[n]
+    workdir = tmp_path / f"n{n}"
+    results, masks = results_of(workdir, run(workdir, n, fmnist_data_dir, start))
     assert results["num_devices"] == n
+    # The same weights: exact.
     assert results["baseline"]["test_accuracy"] == one["baseline"]["test_accuracy"]
-    assert [p["test_accuracy"] for p in results["phases"]] == \
-        [p["test_accuracy"] for p in same[1][0]["phases"]]
-    assert sorted(masks) == sorted(same[1][1]) and len(masks) == 16
-    for key, m in same[1][1].items():
-      assert np.array_equal(m, masks[key]), (n, key)
+    assert results["phases"][0]["quantized_test_accuracy"] == \
+        one["phases"][0]["quantized_test_accuracy"]
+    assert sorted(masks) == sorted(one_masks) and len(masks) == 16
+    first = [key for key in one_masks if key.startswith("phase0/")]
+    assert len(first) == 4
+    for key in first:
+      assert np.array_equal(one_masks[key], masks[key]), (n, key)
+    # Retrained on n devices: fully quantized, close to the 1-device run.
+    assert results["final"]["all_pow2"] and results["final"]["max_distinct_values"] > 3
+    assert abs(one["final"]["test_accuracy"] - results["final"]["test_accuracy"]) \
+        <= TRAINED_TOLERANCE, (n, one["final"], results["final"])
+    print(n, "devices: final", results["final"]["test_accuracy"], "vs 1 device",
+          one["final"]["test_accuracy"])
 
 
 def test_train_batch_not_divisible_by_devices_says_what_to_set(tmp_path, fmnist_data_dir):
