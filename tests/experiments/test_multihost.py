@@ -12,16 +12,18 @@ multi-host recipe runs as 2 processes on this machine (`jax.distributed` over
 
 What must hold, and is asserted:
 - the same weights give exactly the same test accuracy on 2 processes as on 1
-  (baseline from the 1-process run's baseline_variables, no training), and
-  the first quantization step gives exactly the same masks and accuracy. Each
+  (baseline from the 1-process run's baseline_variables), and the first
+  quantization step gives exactly the same masks and accuracy; INQ retrained
+  from there on 2 processes ends within 1 point of the 1-process run. Each
   process feeds only its own half of every batch, so had both read the same
   half, or the halves been swapped against the devices' rows, counts and
   accuracy would not match exactly;
 - both processes hold identical masks after every phase;
 - orbax checkpoints are written once, collectively, into the shared workdir;
-- a run trained on 2 processes quantizes fully and lands within
+- a run trained from scratch on 2 processes quantizes fully and lands within
   TRAINED_TOLERANCE of the 1-process run (cross-process all-reduce may sum
-  the gradients in another order, so bit-equality is not asserted);
+  the gradients in another order, so bit-equality is not asserted, and the
+  two baselines drift apart over their own training);
 - SIGKILL of both processes mid-phase, then the same command again on both,
   ends with params bit-identical to the uninterrupted 2-process run.
 """
@@ -38,7 +40,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-TRAINED_TOLERANCE = 0.02  # 10 of the 500 test images
+TRAINED_TOLERANCE = 0.02  # 10 of the 500 test images: independently trained baselines
+SAME_START_TOLERANCE = 0.01  # 5 test images: INQ from the same baseline
 KILL_AFTER_CHECKPOINT = 5  # the save after phase 2's quantization: killed during its retraining
 TIMEOUT = 900
 
@@ -150,10 +153,9 @@ def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmn
 
   # Both processes SIGKILLed mid-phase, then both rerun with the same command.
   pair = start_readme_pair(killed, fmnist_data_dir, logs, "killed")
-  # Meanwhile: from the 1-process baseline, no training, on 2 processes (exact).
+  # Meanwhile: INQ from the 1-process baseline on 2 processes.
   exact = start_run_config_pair(same, fmnist_data_dir, logs, "same",
-                                f"init_checkpoint={one / 'baseline_variables'}",
-                                "inq.epochs_per_phase=0")
+                                f"init_checkpoint={one / 'baseline_variables'}")
   marker = killed / "checkpoints" / str(KILL_AFTER_CHECKPOINT)
   deadline = time.monotonic() + TIMEOUT
   while not marker.is_dir():
@@ -182,6 +184,9 @@ def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmn
   assert rs["num_devices"] == 4
   assert rs["baseline"]["test_accuracy"] == r1["baseline"]["test_accuracy"]
   assert rs["phases"][0]["quantized_test_accuracy"] == r1["phases"][0]["quantized_test_accuracy"]
+  assert rs["final"]["all_pow2"]
+  assert abs(rs["final"]["test_accuracy"] - r1["final"]["test_accuracy"]) <= \
+      SAME_START_TOLERANCE, (rs["final"], r1["final"])
   m0, m1 = dict(np.load(same / "masks.p0.npz")), dict(np.load(same / "masks.p1.npz"))
   ref_masks = dict(np.load(one / "masks.npz"))
   assert sorted(m0) == sorted(m1) == sorted(ref_masks) and len(m0) == 16
