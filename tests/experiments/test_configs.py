@@ -86,3 +86,23 @@ def test_full_run_on_mock_data(name, mock_tfds, tmp_path):
   assert results["final"]["max_distinct_values"] <= 17
   if name.startswith("imagenet_"):
     assert "top5_accuracy" in results["phases"][-1]
+
+
+@pytest.mark.parametrize("bits", ["3", "2"])
+def test_lowbit_recipe_stays_within_the_retraining_budget(bits):
+  # Issue #14: no more retraining than 2 epochs per portion of the paper's
+  # schedule for the bit width (16 epochs at 3 bits, 20 at 2 bits).
+  module = load("fashion_mnist_lenet_lowbit")
+  config = module.get_config(bits)
+  train.inq_config(config)
+  portions = tuple(config.inq.portions)
+  assert config.inq.bits == int(bits) and portions == module.PORTIONS[int(bits)]
+  assert config.inq.calibration == "mse"
+  retraining = (len(portions) - 1) * config.inq.epochs_per_phase \
+      + config.inq.final_finetune_epochs
+  assert retraining == {"3": 16, "2": 20}[bits]
+
+
+def test_lowbit_recipe_refuses_other_bit_widths():
+  with pytest.raises(ValueError, match="bits must be one of"):
+    load("fashion_mnist_lenet_lowbit").get_config("4")
