@@ -10,17 +10,19 @@ Prepares the generated `imagenet2012` (experiments/data/synthetic_imagenet.py:
 * `legacy`: the pipeline before this benchmark existed: a pool of 1 or 2
   threads decodes and crops, a prefetch thread stacks and normalizes each
   batch to float32 (serially);
-* `workers`: the experiments' pipeline: 1 or 2 grain worker processes make
-  whole uint8 batches (normalized later, on the device).
+* `workers`: the experiments' pipeline: 1 or 2 worker processes make whole
+  uint8 batches into shared memory (normalized later, on the device).
 
 The main process is not pinned (on a TPU host it has cores of its own).
 Images/s counts the batches after the first of each pass (worker start-up is
 reported apart, as `startup_seconds`). Prints one JSON line with images/s per
 decoding core, the per-core speed-up over `legacy`, the scaling from 1 to 2
 cores, the single-image costs (`profile_ms`: JPEG decode, crop-resize) that
-bound any pipeline on this CPU, what the grain loader itself costs per batch
-with nothing to decode (`loader_overhead_ms_per_batch`, 1 and 2 workers), and a
-projection for a 96-vCPU TPU host.
+bound any pipeline on this CPU, what the loader itself costs per batch with
+nothing to decode (`loader_overhead_ms_per_batch`, 1 and 2 workers; also grain's
+DataLoader where grain is installed), the one stage of each pipeline that runs
+serially on the host and the ceiling it sets (`serial_stage`), and a projection
+for a 96-vCPU TPU host.
 Targets: per-core speed-up >= 2 and scaling >= 1.7.
 """
 
@@ -167,6 +169,7 @@ def main(argv=None):
   print(json.dumps({
       "profile_ms": _profile(data, args.image_size),
       "loader_overhead_ms_per_batch": _loader_overhead(args.batch, args.image_size),
+      "serial_stage": _serial_stage(args.batch, args.image_size, data.normalization),
       "benchmark": "input_pipeline", "train_images": data.train_size,
       "eval_images": data.test_size, "source_image_size": [500, 375],
       "mean_record_kb": round(sum(files) / (data.train_size + data.test_size) / 1024, 1),
@@ -207,25 +210,77 @@ class _Blank:
   def __len__(self) -> int:
     return self.steps
 
+  @property
+  def batch_shape(self) -> tuple:
+    return self.shape
+
   def __getitem__(self, t: int) -> dict:
     return {"image": np.full(self.shape, t % 251, np.uint8),
             "label": np.zeros(self.shape[:1], np.int32)}
 
 
 def _loader_overhead(batch: int, size: int, steps: int = 24) -> dict:
-  """Milliseconds per batch that 1 and 2 grain workers add with nothing to decode.
+  """Milliseconds per batch that 1 and 2 workers add with nothing to decode.
 
-  Every batch crosses from a worker process to this one (shared memory, queues,
-  wake-ups); on a 2-core machine that work shares the cores with the decoding.
+  Every batch crosses from a worker process to this one; on a 2-core machine
+  that work shares the cores with the decoding. `pool` is the experiments'
+  loader (`imagenet.iterate`); `grain` is grain's DataLoader over the same
+  batches (None when grain is not installed), the loader it replaced.
   """
-  out = {}
-  for workers in (1, 2):
-    it = imagenet.iterate(_Blank(steps, batch, size), workers)
+  def rate(make) -> float:
+    it = make()
     next(it)
     start = time.perf_counter()
     n = sum(1 for _ in it)
-    out[str(workers)] = round((time.perf_counter() - start) / n * 1000, 2)
+    return round((time.perf_counter() - start) / n * 1000, 2)
+
+  out = {"pool": {str(w): rate(lambda w=w: imagenet.iterate(_Blank(steps, batch, size), w))
+                  for w in (1, 2)}, "grain": None}
+  try:
+    import grain.python as grain  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return out
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags
+
+  def grain_loader(workers):
+    return iter(grain.DataLoader(
+        data_source=_Blank(steps, batch, size),
+        sampler=grain.SequentialSampler(steps, grain.NoSharding()), worker_count=workers,
+        worker_buffer_size=2, read_options=grain.ReadOptions(num_threads=1,
+                                                             prefetch_buffer_size=2)))
+
+  out["grain"] = {str(w): rate(lambda w=w: grain_loader(w)) for w in (1, 2)}
   return out
+
+
+def _serial_stage(batch: int, size: int, normalization, repeats: int = 20) -> dict:
+  """Milliseconds per image of the stage each pipeline runs in one thread of the host.
+
+  `legacy`: stacking a batch of decoded images and normalizing it to float32
+  (its prefetch thread, under the GIL); `workers`: copying a batch out of its
+  shared-memory slot. Whatever the core count, a host cannot deliver more than
+  1000 / ms images per second through that stage (`host_ceiling`).
+  """
+  mean, std = (np.asarray(v, np.float32) for v in normalization)
+  images = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
+            for i in range(batch)]
+  slot = np.stack(images)
+
+  def per_image(fn) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+      fn()
+    return (time.perf_counter() - start) / repeats / batch * 1000
+
+  ms = {"legacy": per_image(lambda: (np.stack(images).astype(np.float32)
+                                     * np.float32(1 / 255) - mean) / std),
+        "workers": per_image(slot.copy)}
+  ms = {k: max(round(v, 4), 1e-4) for k, v in ms.items()}
+  return {"ms_per_image": ms,
+          "host_ceiling_images_per_second": {k: round(1000 / v) for k, v in ms.items()}}
 
 
 def _cpu_name() -> str:

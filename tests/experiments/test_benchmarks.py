@@ -104,6 +104,12 @@ def test_input_pipeline_prints_rates_per_core_and_scaling(tmp_path):
     assert line["scaling_1_to_2"][split] == round(rate("workers", "2") / rate("workers", "1"), 2)
     assert line["projected_96_vcpu_images_per_second"][split] == round(rate("workers", "2") / 2 * 96)
   assert set(line["profile_ms"]) == {"read", "decode", "train_crop_resize", "eval_crop_resize"}
-  assert set(line["loader_overhead_ms_per_batch"]) == {"1", "2"}
-  assert all(v > 0 for v in line["loader_overhead_ms_per_batch"].values())
+  overhead = line["loader_overhead_ms_per_batch"]
+  assert set(overhead) == {"pool", "grain"}
+  assert set(overhead["pool"]) == {"1", "2"} and all(v > 0 for v in overhead["pool"].values())
+  assert overhead["grain"] is None or set(overhead["grain"]) == {"1", "2"}
+  serial = line["serial_stage"]
+  for pipeline in ("legacy", "workers"):
+    assert serial["host_ceiling_images_per_second"][pipeline] == round(
+        1000 / serial["ms_per_image"][pipeline])
   assert line["targets"] == {"per_core_speedup": 2.0, "scaling_1_to_2": 1.7}
