@@ -10,8 +10,32 @@ Data: tests that need the real Fashion-MNIST files take `fmnist_data_dir` or
 """
 
 import os
+import tempfile
 
-import pytest
+# One persistent XLA compilation cache for the whole run: every xdist worker
+# and every subprocess a test starts (they inherit the environment). The
+# trainer rebuilds its jitted step each phase and many tests train the same
+# LeNet, so most compilations are repeats; an entry is keyed by the program,
+# the compile options and the jax/jaxlib versions, so a stale one is never
+# used. Locked writes (max size set) so that two workers never read a half-
+# written entry. A JAX_COMPILATION_CACHE_DIR set by the caller wins.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "inq_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# In case JAX was imported before this file (a plugin): the same settings.
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+jax.config.update("jax_compilation_cache_max_size",
+                  int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
