@@ -15,15 +15,18 @@ import tempfile
 # One persistent XLA compilation cache for the whole run: every xdist worker
 # and every subprocess a test starts (they inherit the environment). The
 # trainer rebuilds its jitted step each phase and many tests train the same
-# LeNet, so most compilations are repeats; an entry is keyed by the program,
-# the compile options and the jax/jaxlib versions, so a stale one is never
-# used. Locked writes (max size set) so that two workers never read a half-
-# written entry. A JAX_COMPILATION_CACHE_DIR set by the caller wins.
+# LeNet, so most long compilations are repeats; an entry is keyed by the
+# program, the compile options and the jax/jaxlib versions, so a stale one is
+# never used. Only programs that take at least a second to compile are stored:
+# the suite's thousands of small ones would cost more to write than to
+# compile. No size limit: with one, JAX rescans the whole folder on every write.
+# (Two workers writing the same entry at once can let a third read it half-
+# written; JAX then warns and compiles.) A JAX_COMPILATION_CACHE_DIR set by the
+# caller wins.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "inq_jax_tests_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 * 2**30))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -34,8 +37,6 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-jax.config.update("jax_compilation_cache_max_size",
-                  int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 

@@ -82,10 +82,10 @@ def run(cmd, **kw):
 def clean_env():
   env = dict(os.environ)
   for var in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP",
-              # The suite's compilation cache (tests/conftest.py): a user's fresh
-              # install has none (and no filelock for its locked writes).
+              # The suite's compilation cache (tests/conftest.py): a user's
+              # fresh install has none.
               "JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "JAX_COMPILATION_CACHE_MAX_SIZE"):
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
     env.pop(var, None)
   return env
 
