@@ -180,13 +180,15 @@ class BatchSource:
 def iterate(source: BatchSource, workers: int, buffer: int = 2) -> Iterator[dict]:
   """source[0], source[1], ... made by `workers` worker processes (0: in this one).
 
-  Up to `buffer` batches per worker are made ahead. The workers are spawned
-  (never forked from a process running XLA's threads) and stop when the pass
-  ends or the iterator is closed.
+  Every worker makes one batch at a time and up to `buffer` finished batches
+  wait (with 0 workers: `buffer` batches made ahead in a thread); each batch in
+  flight holds a shared-memory slot, e.g. 154 MB for 1024 images of 224x224.
+  The workers are spawned (never forked from a process running XLA's threads)
+  and stop when the pass ends or the iterator is closed.
   """
   steps = len(source)
   if workers <= 0:
-    return _prefetch(source, steps)
+    return _prefetch(source, steps, buffer)
   return _pool(source, steps, workers, buffer)
 
 
@@ -208,7 +210,7 @@ def _worker_make(t: int, slot: int) -> dict:
 
 
 def _pool(source: BatchSource, steps: int, workers: int, buffer: int) -> Iterator[dict]:
-  slots = max(1, min(steps, workers * buffer))
+  slots = max(1, min(steps, workers + buffer))
   shm = shared_memory.SharedMemory(create=True,
                                    size=max(1, slots * math.prod(source.batch_shape)))
   images = np.ndarray((slots,) + source.batch_shape, np.uint8, buffer=shm.buf)
