@@ -52,7 +52,6 @@ def legacy_batches(source: imagenet.BatchSource, threads: int, normalization) ->
   normalized to float32, all made up to two batches ahead in one prefetch
   thread; the normalization and the stacking are serial, per batch.
   """
-  mean, std = (np.asarray(v, np.float32) for v in normalization)
   start, stop = source.local
   size = source.image_size
   pool = concurrent.futures.ThreadPoolExecutor(threads)
@@ -77,7 +76,7 @@ def legacy_batches(source: imagenet.BatchSource, threads: int, normalization) ->
                else [None] * len(mine))
       out = list(pool.map(one, mine, seeds))
       images = np.stack([image for image, _ in out])
-      return {"image": (images.astype(np.float32) * np.float32(1 / 255) - mean) / std,
+      return {"image": imagenet.normalize_host(images, normalization),
               "label": np.array([label for _, label in out], np.int32)}
 
   try:
@@ -263,7 +262,6 @@ def _serial_stage(batch: int, size: int, normalization, repeats: int = 20) -> di
   shared-memory slot. Whatever the core count, a host cannot deliver more than
   1000 / ms images per second through that stage (`host_ceiling`).
   """
-  mean, std = (np.asarray(v, np.float32) for v in normalization)
   images = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)
             for i in range(batch)]
   slot = np.stack(images)
@@ -275,8 +273,7 @@ def _serial_stage(batch: int, size: int, normalization, repeats: int = 20) -> di
       fn()
     return (time.perf_counter() - start) / repeats / batch * 1000
 
-  ms = {"legacy": per_image(lambda: (np.stack(images).astype(np.float32)
-                                     * np.float32(1 / 255) - mean) / std),
+  ms = {"legacy": per_image(lambda: imagenet.normalize_host(np.stack(images), normalization)),
         "workers": per_image(slot.copy)}
   ms = {k: max(round(v, 4), 1e-4) for k, v in ms.items()}
   return {"ms_per_image": ms,

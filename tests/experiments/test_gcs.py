@@ -11,9 +11,9 @@ behind etils.epath), TENSORSTORE_GCS_HTTP_URL (tensorstore, behind orbax) and
 CLOUD_STORAGE_EMULATOR_ENDPOINT (google-cloud-cpp, behind array_record's
 GcsReader: TFDS data read from a gs:// data_dir).
 
-A second test reads TFDS datasets (Fashion-MNIST and the generated ImageNet,
-as the README's TPU recipe does) from a gs:// data_dir and checks every batch
-against the same datasets read from local disk.
+A second test reads a TFDS dataset (the generated ImageNet, as the README's
+TPU recipe reads ImageNet) from a gs:// data_dir and checks every batch
+against the same dataset read from local disk.
 
 The emulator's object download answers without the `x-goog-generation` header
 and ignores the ifGenerationMatch / ifGenerationNotMatch preconditions, which
@@ -211,7 +211,7 @@ def _read_data(local_dir: str, out: str) -> None:
   """Copies local_dir's prepared TFDS imagenet2012 to gs://BUCKET/tfds and reads both copies.
 
   out: an .npz, keyed 'local/...' and 'gs/...', of every batch the input
-  pipeline makes from each copy (train augmented, validation, decoded in a grain
+  pipeline makes from each copy (train augmented, validation, decoded in a
   worker process), and of the validation split loaded into memory as the
   Fashion-MNIST and CIFAR-10 pipelines load theirs.
   """
@@ -374,7 +374,7 @@ def test_gs_workdir_killed_mid_phase_resumes_bit_identically(gcs, fmnist_data_di
 
 def test_tfds_data_dir_on_gs_gives_the_local_batches(gcs, tmp_path):
   # The README's TPU recipe reads TFDS data from gs:// (array_record's GcsReader,
-  # in grain worker processes for ImageNet): the same batches as from local disk.
+  # in worker processes for ImageNet): the same batches as from local disk.
   from experiments.data import synthetic_imagenet  # pylint: disable=g-import-not-at-top
   local = tmp_path / "tfds"
   synthetic_imagenet.prepare(str(local), train=8, validation=5, image_size=(120, 90))
