@@ -9,6 +9,7 @@ is the one evaluation, shared by train.py, tools/evaluate.py and the study.
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Optional
 
@@ -317,10 +318,22 @@ def test_batches(data, eval_batch_size: int, devices: Devices):
   return data.test_batches(devices.eval_batch_size(eval_batch_size))
 
 
+# A phase that does not train reports the loss on a fixed random sample of the
+# train split this large, not on all of it: a whole ImageNet train split would
+# cost a third of an epoch at the end of every run.
+TRAIN_LOSS_EXAMPLES = 10_000
+
+
 def train_split_eval_batches(data, eval_batch_size: int, devices: Devices, seed: int):
-  """The train split without augmentation, every example unmasked (eval mode)."""
+  """Train examples without augmentation, every one unmasked (eval mode).
+
+  Whole batches of one seeded shuffle, until at least TRAIN_LOSS_EXAMPLES
+  examples (or the whole split, when it is smaller).
+  """
   size = devices.eval_batch_size(eval_batch_size)
   if size > data.train_size:  # one (smaller) batch rather than none
     size = max(devices.count, data.train_size // devices.count * devices.count)
+  batches = data.train_batches(size, 0, seed, augment=False)
+  count = -(-TRAIN_LOSS_EXAMPLES // size)
   return ({**b, "mask": np.ones(len(b["label"]), bool)}
-          for b in data.train_batches(size, 0, seed, augment=False))
+          for b in itertools.islice(batches, count))

@@ -193,11 +193,15 @@ class Run:
     self.ckpt.save(self.devices.replicate(state), {"results": results, "seconds": seconds})
 
   def train(self, state: TrainState, stage_config, masks, *, epochs: float, data_seed: int,
-            desc: str, results: dict, seconds: float, record: dict):
+            desc: str, results: dict, seconds: float, record: dict,
+            eval_entry: Optional[dict] = None):
     """Trains the rest of a stage or phase, from `state.epoch`, saving after each epoch.
 
     A fresh jitted step for this stage's optimizer (its schedule and frozen `masks`),
     compiled ahead of time so that `compile_seconds` shows what rebuilding costs.
+    With `eval_entry` (the final finetune's phase entry in `results`), the test
+    split is evaluated after every epoch and kept in its "epoch_test_accuracy"
+    list, so one run shows what each finetune epoch buys back.
 
     Returns:
       (state, seconds spent including earlier sessions, last epoch's metrics or None,
@@ -223,7 +227,12 @@ class Run:
       last["images"] = last["steps"] * self.config.batch_size
       state = state.replace(epoch=jnp.int32(e + 1))
       lr = float(schedule(e * self.steps_per_epoch + last["steps"] - 1))  # at the epoch's end
-      self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last)
+      tested = {}
+      if eval_entry is not None:  # before the save, so a resume keeps it
+        tested["test_accuracy"] = self.evaluate(state)["accuracy"]
+        curve = eval_entry.setdefault("epoch_test_accuracy", [])
+        curve[e:] = [tested["test_accuracy"]]
+      self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last, **tested)
       self.save(state, results, seconds)
       self.callback("epoch", stage=record["stage"], phase=record.get("phase", 0),
                     epoch=e + 1, ts=state)
@@ -393,10 +402,12 @@ def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: 
   portion, n = run.inq_cfg.portions[p], run.inq_cfg.num_steps
   epochs = _phase_epochs(run, p)
   entry = next(x for x in results["phases"] if x["portion"] == portion)
+  finetune = p == n - 1 and epochs > 0  # every kernel frozen: biases and BN train on
   state, seconds, last, compile_seconds = run.train(
       state, run.config.inq, state.inq.masks, epochs=epochs, data_seed=run.config.seed * 1000 + p + 1,
       desc=f"phase {p + 1}/{n} (portion {portion:g})", results=results, seconds=seconds,
-      record={"stage": "inq", "phase": p + 1, "portion": portion})
+      record={"stage": "inq", "phase": p + 1, "portion": portion},
+      eval_entry=entry if finetune else None)
   ev = run.evaluate(state)
   if last is not None:
     train_loss = last["train_loss"]

@@ -46,12 +46,28 @@ def aggregate(finished: dict) -> tuple[dict, dict]:
     summary.setdefault(kind, {})[str(bits)] = cell
     if not kind.startswith("ptq"):
       curves = np.array([[p["test_accuracy"] for p in r[3]["phases"]] for r in rows])
+      if len(rows[0][3]["phases"]) > 1:
+        details.setdefault("last_step", {}).setdefault(kind, {})[str(bits)] = _last_step(rows)
       details["phases"].setdefault(kind, {})[str(bits)] = {
           "portions": [p["portion"] for p in rows[0][3]["phases"]],
           "start": [r[3]["baseline"]["test_accuracy"] for r in rows],
           "mean": curves.mean(0).tolist(),
           "std": (curves.std(0, ddof=1) if len(rows) > 1 else 0 * curves[0]).tolist()}
   return summary, details
+
+
+def _last_step(rows) -> dict:
+  """Per seed: accuracy before the last quantization step, right after it, and after
+  each final-finetune epoch (empty without a finetune)."""
+  before, after, curves = [], [], []
+  for _, _, _, results in rows:
+    phases = results["phases"]
+    before.append(phases[-2]["test_accuracy"])
+    after.append(phases[-1].get("quantized_test_accuracy", float("nan")))
+    curves.append(list(phases[-1].get("epoch_test_accuracy", [])))
+  n = min(len(c) for c in curves)
+  return {"portion_before": rows[0][3]["phases"][-2]["portion"], "before": before,
+          "quantized": after, "finetune": [[c[e] for c in curves] for e in range(n)]}
 
 
 def target_checks(summary: dict) -> list:
@@ -61,7 +77,11 @@ def target_checks(summary: dict) -> list:
     return out
   fp32 = summary["fp32"]["mean"]
   inq, ptq = summary.get("inq", {}), summary.get("ptq", {})
-  for kind, label in (("inq", ""), ("inq_mse", " (calibration=mse, an extension)")):
+  for kind, label in (("inq", ""), ("inq_mse", " (calibration=mse, an extension)"),
+                      ("inq_ft", " (final finetune)"),
+                      ("inq_mse_ft", " (calibration=mse, final finetune)"),
+                      ("tail", " (finer tail, final finetune)"),
+                      ("tail_mse", " (calibration=mse, finer tail, final finetune)")):
     for bits, delta in TARGETS.items():
       if str(bits) in summary.get(kind, {}):
         d = 100 * (summary[kind][str(bits)]["mean"] - fp32)
@@ -86,7 +106,7 @@ def target_checks(summary: dict) -> list:
   return out
 
 
-def _plot_bits(summary, path):
+def _plot_bits(summary, path, model="LeNet"):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -111,7 +131,7 @@ def _plot_bits(summary, path):
   ax.invert_xaxis()
   ax.grid(alpha=0.3)
   ax.legend(loc="lower left", fontsize=8)
-  ax.set_title("LeNet on Fashion-MNIST: accuracy vs bit width")
+  ax.set_title(f"{model} on Fashion-MNIST: accuracy vs bit width")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -157,22 +177,61 @@ def _fmt(cell, fp32) -> tuple:
           f"{cell['seconds'] / 60:.1f}")
 
 
+NAMES = {"inq": "INQ {b}-bit", "random": "INQ {b}-bit, random partition",
+         "ptq": "no retraining (PTQ) {b}-bit", "channel": "INQ {b}-bit, per-channel",
+         "inq_mse": "INQ {b}-bit, calibration=mse",
+         "ptq_mse": "no retraining (PTQ) {b}-bit, calibration=mse",
+         "inq_ft": "INQ {b}-bit, final finetune",
+         "inq_mse_ft": "INQ {b}-bit, calibration=mse, final finetune",
+         "tail": "INQ {b}-bit, finer tail, final finetune",
+         "tail_mse": "INQ {b}-bit, calibration=mse, finer tail, final finetune"}
+
+
+def _last_step_table(details, finetune_epochs) -> list:
+  """What the last quantization step costs, and what each finetune epoch buys back."""
+  last = details.get("last_step", {})
+  if not finetune_epochs or not any(k in last for k in ("inq_ft", "inq_mse_ft", "tail",
+                                                         "tail_mse")):
+    return []
+  mean = lambda v: f"{100 * float(np.mean(v)):.2f}"
+  n = max(len(c["finetune"]) for by in last.values() for c in by.values())
+  rows = []
+  for kind in NAMES:
+    for b, c in sorted(last.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
+      ft = [mean(v) for v in c["finetune"]] + [""] * (n - len(c["finetune"]))
+      rows.append(f"| {NAMES[kind].format(b=b)} | {c['portion_before']:g} | "
+                  f"{mean(c['before'])} | {mean(c['quantized'])} | "
+                  f"{100 * (np.mean(c['quantized']) - np.mean(c['before'])):+.2f} | "
+                  + " | ".join(ft) + " |")
+  head = " | ".join(f"after finetune epoch {e + 1}" for e in range(n))
+  return [
+      "## The last step, and the final finetune",
+      "",
+      "Mean over seeds, test accuracy %: after retraining the phase before the last "
+      "portion; right after quantizing the last portion (the result without a finetune); "
+      "and after each epoch of the final finetune (every kernel frozen).",
+      "",
+      f"| cell | last portion before 1 | before the last step | right after it | cost | {head} |",
+      "|---|---|---|---|---|" + "---|" * n,
+      *rows,
+      "",
+  ]
+
+
 def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   e = sc.experiment
   fp32 = summary.get("fp32", {}).get("mean")
   rows = []
   if "fp32" in summary:
     rows.append(("fp32 baseline", *_fmt(summary["fp32"], None)))
-  names = {"inq": "INQ {b}-bit", "random": "INQ {b}-bit, random partition",
-           "ptq": "no retraining (PTQ) {b}-bit", "channel": "INQ {b}-bit, per-channel",
-           "inq_mse": "INQ {b}-bit, calibration=mse", "ptq_mse": "no retraining (PTQ) "
-           "{b}-bit, calibration=mse"}
-  for kind in ("inq", "random", "ptq", "channel", "inq_mse", "ptq_mse"):
+  for kind in NAMES:
     for b, cell in sorted(summary.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
-      rows.append((names[kind].format(b=b), *_fmt(cell, fp32)))
+      rows.append((NAMES[kind].format(b=b), *_fmt(cell, fp32)))
   total = sum(c["seconds"] for c in _all_cells(summary))
+  ft = sc.get("finetune_epochs", 0)
   lines = [
-      "# INQ on Fashion-MNIST (LeNet): bit widths, partitions, no-retraining, per-channel",
+      "# " + sc.get("title", "INQ on Fashion-MNIST (LeNet): bit widths, partitions, "
+                    "no-retraining, per-channel"),
       "",
       f"Written by `experiments/study/sweep.py` on {datetime.date.today().isoformat()} from "
       f"{len(details['seeds'].get('fp32', []))} seed(s) {tuple(sc.seeds)}; the machine-readable "
@@ -185,6 +244,7 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       "",
       f"Total wall time: {total / 60:.1f} min.",
       "",
+      *_last_step_table(details, ft),
       "## Targets (issue #4)",
       "",
       "| claim | measured | met |",
@@ -210,9 +270,15 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       f"({e.baseline.lr_schedule})",
       f"- every INQ phase: {e.inq.epochs_per_phase:g} epochs of retraining, lr "
       f"{e.inq.learning_rate} ({e.inq.lr_schedule}, restarted each phase), fresh optimizer; "
-      f"the last phase (portion 1) has {e.inq.final_finetune_epochs:g} epochs",
+      f"the last phase (portion 1) has {e.inq.final_finetune_epochs:g} epochs"
+      + (f" ({ft:g} in the final-finetune cells: every kernel frozen, biases and BN "
+         f"parameters train, the test split evaluated after each epoch)" if ft else ""),
       "- portions (the paper's ResNet-18 schedules): " + "; ".join(
           f"{k[1:]}-bit {tuple(v)}" for k, v in sorted(sc.portions.items(), reverse=True)),
+      *(["- finer tails (the tail cells): " + "; ".join(
+          f"{k[1:]}-bit {tuple(v)}" for k, v in sorted(sc.tail_portions.items(),
+                                                       reverse=True))]
+        if sc.get("tail_portions") else []),
       "- PTQ: portions (1,), the same codebooks (n1 from each layer's max |w|), no retraining",
       "- calibration=mse (an extension, `inq_jax.quantize.mse_exponent_bounds`): each "
       "layer's n1 is the one at or below the paper's that minimises the squared rounding "
@@ -223,7 +289,7 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       "```",
       "bash scripts/setup.sh",
       ".venv/bin/python -m experiments.study.sweep \\",
-      "    --config=experiments/configs/sweep_fashion_mnist.py \\",
+      f"    --config={sc.get('command_config', 'experiments/configs/sweep_fashion_mnist.py')} \\",
       f"    --workdir={workdir}",
       "```",
       "",
@@ -259,7 +325,9 @@ def write(sc, workdir: str, report_dir: str, finished: dict) -> dict:
   os.makedirs(report_dir, exist_ok=True)
   reporting.atomic_write_json(os.path.join(report_dir, SWEEP_JSON), summary)
   reporting.atomic_write_json(os.path.join(report_dir, DETAILS_JSON), details)
-  _plot_bits(summary, os.path.join(report_dir, BITS_PNG))
+  _plot_bits(summary, os.path.join(report_dir, BITS_PNG),
+             {"lenet": "LeNet", "resnet20": "ResNet-20"}.get(sc.experiment.model,
+                                                             sc.experiment.model))
   _plot_phases(details, os.path.join(report_dir, PHASES_PNG))
   reporting.atomic_write(os.path.join(report_dir, RESULTS_MD),
                          markdown(sc, summary, details, workdir, report_dir))

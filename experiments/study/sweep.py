@@ -15,6 +15,13 @@ directory, WORKDIR/seed{S}/{cell}:
   inq_mse{b}  INQ, b bits, per-layer codebooks with calibration="mse" (n1 chosen
               for least rounding error instead of from max |w|; an extension)
   ptq_mse{b}  post-training quantization with those codebooks
+  inq_ft{b}, inq_mse_ft{b}
+              INQ (either codebook) whose last phase is a final finetune of
+              `finetune_epochs` (every kernel frozen; biases and BN train),
+              evaluated after each of its epochs: what the last quantization
+              step costs, and what each finetune epoch buys back
+  tail{b}, tail_mse{b}
+              the same with the finer tail of portions `tail_portions.b{b}`
 
 A kill loses at most the epoch in flight: rerunning the command skips finished
 cells and resumes the interrupted one from its checkpoint. At the end (and
@@ -40,10 +47,11 @@ from experiments import checkpoints, reporting, steps, train
 from experiments.data import input_pipeline
 from experiments.study import report as sweep_report
 
-KINDS = ("fp32", "ptq", "inq", "random", "channel", "inq_mse", "ptq_mse")
+KINDS = ("fp32", "ptq", "ptq_mse", "inq", "random", "channel", "inq_mse", "inq_ft",
+         "inq_mse_ft", "tail", "tail_mse")  # a seed's cells run in this order
 # The config keys listing each kind's bit widths; a finished study may grow more cells.
-BITS_KEYS = {"inq": "inq_bits", "random": "random_bits", "ptq": "ptq_bits",
-             "channel": "channel_bits", "inq_mse": "inq_mse_bits", "ptq_mse": "ptq_mse_bits"}
+BITS_KEYS = {kind: f"{kind}_bits" for kind in KINDS[1:]}
+FINETUNED = ("inq_ft", "inq_mse_ft", "tail", "tail_mse")  # last phase: finetune_epochs
 CELLS_FILE = "cells.json"
 
 
@@ -71,6 +79,17 @@ def check_sweep_config(sc: ml_collections.ConfigDict) -> None:
     if f"b{b}" not in sc.portions:
       raise ValueError(f"portions has no schedule 'b{b}' for {b}-bit cells; it has "
                        f"{sorted(sc.portions.keys())}")
+  tails = sc.get("tail_portions") or {}
+  for kind in ("tail", "tail_mse"):
+    for b in sc.get(BITS_KEYS[kind], ()):
+      if f"b{b}" not in tails:
+        raise ValueError(f"tail_portions has no schedule 'b{b}' for the {kind}{b} cell; it "
+                         f"has {sorted(tails.keys())}")
+  if any(sc.get(BITS_KEYS[kind], ()) for kind in FINETUNED):
+    ft = sc.get("finetune_epochs")
+    if isinstance(ft, bool) or not isinstance(ft, (int, float)) or not ft > 0:
+      raise ValueError(f"finetune_epochs must be a number > 0 for the {'/'.join(FINETUNED)} "
+                       f"cells, got {ft!r}")
 
 
 def cells(sc: ml_collections.ConfigDict) -> list:
@@ -78,7 +97,7 @@ def cells(sc: ml_collections.ConfigDict) -> list:
   out = []
   for seed in sc.seeds:
     out.append(Cell(seed, "fp32", 0))
-    for kind in ("ptq", "ptq_mse", "inq", "random", "channel", "inq_mse"):
+    for kind in KINDS[1:]:
       out += [Cell(seed, kind, b) for b in sc.get(BITS_KEYS[kind], ())]
   return out
 
@@ -93,12 +112,15 @@ def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
     return c
   c.init_checkpoint = os.path.join(baseline_dir(workdir, cell.seed), checkpoints.BASELINE_DIR)
   c.inq.bits = cell.bits
-  c.inq.calibration = "mse" if cell.kind.endswith("_mse") else "absmax"
+  c.inq.calibration = "mse" if "_mse" in cell.kind else "absmax"
   if cell.kind in ("ptq", "ptq_mse"):
     c.inq.portions = (1.0,)
     c.inq.final_finetune_epochs = 0.0
   else:
-    c.inq.portions = tuple(sc.portions[f"b{cell.bits}"])
+    schedules = sc.tail_portions if cell.kind.startswith("tail") else sc.portions
+    c.inq.portions = tuple(schedules[f"b{cell.bits}"])
+    if cell.kind in FINETUNED:
+      c.inq.final_finetune_epochs = float(sc.finetune_epochs)
     c.inq.strategy = "random" if cell.kind == "random" else "magnitude"
     c.inq.granularity = "channel" if cell.kind == "channel" else "layer"
   return c

@@ -8,6 +8,7 @@ import pytest
 from experiments.study import report as sweep_report
 from experiments.study import sweep
 from experiments.configs import sweep_fashion_mnist
+from experiments.configs import sweep_fashion_mnist_lowbit
 
 
 def tiny_config(data_dir, **overrides):
@@ -27,6 +28,8 @@ def tiny_config(data_dir, **overrides):
   sc.inq_mse_bits = ()
   sc.ptq_mse_bits = ()
   sc.portions.b2 = (0.5, 1.0)
+  sc.finetune_epochs = 2.0
+  sc.tail_portions = {"b2": (0.5, 0.75, 1.0)}
   for k, v in overrides.items():
     sc[k] = v
   return sc
@@ -53,15 +56,36 @@ def test_cells_and_configs(tmp_path):
   assert tuple(mse.inq.portions) == tuple(c.inq.portions)
   ptq_mse = sweep.cell_config(sc, sweep.Cell(2, "ptq_mse", 2), str(tmp_path))
   assert ptq_mse.inq.calibration == "mse" and tuple(ptq_mse.inq.portions) == (1.0,)
+  assert mse.inq.final_finetune_epochs == 0 == c.inq.final_finetune_epochs
+
+
+def test_last_step_cells():
+  sc = sweep_fashion_mnist_lowbit.get_config()
+  names = [c.name for c in sweep.cells(sc)]
+  assert names[:9] == ["seed0/fp32", "seed0/inq_ft3", "seed0/inq_ft2", "seed0/inq_mse_ft3",
+                       "seed0/inq_mse_ft2", "seed0/tail3", "seed0/tail2", "seed0/tail_mse3",
+                       "seed0/tail_mse2"] and len(names) == 27
+  get = lambda kind, b: sweep.cell_config(sc, sweep.Cell(1, kind, b), "w")
+  ft, mse_ft = get("inq_ft", 3), get("inq_mse_ft", 2)
+  assert ft.inq.calibration == "absmax" and mse_ft.inq.calibration == "mse"
+  assert tuple(ft.inq.portions) == tuple(sc.portions.b3)
+  assert ft.inq.final_finetune_epochs == 2.0 == mse_ft.inq.final_finetune_epochs
+  tail, tail_mse = get("tail", 3), get("tail_mse", 2)
+  assert tuple(tail.inq.portions)[-4:] == (0.95, 0.975, 0.99, 1.0)
+  assert tuple(tail_mse.inq.portions) == tuple(sc.tail_portions.b2)
+  assert tail.inq.calibration == "absmax" and tail_mse.inq.calibration == "mse"
+  assert tail.inq.final_finetune_epochs == 2.0 and tail.inq.epochs_per_phase == 0.5
 
 
 @pytest.mark.parametrize("key,value,match", [
     ("seeds", (0, 0), "distinct"),
     ("inq_bits", (9,), "2..8"),
     ("channel_bits", (6,), "b6"),
+    ("tail_bits", (4,), "tail_portions has no schedule 'b4'"),
+    ("finetune_epochs", 0.0, "finetune_epochs must be a number > 0"),
 ])
 def test_bad_sweep_config(tmp_path, key, value, match):
-  sc = sweep_fashion_mnist.get_config()
+  sc = sweep_fashion_mnist_lowbit.get_config()
   sc[key] = value
   with pytest.raises(ValueError, match=match):
     sweep.run_sweep(sc, str(tmp_path / "w"), report_dir=str(tmp_path / "r"))
@@ -107,13 +131,34 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
   assert sweep.report(sc, work, report_dir=report) == summary
 
   # A study may grow: new cells run, finished ones are read back.
-  grown = sweep.run_sweep(tiny_config(fmnist_data_dir, ptq_mse_bits=(2,)), work,
-                          report_dir=report)
+  grown = sweep.run_sweep(tiny_config(fmnist_data_dir, ptq_mse_bits=(2,), inq_ft_bits=(2,),
+                                      tail_bits=(2,)), work, report_dir=report)
   out = capsys.readouterr().out
-  assert out.count("test accuracy") == 2 and "ptq_mse2" in out
+  assert out.count("test accuracy") == 6 and "ptq_mse2" in out and "tail2" in out
   assert grown["inq"]["2"]["values"] == summary["inq"]["2"]["values"]
   assert len(grown["ptq_mse"]["2"]["values"]) == 2
-  assert "calibration=mse" in open(os.path.join(report, sweep_report.RESULTS_MD)).read()
+  md = open(os.path.join(report, sweep_report.RESULTS_MD)).read()
+  assert "calibration=mse" in md and "## The last step, and the final finetune" in md
+  with open(os.path.join(report, sweep_report.DETAILS_JSON)) as f:
+    last = json.load(f)["last_step"]
+  for kind, portions in (("inq_ft", (0.5, 1.0)), ("tail", (0.5, 0.75, 1.0))):
+    got = last[kind]["2"]
+    assert got["portion_before"] == portions[-2] and len(got["finetune"]) == 2
+    for i, seed in enumerate((0, 1)):
+      with open(os.path.join(work, f"seed{seed}", f"{kind}2", "results.json")) as f:
+        r = json.load(f)
+      phases = r["phases"]
+      assert [p["portion"] for p in phases] == list(portions)
+      assert phases[-1]["epochs"] == 2.0
+      # the finetune's curve: one test evaluation per epoch, the last one the result
+      curve = phases[-1]["epoch_test_accuracy"]
+      assert len(curve) == 2 and curve[-1] == r["final"]["test_accuracy"]
+      assert [got["before"][i], got["quantized"][i], got["finetune"][1][i]] == [
+          phases[-2]["test_accuracy"], phases[-1]["quantized_test_accuracy"], curve[-1]]
+  # the kernels stayed frozen through the finetune: the tail cell's .inq file holds
+  # every weight in its codebook (all_pow2 is checked from the trained params)
+  assert all(json.load(open(os.path.join(work, f"seed{s}", "tail2", "results.json")))
+             ["final"]["all_pow2"] for s in (0, 1))
 
   # A changed sweep config in the same workdir is refused.
   with pytest.raises(ValueError, match="different config"):

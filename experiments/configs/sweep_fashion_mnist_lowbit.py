@@ -1,0 +1,52 @@
+"""The last-step study of issue #14: final finetune and finer tails, 3 and 2 bits.
+
+Command (from the repository root, after `bash scripts/setup.sh`):
+
+  .venv/bin/python -m experiments.study.sweep \
+      --config=experiments/configs/sweep_fashion_mnist_lowbit.py \
+      --workdir=workdirs/sweep_fashion_mnist_lowbit
+
+Rerunning the command resumes; the report goes to results/lowbit/.
+
+The LeNet study's budget (sweep_fashion_mnist.py: a 6-epoch fp32 baseline per
+seed, 0.5 epochs of retraining per phase, the paper's schedules), at 3 and 2
+bits, with each codebook (the paper's max |w| anchor, calibration="mse"):
+- inq_ft / inq_mse_ft: the paper's portions, then a final finetune of
+  `finetune_epochs` (every kernel frozen, biases train), evaluated after each
+  epoch: the last step's cost and what each finetune epoch buys back;
+- tail / tail_mse: the same with a finer tail of portions (..., 0.95, 0.975,
+  0.99, 1): smaller last steps, each retrained.
+The accuracy right after the last quantization step is the result without a
+finetune, so no separate no-finetune cells are run.
+
+Hardware: a 2-core CPU, about 40 minutes per seed (3 seeds: 2 hours); minutes
+on a GPU. Expected result: with the paper's codebook the last step costs
+several points at 3 and 2 bits and the finetune buys part of it back; with
+calibration="mse" the last step costs almost nothing (results/lowbit/RESULTS.md).
+"""
+
+import ml_collections
+
+from experiments.configs import sweep_fashion_mnist
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  base = sweep_fashion_mnist.get_config()
+  c.experiment = base.experiment
+  c.title = "INQ at 3 and 2 bits on Fashion-MNIST (LeNet): the last step, final finetune, finer tails"
+  c.command_config = "experiments/configs/sweep_fashion_mnist_lowbit.py"
+
+  c.seeds = (0, 1, 2)
+  c.inq_ft_bits = (3, 2)
+  c.inq_mse_ft_bits = (3, 2)
+  c.tail_bits = (3, 2)
+  c.tail_mse_bits = (3, 2)
+  c.finetune_epochs = 2.0
+  c.portions = base.portions
+  c.tail_portions = ml_collections.ConfigDict({
+      "b3": (0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0),
+      "b2": (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.975, 0.99, 1.0),
+  })
+  c.report_dir = "results/lowbit"
+  return c
