@@ -272,6 +272,34 @@ def test_from_init_checkpoint_with_carry_and_final_finetune(finished, tmp_path):
   before, _ = rec2.phase_end[0]
   before = dict(leaves_with_paths(before)[0])
   assert any(np.any(before[p] != flat[p]) for p in flat if p.endswith("bias"))
+  # The finetune is evaluated after each epoch (one here): results and metrics.jsonl.
+  last = out["phases"][-1]
+  assert last["epoch_test_accuracy"] == [out["final"]["test_accuracy"]]
+  tested = [r for r in reporting.read_metrics(str(tmp_path))
+            if r.get("phase") == 2 and "epoch" in r]
+  assert [r["test_accuracy"] for r in tested] == last["epoch_test_accuracy"]
+  assert "epoch_test_accuracy" not in out["phases"][0]  # ordinary phases: at the end only
+
+
+def test_train_loss_of_a_phase_without_training_is_on_a_fixed_sample(fmnist_data_dir,
+                                                                     monkeypatch):
+  from experiments import steps  # pylint: disable=g-import-not-at-top
+  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = input_pipeline.get_dataset(tiny_config(fmnist_data_dir).dataset)
+  monkeypatch.setattr(steps, "TRAIN_LOSS_EXAMPLES", 250)
+  devices = steps.Devices()
+  got = list(steps.train_split_eval_batches(data, 100, devices, seed=3))
+  # whole batches until at least 250 examples: 3 of 100, all counted
+  assert [len(b["label"]) for b in got] == [100] * 3 and all(b["mask"].all() for b in got)
+  # the first batches of the split's seeded shuffle, not augmented: the same twice
+  again = list(steps.train_split_eval_batches(data, 100, devices, seed=3))
+  assert all((a["image"] == b["image"]).all() for a, b in zip(got, again))
+  full = list(data.train_batches(100, 0, 3, augment=False))[:3]
+  assert all((a["image"] == b["image"]).all() for a, b in zip(got, full))
+  # a split smaller than the sample is evaluated whole
+  monkeypatch.setattr(steps, "TRAIN_LOSS_EXAMPLES", 10**6)
+  assert sum(len(b["label"]) for b in steps.train_split_eval_batches(
+      data, 100, devices, seed=3)) == 1000
 
 
 def test_pruning_stage_then_inq_resumes_bit_identically(finished, tmp_path):
