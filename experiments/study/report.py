@@ -44,6 +44,10 @@ def aggregate(finished: dict) -> tuple[dict, dict]:
       summary["fp32"] = cell
       continue
     summary.setdefault(kind, {})[str(bits)] = cell
+    fit = rows[0][3].get("codebook")  # the first seed's: the codebooks are fixed at init
+    calibration = "mse" if "_mse" in kind else "absmax"
+    if fit and kind != "channel":
+      details.setdefault("codebook", {}).setdefault(f"{calibration} {bits}", fit)
     if not kind.startswith("ptq"):
       curves = np.array([[p["test_accuracy"] for p in r[3]["phases"]] for r in rows])
       if len(rows[0][3]["phases"]) > 1:
@@ -218,6 +222,31 @@ def _last_step_table(details, finetune_epochs) -> list:
   ]
 
 
+def _codebook_table(details) -> list:
+  """Per layer: the share each codebook rounds to zero and its relative rounding error."""
+  fits = details.get("codebook", {})
+  if not fits:
+    return []
+  keys = sorted(fits, key=lambda k: (k.split()[0], -int(k.split()[1])))
+  layers = list(next(iter(fits.values())))
+  cell = lambda f: (f"{100 * f['zero_fraction']:.0f}% / {f['relative_error']:.2f} "
+                    f"(n1={f['n1']})")
+  return [
+      "## How each codebook fits the pretrained weights",
+      "",
+      "Per quantized layer, what rounding every fp32 weight at once would do (the "
+      "first seed's baseline): the share rounded to zero / ||round(w) - w|| / ||w||, and "
+      "the codebook's largest exponent n1. `init` warns when a codebook rounds more "
+      "than half of a layer to zero.",
+      "",
+      "| layer | " + " | ".join(f"{k.split()[1]}-bit {k.split()[0]}" for k in keys) + " |",
+      "|---|" + "---|" * len(keys),
+      *[f"| `{layer}` | " + " | ".join(cell(fits[k][layer]) for k in keys) + " |"
+        for layer in layers],
+      "",
+  ]
+
+
 def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   e = sc.experiment
   fp32 = summary.get("fp32", {}).get("mean")
@@ -245,6 +274,7 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       f"Total wall time: {total / 60:.1f} min.",
       "",
       *_last_step_table(details, ft),
+      *_codebook_table(details),
       "## Targets (issue #4)",
       "",
       "| claim | measured | met |",

@@ -139,6 +139,12 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
   assert len(grown["ptq_mse"]["2"]["values"]) == 2
   md = open(os.path.join(report, sweep_report.RESULTS_MD)).read()
   assert "calibration=mse" in md and "## The last step, and the final finetune" in md
+  # the per-layer codebook table: one column per calibration and bit width
+  assert "| layer | 2-bit absmax | 2-bit mse |" in md
+  with open(os.path.join(work, "seed0", "ptq_mse2", "results.json")) as f:
+    fit = json.load(f)["codebook"]["conv1/kernel"]
+  assert (f"| `conv1/kernel` | " in md and f"{100 * fit['zero_fraction']:.0f}% / "
+          f"{fit['relative_error']:.2f} (n1={fit['n1']}) |" in md)
   with open(os.path.join(report, sweep_report.DETAILS_JSON)) as f:
     last = json.load(f)["last_step"]
   for kind, portions in (("inq_ft", (0.5, 1.0)), ("tail", (0.5, 0.75, 1.0))):
