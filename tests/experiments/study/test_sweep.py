@@ -189,3 +189,30 @@ def test_target_checks():
       "+14.75 points (per seed +29.00, +0.50)", False)
   assert got["INQ clearly above no-retraining at 2 bits (every seed, > 1 point)"][1] is True
   assert not any("calibration=mse (every seed" in c for c in got)  # no ptq_mse cells
+
+
+@pytest.mark.parametrize("study,stock,budget", [
+    ("sweep_fashion_mnist", "fashion_mnist_lenet",
+     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+    ("sweep_fashion_mnist_lowbit", "fashion_mnist_lenet",
+     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+    ("sweep_fashion_mnist_resnet20", "fashion_mnist_resnet20",
+     {"baseline.epochs": 1.5, "inq.epochs_per_phase": 0.05, "max_checkpoints_to_keep": 1}),
+])
+def test_a_study_measures_its_stock_config_on_a_smaller_budget(study, stock, budget):
+  """What a study reports is the stock config's recipe; only the epochs differ."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
+  studied = importlib.import_module(f"experiments.configs.{study}").get_config().experiment
+  config = importlib.import_module(f"experiments.configs.{stock}").get_config()
+  flat = lambda c: dict(_flatten(checkpoints.config_dict(c)))
+  got, want = flat(studied), flat(config)
+  assert {k: v for k, v in got.items() if got[k] != want.get(k)} == budget
+
+
+def _flatten(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}", v
