@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from typing import Optional
 
 import jax
 import numpy as np
@@ -74,12 +75,22 @@ def _last_step(rows) -> dict:
           "quantized": after, "finetune": [[c[e] for c in curves] for e in range(n)]}
 
 
-def target_checks(summary: dict) -> list:
-  """(claim, measured, met) for every target whose cells have finished."""
+def target_checks(summary: dict, seeds: Optional[dict] = None) -> list:
+  """(claim, measured, met) for every target whose cells have finished.
+
+  `seeds` (details["seeds"]): when given, each cell is compared with the mean fp32
+  baseline of its own seeds (a cell may have fewer seeds than the baseline).
+  """
   out = []
   if "fp32" not in summary:
     return out
-  fp32 = summary["fp32"]["mean"]
+  base = dict(zip((seeds or {}).get("fp32", []), summary["fp32"]["values"]))
+
+  def baseline_of(kind, bits):
+    own = (seeds or {}).get(f"{kind}{bits}")
+    if own and all(s in base for s in own):
+      return float(np.mean([base[s] for s in own]))
+    return summary["fp32"]["mean"]
   inq, ptq = summary.get("inq", {}), summary.get("ptq", {})
   for kind, label in (("inq", ""), ("inq_mse", " (calibration=mse, an extension)"),
                       ("inq_ft", " (final finetune)"),
@@ -88,7 +99,7 @@ def target_checks(summary: dict) -> list:
                       ("tail_mse", " (calibration=mse, finer tail, final finetune)")):
     for bits, delta in TARGETS.items():
       if str(bits) in summary.get(kind, {}):
-        d = 100 * (summary[kind][str(bits)]["mean"] - fp32)
+        d = 100 * (summary[kind][str(bits)]["mean"] - baseline_of(kind, bits))
         out.append((f"INQ {bits}-bit{label} >= fp32 {delta:+.1f} points", f"{d:+.2f} points",
                     d >= delta - 1e-9))
   rnd = summary.get("random", {}).get("5")
@@ -174,8 +185,11 @@ def _machine() -> str:
           f"backend {jax.default_backend()}); host: {cpu}, {os.cpu_count()} cores")
 
 
-def _fmt(cell, fp32) -> tuple:
-  per_seed = ", ".join(f"{100 * v:.2f}" for v in cell["values"])
+def _fmt(cell, fp32, seeds=None) -> tuple:
+  if seeds is None:
+    per_seed = ", ".join(f"{100 * v:.2f}" for v in cell["values"])
+  else:  # some cells have fewer seeds than others: name them
+    per_seed = ", ".join(f"{100 * v:.2f} (s{s})" for s, v in zip(seeds, cell["values"]))
   delta = f"{100 * (cell['mean'] - fp32):+.2f}" if fp32 is not None else ""
   return (f"{100 * cell['mean']:.2f} ± {100 * cell['std']:.2f}", per_seed, delta,
           f"{cell['seconds'] / 60:.1f}")
@@ -251,11 +265,21 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   e = sc.experiment
   fp32 = summary.get("fp32", {}).get("mean")
   rows = []
+  seeds = details["seeds"]
+  ragged = len({tuple(v) for v in seeds.values()}) > 1
   if "fp32" in summary:
-    rows.append(("fp32 baseline", *_fmt(summary["fp32"], None)))
+    rows.append(("fp32 baseline", *_fmt(summary["fp32"], None,
+                                        seeds["fp32"] if ragged else None)))
+  base = dict(zip(seeds.get("fp32", []), summary.get("fp32", {}).get("values", [])))
   for kind in NAMES:
     for b, cell in sorted(summary.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
-      rows.append((NAMES[kind].format(b=b), *_fmt(cell, fp32)))
+      own = seeds[f"{kind}{b}"]
+      # Δ against the fp32 baselines of the cell's own seeds (its starting points)
+      ref = float(np.mean([base[s] for s in own])) if base and all(
+          s in base for s in own) else fp32
+      rows.append((NAMES[kind].format(b=b), *_fmt(cell, ref, own if ragged else None)))
+  done = sorted({s for v in seeds.values() for s in v})
+  missing = [s for s in sc.seeds if s not in done]
   total = sum(c["seconds"] for c in _all_cells(summary))
   ft = sc.get("finetune_epochs", 0)
   lines = [
@@ -263,7 +287,11 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
                     "no-retraining, per-channel"),
       "",
       f"Written by `experiments/study/sweep.py` on {datetime.date.today().isoformat()} from "
-      f"{len(details['seeds'].get('fp32', []))} seed(s) {tuple(sc.seeds)}; the machine-readable "
+      f"{len(done)} seed(s) {tuple(done)}"
+      + (f" (seeds {tuple(missing)} not run yet; rerunning the command runs them)"
+         if missing else "")
+      + (", not every cell with every seed (the per-seed column names them)"
+         if ragged else "") + "; the machine-readable "
       f"copy is [`{SWEEP_JSON}`]({SWEEP_JSON}) (accuracies as fractions; `seconds` is the "
       f"wall time summed over seeds). Every cell starts from its seed's fp32 baseline.",
       "",
@@ -279,7 +307,8 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       "",
       "| claim | measured | met |",
       "|---|---|---|",
-      *[f"| {c} | {m} | {'yes' if ok else '**no**'} |" for c, m, ok in target_checks(summary)],
+      *[f"| {c} | {m} | {'yes' if ok else '**no**'} |"
+        for c, m, ok in target_checks(summary, details["seeds"])],
       "",
       *([f"Why targets are missed, and what closes the gap: the notes at the end "
          f"([`{NOTES_MD}`]({NOTES_MD})).", ""]

@@ -216,3 +216,14 @@ def _flatten(d, prefix=""):
       yield from _flatten(v, f"{prefix}{k}.")
     else:
       yield f"{prefix}{k}", v
+
+
+def test_target_checks_compare_a_cell_with_its_own_seeds_baselines():
+  cell = lambda *v: {"mean": sum(v) / len(v), "std": 0.0, "values": list(v), "seconds": 1.0}
+  summary = {"fp32": cell(0.90, 0.92), "inq_mse_ft": {"3": cell(0.915)}}
+  seeds = {"fp32": [0, 1], "inq_mse_ft3": [1]}  # the cell ran with seed 1 only
+  claim = "INQ 3-bit (calibration=mse, final finetune) >= fp32 -0.8 points"
+  got = {c: (m, ok) for c, m, ok in sweep_report.target_checks(summary, seeds)}
+  assert got[claim] == ("-0.50 points", True)  # against seed 1's 92%, not the 91% mean
+  unpaired = {c: m for c, m, _ in sweep_report.target_checks(summary)}
+  assert unpaired[claim] == "+0.50 points"
