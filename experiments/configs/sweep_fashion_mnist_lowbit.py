@@ -22,10 +22,11 @@ finetune, so no separate no-finetune cells are run.
 
 Hardware: a 2-core CPU, about 40 minutes per seed alone (55-60 sharing the
 cores with another study); minutes on a GPU. Expected result (measured,
-results/lowbit/RESULTS.md): with calibration="mse" the last step costs 0.1-0.15
+results/lowbit/RESULTS.md): with calibration="mse" the last step costs about 0.1
 points and the finetune buys back less than 0.1; with the paper's codebook the
 accuracy is lost over the whole schedule, not at the last step, and neither
-the finetune (+1 point at 3 bits) nor the finer tail (+0.1) brings it back.
+the finetune (+1.6 points at 3 bits) nor the finer tail (+0.2, one seed)
+brings it back.
 """
 
 import ml_collections
@@ -44,7 +45,7 @@ def get_config():
   c.inq_ft_bits = (3, 2)
   c.inq_mse_ft_bits = (3, 2)
   c.tail_bits = (3, 2)
-  # No tail_mse cells: with calibration="mse" the last step costs 0.1-0.15 points
+  # No tail_mse cells: with calibration="mse" the last step costs about 0.1 points
   # (the inq_mse_ft cells), which leaves a finer tail nothing to buy back.
   c.finetune_epochs = 2.0
   c.portions = base.portions
