@@ -1,0 +1,76 @@
+"""Post-training quantization of a BN network, with and without fresh BN statistics.
+
+  python -m experiments.study.bn_reestimate \
+      --baseline=workdirs/sweep_fashion_mnist_resnet20/seed0/fp32/baseline_variables
+
+A diagnostic for results/resnet20/RESULTS.md: rounding every weight of the
+ResNet-20 baseline at once (PTQ) costs far more than its codebooks' rounding
+error suggests. This script rounds the study's fp32 baseline with each codebook
+(every weight at once, as the sweep's ptq cells do), evaluates it with the
+baseline's BN running statistics ("stale_bn"), then re-estimates those
+statistics from `--batches` train batches in train mode (no gradient, no
+weight changes; flax's BatchNorm momentum) and evaluates again. Prints one
+JSON line. INQ's retraining re-estimates them anyway (its steps run in train
+mode); PTQ and the accuracy measured right after a quantization step do not.
+"""
+
+import argparse
+import json
+
+import jax
+
+from experiments import checkpoints, models, steps, train
+from experiments.configs import sweep_fashion_mnist_resnet20
+from experiments.data import input_pipeline
+from inq_jax import quantize as inq
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--baseline", required=True, help="an fp32 run's baseline_variables")
+  parser.add_argument("--batches", type=int, default=100, help="train batches of 128")
+  parser.add_argument("--cells", default="5:absmax,3:absmax,3:mse,2:absmax,2:mse")
+  args = parser.parse_args()
+  cells = [(int(b), cal) for b, cal in (c.split(":") for c in args.cells.split(","))]
+
+  config = sweep_fashion_mnist_resnet20.get_config().experiment
+  data = input_pipeline.get_dataset(config.dataset)
+  model = models.get_model(config.model, data.num_classes)
+  template = models.init_variables(model, (1,) + tuple(data.image_shape), jax.random.key(0))
+  variables = checkpoints.load_variables(args.baseline, {
+      "params": template["params"], "batch_stats": template["batch_stats"]})
+  devices = steps.Devices()
+  eval_step = steps.make_eval_step(model, devices, top5=False,
+                                   normalization=data.normalization)
+
+  def test(params, batch_stats):
+    batches = steps.test_batches(data, config.eval_batch_size, devices)
+    return steps.evaluate(eval_step, params, batch_stats, batches, devices)["accuracy"]
+
+  @jax.jit
+  def bn_update(params, batch_stats, images):
+    x = steps.prepare_images(images, data.normalization)
+    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                             mutable=["batch_stats"])
+    return updates["batch_stats"]
+
+  out = {"baseline": args.baseline, "batches": args.batches,
+         "fp32": test(variables["params"], variables["batch_stats"])}
+  for bits, calibration in cells:
+    c = config.copy_and_resolve_references()
+    c.inq.bits, c.inq.calibration, c.inq.portions = bits, calibration, (1.0,)
+    quantized, _ = inq.advance(variables["params"],
+                               inq.init(variables["params"], train.inq_config(c)))
+    stats = variables["batch_stats"]
+    stale = test(quantized, stats)
+    for i, batch in enumerate(data.train_batches(128, 0, 7, augment=False)):
+      if i == args.batches:
+        break
+      stats = bn_update(quantized, stats, batch["image"])
+    out[f"ptq{bits}_{calibration}"] = {"stale_bn": stale,
+                                       "bn_reestimated": test(quantized, stats)}
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  main()
