@@ -204,7 +204,8 @@ class Run:
     list, so one run shows what each finetune epoch buys back.
 
     Returns:
-      (state, seconds spent including earlier sessions, last epoch's metrics or None,
+      (state, seconds spent including earlier sessions, last epoch's metrics or None
+       (with its test evaluation under "test" when `eval_entry` is given),
        seconds this session spent compiling the step).
     """
     tx, schedule = self.optimizer(stage_config, epochs, masks)
@@ -227,12 +228,14 @@ class Run:
       last["images"] = last["steps"] * self.config.batch_size
       state = state.replace(epoch=jnp.int32(e + 1))
       lr = float(schedule(e * self.steps_per_epoch + last["steps"] - 1))  # at the epoch's end
-      tested = {}
+      tested = None
       if eval_entry is not None:  # before the save, so a resume keeps it
-        tested["test_accuracy"] = self.evaluate(state)["accuracy"]
-        curve = eval_entry.setdefault("epoch_test_accuracy", [])
-        curve[e:] = [tested["test_accuracy"]]
-      self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last, **tested)
+        tested = self.evaluate(state)
+        eval_entry.setdefault("epoch_test_accuracy", [])[e:] = [tested["accuracy"]]
+      self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last,
+                        **({"test_accuracy": tested["accuracy"]} if tested else {}))
+      if tested:  # the caller's end-of-phase evaluation, already done
+        last["test"] = tested
       self.save(state, results, seconds)
       self.callback("epoch", stage=record["stage"], phase=record.get("phase", 0),
                     epoch=e + 1, ts=state)
@@ -408,7 +411,7 @@ def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: 
       desc=f"phase {p + 1}/{n} (portion {portion:g})", results=results, seconds=seconds,
       record={"stage": "inq", "phase": p + 1, "portion": portion},
       eval_entry=entry if finetune else None)
-  ev = run.evaluate(state)
+  ev = last["test"] if last and "test" in last else run.evaluate(state)
   if last is not None:
     train_loss = last["train_loss"]
   elif epochs == 0:  # quantize-only phase: the loss it leaves on the train split

@@ -75,6 +75,19 @@ def _last_step(rows) -> dict:
           "quantized": after, "finetune": [[c[e] for c in curves] for e in range(n)]}
 
 
+def _baseline_of(summary: dict, seeds: Optional[dict], kind: str, bits) -> Optional[float]:
+  """The mean fp32 accuracy of the seeds cell `kind``bits` ran with (its starting
+  points); the mean of every baseline when `seeds` does not say."""
+  fp32 = summary.get("fp32")
+  if fp32 is None:
+    return None
+  base = dict(zip((seeds or {}).get("fp32", []), fp32["values"]))
+  own = (seeds or {}).get(f"{kind}{bits}")
+  if own and all(s in base for s in own):
+    return float(np.mean([base[s] for s in own]))
+  return fp32["mean"]
+
+
 def target_checks(summary: dict, seeds: Optional[dict] = None) -> list:
   """(claim, measured, met) for every target whose cells have finished.
 
@@ -84,14 +97,8 @@ def target_checks(summary: dict, seeds: Optional[dict] = None) -> list:
   out = []
   if "fp32" not in summary:
     return out
-  base = dict(zip((seeds or {}).get("fp32", []), summary["fp32"]["values"]))
-
-  def baseline_of(kind, bits):
-    own = (seeds or {}).get(f"{kind}{bits}")
-    if own and all(s in base for s in own):
-      return float(np.mean([base[s] for s in own]))
-    return summary["fp32"]["mean"]
-  inq, ptq = summary.get("inq", {}), summary.get("ptq", {})
+  baseline_of = lambda kind, bits: _baseline_of(summary, seeds, kind, bits)
+  inq = summary.get("inq", {})
   for kind, label in (("inq", ""), ("inq_mse", " (calibration=mse, an extension)"),
                       ("inq_ft", " (final finetune)"),
                       ("inq_mse_ft", " (calibration=mse, final finetune)"),
@@ -263,21 +270,17 @@ def _codebook_table(details) -> list:
 
 def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   e = sc.experiment
-  fp32 = summary.get("fp32", {}).get("mean")
   rows = []
   seeds = details["seeds"]
   ragged = len({tuple(v) for v in seeds.values()}) > 1
   if "fp32" in summary:
     rows.append(("fp32 baseline", *_fmt(summary["fp32"], None,
                                         seeds["fp32"] if ragged else None)))
-  base = dict(zip(seeds.get("fp32", []), summary.get("fp32", {}).get("values", [])))
   for kind in NAMES:
     for b, cell in sorted(summary.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
-      own = seeds[f"{kind}{b}"]
-      # Δ against the fp32 baselines of the cell's own seeds (its starting points)
-      ref = float(np.mean([base[s] for s in own])) if base and all(
-          s in base for s in own) else fp32
-      rows.append((NAMES[kind].format(b=b), *_fmt(cell, ref, own if ragged else None)))
+      rows.append((NAMES[kind].format(b=b),
+                   *_fmt(cell, _baseline_of(summary, seeds, kind, b),
+                         seeds[f"{kind}{b}"] if ragged else None)))
   done = sorted({s for v in seeds.values() for s in v})
   missing = [s for s in sc.seeds if s not in done]
   total = sum(c["seconds"] for c in _all_cells(summary))
