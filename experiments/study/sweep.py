@@ -25,8 +25,8 @@ directory, WORKDIR/seed{S}/{cell}:
 
 A kill loses at most the epoch in flight: rerunning the command skips finished
 cells and resumes the interrupted one from its checkpoint. At the end (and
-after every cell) the report is rewritten: RESULTS.md, sweep.json,
-sweep_details.json and two plots under `config.report_dir`.
+while cells run, at most once a minute) the report is rewritten: RESULTS.md,
+sweep.json, sweep_details.json and two plots under `config.report_dir`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ KINDS = ("fp32", "ptq", "ptq_mse", "inq", "random", "channel", "inq_mse", "inq_f
 BITS_KEYS = {kind: f"{kind}_bits" for kind in KINDS[1:]}
 FINETUNED = ("inq_ft", "inq_mse_ft", "tail", "tail_mse")  # last phase: finetune_epochs
 CELLS_FILE = "cells.json"
+REPORT_EVERY_SECONDS = 60.0  # the report while cells run: at most this often
 
 
 class Cell(NamedTuple):
@@ -200,7 +201,7 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
   done = {cell for cell in all_cells if _results(os.path.join(workdir, cell.name))}
   bar = reporting.progress(sum(steps.values()), "sweep")
   bar.update(sum(steps[c] for c in done))
-  start_all = time.perf_counter()
+  start_all = last_report = time.perf_counter()
 
   for i, cell in enumerate(all_cells):
     cell_dir = os.path.join(workdir, cell.name)
@@ -226,8 +227,11 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
     print(f"[{i + 1}/{len(all_cells)}] {cell.name}: test accuracy {100 * acc:.2f}% "
           f"({book[cell.name]['seconds']:.0f}s; this invocation {elapsed / 60:.1f} min)",
           flush=True)
-    # The report after every cell, so a long study can be read while it runs.
-    sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, all_cells, book))
+    # The report while a long study runs, so it can be read; at most once a
+    # minute (each write redraws the plots, about a second), and always at the end.
+    if time.perf_counter() - last_report >= REPORT_EVERY_SECONDS:
+      sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, all_cells, book))
+      last_report = time.perf_counter()
   bar.close()
   summary = sweep_report.write(sc, workdir, report_dir,
                                _collect(sc, workdir, all_cells, book))

@@ -355,3 +355,22 @@ def test_benchmarks_read_a_finished_run(finished, benchmark):
   else:
     assert line["final_test_accuracy"] == results["final"]["test_accuracy"]
     assert line["baseline"]["images_per_second"] > 0 and line["inq"]["epochs"] > 0
+
+
+def test_tensorboard_writer_loads_without_torch_and_leaves_torch_importable(tmp_path):
+  """tensorboardX imports torch if installed (seconds per run start); the writer hides it."""
+  code = ("import sys\n"
+          "from experiments import reporting\n"
+          f"w = reporting.MetricWriter({str(tmp_path)!r})\n"
+          "w.write(1, loss=0.5)\n"
+          "w.close()\n"
+          "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules, 'torch imported'\n"
+          "import importlib.util\n"
+          "if importlib.util.find_spec('torch'):\n"
+          "  import torch\n"
+          "  print('torch', torch.__version__)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, check=False, cwd=ROOT,
+                        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
