@@ -69,7 +69,10 @@ mkdir -p "$WORK"
   # process whose XLA thread pools are running deadlocks the child (seen with
   # the default process_isolation = fork: children sat at 0% CPU for minutes).
   echo "process_isolation = forkserver"
-  echo "forkserver_warmup = none"
+  # The server imports the third-party modules (not inq_jax) before it forks:
+  # importing JAX starts no XLA thread, so this is safe and saves ~3 s a mutant.
+  echo "forkserver_warmup = import"
+  echo "preload_modules_file = $REPO/scripts/mutmut_preload.txt"
 } >> "$WORK/setup.cfg"
 
 cd "$WORK"
