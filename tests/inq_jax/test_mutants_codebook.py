@@ -5,6 +5,10 @@ and the export; here they are checked at their exact boundaries against
 numpy's own float arithmetic (2^k overflows, or falls below the smallest normal).
 """
 
+import warnings
+from fractions import Fraction
+
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
@@ -48,3 +52,63 @@ def test_representable_at_its_boundaries(dtype):
   assert _codebook.representable(np.array([z, z]), np.array([z, z]), dtype) is True
   assert _codebook.representable(n1, np.array([n2[0], lo, -3]), dtype) is False
   assert _codebook.representable(np.array([z, hi + 1, 0]), n2, dtype) is False
+
+
+def _reference_member(x: float, n1: int, n2: int):
+  """(member, j): x is exactly 0 or +-2^j with n2 <= j <= n1 (j None otherwise)."""
+  if x == 0:
+    return True, None
+  if not np.isfinite(x) or n1 == _codebook.ZERO_CODEBOOK:
+    return False, None
+  f = Fraction(abs(x))
+  j = f.numerator.bit_length() - f.denominator.bit_length()
+  for cand in (j - 1, j, j + 1):
+    if f == Fraction(2) ** cand:
+      return n2 <= cand <= n1, cand
+  return False, None
+
+
+def _candidates(n1: int, n2: int, dtype) -> np.ndarray:
+  out = [0.0, -0.0, np.inf, -np.inf, np.nan]
+  for j in range(n2 - 2, n1 + 3):
+    for v in (2.0 ** j, 3.0 * 2.0 ** (j - 1), 1.25 * 2.0 ** j):
+      out += [v, -v]
+    p = np.asarray(2.0 ** j, dtype)
+    out += [float(np.nextafter(p, np.asarray(np.inf, dtype))),
+            float(np.nextafter(p, np.asarray(0, dtype)))]
+  return np.array(out, np.float64)
+
+
+@pytest.mark.parametrize("n1,bits", [(0, 5), (-3, 2), (3, 3), (-20, 8)])
+def test_codebook_exponents_match_exact_membership(n1, bits):
+  """Members are exactly 0 and +-2^j, n2 <= j <= n1; k is j; NumPy and JAX agree."""
+  n2 = int(_codebook.n2_from_n1(n1, bits))
+  x = _candidates(n1, n2, np.float64)
+  want = [_reference_member(float(v), n1, n2) for v in x]
+  k, member = _codebook.codebook_exponents(x, n1, n2)  # numpy, float64 (the file format)
+  assert k.dtype == np.int64 and member.dtype == bool
+  np.testing.assert_array_equal(member, [m for m, _ in want])
+  for v, (m, j), kk in zip(x, want, k):
+    if m and j is not None:
+      assert kk == j, (v, kk, j)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # e.g. asking jax for int64 with float64 off
+    k32, member32 = _codebook.codebook_exponents(jnp.asarray(x, jnp.float32),
+                                                 jnp.int32(n1), jnp.int32(n2), xp=jnp)
+  assert k32.dtype == jnp.int32
+  x32 = np.asarray(x, np.float32)
+  want32 = [_reference_member(float(v), n1, n2)[0] for v in x32]
+  np.testing.assert_array_equal(np.asarray(member32), want32)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16])
+def test_in_codebook_matches_exact_membership_per_channel(dtype):
+  n1 = np.array([1, -2, _codebook.ZERO_CODEBOOK], np.int32)  # per output channel
+  n2 = np.asarray(_codebook.n2_from_n1(n1, 4), np.int32)
+  rows = [_candidates(1, int(n2[0]), np.float32)]
+  x = np.asarray(jnp.asarray(np.stack([rows[0]] * 3, axis=1), dtype))  # [m, 3]
+  got = np.asarray(_codebook.in_codebook(jnp.asarray(x), n1, n2))
+  for c in range(3):
+    want = [_reference_member(float(v), int(n1[c]), int(n2[c]))[0] for v in x[:, c]]
+    np.testing.assert_array_equal(got[:, c], want, err_msg=f"channel {c}")
+  assert got[:, 2].sum() == np.sum(x[:, 2] == 0)  # the {0} codebook holds only zeros
