@@ -8,6 +8,7 @@ numpy's own float arithmetic (2^k overflows, or falls below the smallest normal)
 import warnings
 from fractions import Fraction
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -112,3 +113,28 @@ def test_in_codebook_matches_exact_membership_per_channel(dtype):
     want = [_reference_member(float(v), int(n1[c]), int(n2[c]))[0] for v in x[:, c]]
     np.testing.assert_array_equal(got[:, c], want, err_msg=f"channel {c}")
   assert got[:, 2].sum() == np.sum(x[:, 2] == 0)  # the {0} codebook holds only zeros
+
+
+def test_mse_exponent_bounds_rejects_integer_weights():
+  with pytest.raises(TypeError) as e:
+    _codebook.mse_exponent_bounds(jnp.arange(4), 3)
+  assert str(e.value) == "mse_exponent_bounds needs floating-point weights, got dtype int32"
+
+
+def test_mse_exponent_bounds_per_channel_is_each_channel_on_its_own():
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((300, 4)).astype(np.float32) * 0.05
+  w[0] = [0.05 * 12, 0.05 * 2.5, 0.05 * 6, 0.0]  # different tails: different best n1
+  w[:, 3] *= 8.0
+  n1, n2 = _codebook.mse_exponent_bounds(jnp.asarray(w), 3, axes=(0,))
+  want = [int(_codebook.mse_exponent_bounds(jnp.asarray(w[:, c]), 3)[0]) for c in range(4)]
+  assert [int(v) for v in n1] == want
+  assert len(set(int(v) - int(m) for v, m in
+                 zip(n1, _codebook.exponent_bounds(np.abs(w).max(axis=0), 3)[0]))) > 1
+  np.testing.assert_array_equal(np.asarray(n2), np.asarray(n1) + 1 - 2)
+
+
+def test_in_codebook_under_jit():
+  w = jnp.array([0.0, 0.25, 0.3, -1.0, 2.0])
+  got = jax.jit(_codebook.in_codebook)(w, 0, -3)
+  np.testing.assert_array_equal(np.asarray(got), [True, True, False, True, False])
