@@ -138,3 +138,53 @@ def test_in_codebook_under_jit():
   w = jnp.array([0.0, 0.25, 0.3, -1.0, 2.0])
   got = jax.jit(_codebook.in_codebook)(w, 0, -3)
   np.testing.assert_array_equal(np.asarray(got), [True, True, False, True, False])
+
+
+F32_TINY, F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize("max_abs,why", [
+    (-1.0, "must be finite and >= 0"), (float("nan"), "must be finite and >= 0"),
+    (float("inf"), "must be finite and >= 0"), (1e39, "overflows float32"),
+    (np.float32(F32_TINY / 2),
+     "is subnormal in float32: no codebook of normal numbers holds it"),
+    (np.float16(2.0 ** -15), None),  # subnormal in float16, normal in float32: accepted
+])
+def test_exponent_bounds_checks_max_abs_exactly(max_abs, why):
+  if why is None:
+    assert int(_codebook.exponent_bounds(max_abs, 5)[0]) == -15
+    return
+  with pytest.raises(ValueError) as e:
+    _codebook.exponent_bounds(max_abs, 5)
+  assert str(e.value) == f"exponent_bounds: max_abs {float(max_abs)!r} {why}"
+
+
+def test_exponent_bounds_accepts_the_edges_of_float32_and_integers():
+  assert int(_codebook.exponent_bounds(np.float32(F32_TINY), 5)[0]) == -126
+  # 4/3 of the largest float32 is 2^128.4: n1 = 128, which `representable` refuses.
+  assert int(_codebook.exponent_bounds(np.float32(F32_MAX), 5)[0]) == 128
+  assert int(_codebook.exponent_bounds(3, 5)[0]) == 2  # 3 = 0.75 * 4
+  assert int(_codebook.exponent_bounds(np.int32(0), 5)[0]) == _codebook.ZERO_CODEBOOK
+
+
+def test_exponent_bounds_names_the_bad_channel():
+  with pytest.raises(ValueError) as e:
+    _codebook.exponent_bounds(np.array([1.0, 2.0, -1.0], np.float32), 5)
+  assert str(e.value) == "exponent_bounds: max_abs -1.0 at index (2,) must be finite and >= 0"
+
+
+def test_mse_search_reaches_exactly_eight_octaves_down():
+  # 2 bits ({0, +-2^n1}) with an outlier of 1.0 (absmax n1 = 0) over a bulk of
+  # 2^19 weights. A bulk at 2^-8 is best kept: n1 = -8 (the last candidate;
+  # squared error ~1, against 8 at n1 = 0). A bulk at 2^-9 would be best at
+  # n1 = -9 (~1), one octave past the search; among n1 = 0..-8, n1 = 0 (2.0).
+  assert _codebook.MSE_SEARCH_OCTAVES == 8
+  for bulk, want in ((2.0 ** -8, -8), (2.0 ** -9, 0)):
+    w = np.full(2 ** 19, bulk, np.float32)
+    w[0] = 1.0
+    assert int(_codebook.mse_exponent_bounds(jnp.asarray(w), 2)[0]) == want, bulk
+
+
+def test_mse_ties_keep_the_larger_n1():
+  # 0.75 rounds to 1 (n1 = 0) or to 0.5 (n1 = -1): the same error 0.0625.
+  assert int(_codebook.mse_exponent_bounds(jnp.array([0.75]), 2)[0]) == 0
