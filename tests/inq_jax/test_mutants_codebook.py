@@ -188,3 +188,31 @@ def test_mse_search_reaches_exactly_eight_octaves_down():
 def test_mse_ties_keep_the_larger_n1():
   # 0.75 rounds to 1 (n1 = 0) or to 0.5 (n1 = -1): the same error 0.0625.
   assert int(_codebook.mse_exponent_bounds(jnp.array([0.75]), 2)[0]) == 0
+
+
+def test_check_bits_message_names_the_type():
+  with pytest.raises(TypeError) as e:
+    _codebook.check_bits("5")
+  assert str(e.value) == "bits must be an int in [2, 8], got '5' (str)"
+
+
+@pytest.mark.parametrize("max_abs", [3, np.int32(3), np.float16(3.0), jnp.bfloat16(3.0),
+                                     np.array([3.0, 0.0], np.float32)])
+def test_exponent_bounds_of_any_number_type_are_int32(max_abs):
+  n1, n2 = _codebook.exponent_bounds(max_abs, 4)
+  assert n1.dtype == jnp.int32 and n2.dtype == jnp.int32
+  assert np.ravel(np.asarray(n1))[0] == 2 and np.ravel(np.asarray(n2))[0] == 2 + 1 - 4
+
+
+def test_n2_from_n1_on_python_numpy_and_jax_integers():
+  z = _codebook.ZERO_CODEBOOK
+  for n1 in (0, np.int32(0), np.array([0, z], np.int32)):
+    n2 = _codebook.n2_from_n1(n1, 5)
+    assert isinstance(n2, (np.ndarray, np.integer)) and n2.dtype == np.int64  # no overflow
+    np.testing.assert_array_equal(n2, np.asarray(n1, np.int64) - 7)
+  assert int(_codebook.n2_from_n1(np.array([z], np.int32), 8)[0]) == z - 63
+  got = _codebook.n2_from_n1(jnp.array([3, -2], jnp.int32), 2)
+  assert isinstance(got, jax.Array) and got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), [3, -2])
+  got = _codebook.n2_from_n1(jnp.array([3, -2], jnp.int32), 6)
+  np.testing.assert_array_equal(np.asarray(got), [3 - 15, -2 - 15])
