@@ -216,3 +216,32 @@ def test_n2_from_n1_on_python_numpy_and_jax_integers():
   np.testing.assert_array_equal(np.asarray(got), [3, -2])
   got = _codebook.n2_from_n1(jnp.array([3, -2], jnp.int32), 6)
   np.testing.assert_array_equal(np.asarray(got), [3 - 15, -2 - 15])
+
+
+_NEEDS = "; the codebook 2^n2..2^n1 needs n1 >= n2 (n2 = n1 + 1 - 2^(bits-2))"
+
+
+def test_round_to_pow2_refuses_n1_below_n2_naming_the_channel():
+  w = jnp.ones((2, 3))
+  with pytest.raises(ValueError) as e:
+    _codebook.round_to_pow2(w, -4, -3)
+  assert str(e.value) == "round_to_pow2: n1=-4 < n2=-3" + _NEEDS
+  with pytest.raises(ValueError) as e:
+    _codebook.round_to_pow2(w, np.array([0, -5, -6]), np.array([-3, -3, -3]))
+  assert str(e.value) == "round_to_pow2: n1=-5 < n2=-3 at index (1,)" + _NEEDS
+  with pytest.raises(ValueError) as e:  # channel 0 has n1 == n2 (allowed)
+    _codebook.round_to_pow2(w, np.array([-3, -5, 0]), np.array([-3, -3, -3]))
+  assert str(e.value) == "round_to_pow2: n1=-5 < n2=-3 at index (1,)" + _NEEDS
+  # n1 == n2 is the 2-bit codebook {0, +-2^n1}
+  np.testing.assert_array_equal(np.asarray(_codebook.round_to_pow2(w, -3, -3)), 0.125)
+
+
+def test_round_to_pow2_with_either_bound_traced():
+  w = jnp.array([0.3, -0.75, 5.0, 0.01])
+  want = np.asarray(_codebook.round_to_pow2(w, 0, -3))
+  for f in (lambda n1: _codebook.round_to_pow2(w, n1, -3),
+            lambda n2: _codebook.round_to_pow2(w, 0, n2)):
+    arg = 0 if f.__code__.co_varnames[0] == "n1" else -3
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(arg)), want)
+  np.testing.assert_array_equal(
+      np.asarray(jax.jit(lambda a, b: _codebook.round_to_pow2(w, a, b))(0, -3)), want)
