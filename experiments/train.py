@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 
 from experiments import checkpoints, models, reporting, steps
 from experiments.data import input_pipeline
