@@ -179,8 +179,9 @@ class Run:
     return steps.make_optimizer(self.config, schedule, masks), schedule
 
   def evaluate(self, state: TrainState, split: str = "test") -> dict:
-    # A phase that does not train evaluates the variables it was handed right
-    # after they were quantized: the same (immutable) arrays give that result.
+    # The same (immutable) arrays give the same result: a phase that does not
+    # train evaluates what was evaluated right after quantizing, and a finetune's
+    # end-of-phase evaluation is its last epoch's.
     last = self._last_eval
     if (last is not None and last[0] == split and last[1] is state.params
         and last[2] is state.batch_stats):
@@ -212,8 +213,7 @@ class Run:
     list, so one run shows what each finetune epoch buys back.
 
     Returns:
-      (state, seconds spent including earlier sessions, last epoch's metrics or None
-       (with its test evaluation under "test" when `eval_entry` is given),
+      (state, seconds spent including earlier sessions, last epoch's metrics or None,
        seconds this session spent compiling the step).
     """
     tx, schedule = self.optimizer(stage_config, epochs, masks)
@@ -242,8 +242,6 @@ class Run:
         eval_entry.setdefault("epoch_test_accuracy", [])[e:] = [tested["accuracy"]]
       self.writer.write(int(state.step), epoch=e + 1, lr=lr, **record, **last,
                         **({"test_accuracy": tested["accuracy"]} if tested else {}))
-      if tested:  # the caller's end-of-phase evaluation, already done
-        last["test"] = tested
       self.save(state, results, seconds)
       self.callback("epoch", stage=record["stage"], phase=record.get("phase", 0),
                     epoch=e + 1, ts=state)
@@ -419,7 +417,7 @@ def _retrain_phase(run: Run, state: TrainState, p: int, results: dict, seconds: 
       desc=f"phase {p + 1}/{n} (portion {portion:g})", results=results, seconds=seconds,
       record={"stage": "inq", "phase": p + 1, "portion": portion},
       eval_entry=entry if finetune else None)
-  ev = last["test"] if last and "test" in last else run.evaluate(state)
+  ev = run.evaluate(state)  # after a finetune: its last epoch's evaluation, reused
   if last is not None:
     train_loss = last["train_loss"]
   elif epochs == 0:  # quantize-only phase: the loss it leaves on the train split

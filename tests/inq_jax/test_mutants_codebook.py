@@ -106,8 +106,8 @@ def test_codebook_exponents_match_exact_membership(n1, bits):
 def test_in_codebook_matches_exact_membership_per_channel(dtype):
   n1 = np.array([1, -2, _codebook.ZERO_CODEBOOK], np.int32)  # per output channel
   n2 = np.asarray(_codebook.n2_from_n1(n1, 4), np.int32)
-  rows = [_candidates(1, int(n2[0]), np.float32)]
-  x = np.asarray(jnp.asarray(np.stack([rows[0]] * 3, axis=1), dtype))  # [m, 3]
+  column = _candidates(1, int(n2[0]), np.float32)
+  x = np.asarray(jnp.asarray(np.stack([column] * 3, axis=1), dtype))  # [m, 3]
   got = np.asarray(_codebook.in_codebook(jnp.asarray(x), n1, n2))
   for c in range(3):
     want = [_reference_member(float(v), int(n1[c]), int(n2[c]))[0] for v in x[:, c]]
@@ -239,9 +239,8 @@ def test_round_to_pow2_refuses_n1_below_n2_naming_the_channel():
 def test_round_to_pow2_with_either_bound_traced():
   w = jnp.array([0.3, -0.75, 5.0, 0.01])
   want = np.asarray(_codebook.round_to_pow2(w, 0, -3))
-  for f in (lambda n1: _codebook.round_to_pow2(w, n1, -3),
-            lambda n2: _codebook.round_to_pow2(w, 0, n2)):
-    arg = 0 if f.__code__.co_varnames[0] == "n1" else -3
+  for f, arg in ((lambda n1: _codebook.round_to_pow2(w, n1, -3), 0),
+                 (lambda n2: _codebook.round_to_pow2(w, 0, n2), -3)):
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(arg)), want)
   np.testing.assert_array_equal(
       np.asarray(jax.jit(lambda a, b: _codebook.round_to_pow2(w, a, b))(0, -3)), want)
