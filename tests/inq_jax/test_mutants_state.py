@@ -1,0 +1,353 @@
+"""inq_jax._state to the letter: every error message, every count, the pruned path.
+
+Written to kill the mutants mutmut left alive in `_state.py` (see
+docs/mutation_testing.md): each expected message and value here is written out
+by hand from the paper's formulas and the dtype's limits, never computed by the
+code under test.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inq_jax import quantize as inq
+from inq_jax._state import INQState
+
+
+def message(exc, fn, *args, **kwargs) -> str:
+  with pytest.raises(exc) as e:
+    fn(*args, **kwargs)
+  return str(e.value)
+
+
+def cfg(**kw):
+  return inq.INQConfig(**kw)
+
+
+# --- init -----------------------------------------------------------------------------
+
+
+def test_config_must_be_inqconfig():
+  assert message(TypeError, inq.init, {"kernel": jnp.ones(4)}, {"bits": 5}) == (
+      "config must be an INQConfig, got dict")
+
+
+def test_channel_granularity_needs_an_axis():
+  params = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.float32(0.5)}}
+  assert message(ValueError, inq.init, params, cfg(granularity="channel")) == (
+      "b/kernel: granularity='channel' needs at least one axis, got a scalar")
+  # A 1-axis leaf is enough (one channel per entry).
+  state = inq.init({"kernel": jnp.asarray([1.0, 0.25])}, cfg(granularity="channel"))
+  np.testing.assert_array_equal(np.asarray(state.exponents["kernel"]), [0, -2])
+
+
+def test_subnormal_layer_message_float32():
+  tiny = np.float32(2.0**-130)  # subnormal in float32 (normal >= 2^-126)
+  params = {"ok": {"kernel": jnp.ones(3)},
+            "bad": {"kernel": jnp.asarray([0.0, -tiny, tiny / 2], jnp.float32)}}
+  assert message(ValueError, inq.init, params, cfg()) == (
+      f"bad/kernel: every weight is 0 or subnormal (max |w| = {float(tiny)!r} < "
+      f"{2.0**-126!r}, the smallest normal float32); its codebook would be {{0}} and "
+      "every weight would be zeroed. Rescale the layer or exclude it from quantization")
+
+
+def test_subnormal_channel_message_float16_names_the_channel():
+  # Channel 0 is all zero (legal), channel 1's largest |w| is exactly the
+  # smallest normal float16 2^-14 (legal), channel 2 is normal, channel 3 is
+  # subnormal: the message must name channel 3 and no other.
+  w = np.zeros((2, 4), np.float16)
+  w[0, 1] = np.float16(2.0**-14)
+  w[:, 2] = [1.0, -0.5]
+  w[1, 3] = np.float16(2.0**-20)  # float16 normals start at 2^-14
+  msg = message(ValueError, inq.init, {"kernel": jnp.asarray(w)}, cfg(granularity="channel"))
+  assert msg == (
+      f"kernel: output channel 3: every weight is 0 or subnormal (max |w| = {2.0**-20!r} < "
+      f"{2.0**-14!r}, the smallest normal float16); its codebook would be {{0}} and every "
+      "weight would be zeroed. Rescale the layer or exclude it from quantization")
+
+
+def test_unrepresentable_codebook_message_layer_and_channel():
+  # 8 bits: n2 = n1 + 1 - 2^6 = n1 - 63; float16 normals are 2^-14..2^15.
+  w = jnp.asarray([[1.0, -0.5], [0.25, 0.125]], jnp.float16)
+  assert message(ValueError, inq.init, {"kernel": w}, cfg(bits=8)) == (
+      "kernel: the 8-bit codebook 2^-63..2^0 (max |w| 1.) needs exponents -64..0, but "
+      "float16 holds normal numbers 2^-14..2^15; use fewer bits or a wider dtype")
+  assert message(ValueError, inq.init, {"kernel": w}, cfg(bits=6, granularity="channel")) == (
+      "kernel: the 6-bit codebook 2^[-15 -16]..2^[ 0 -1] (max |w| [1.  0.5]) needs "
+      "exponents [-16 -17]..[ 0 -1], but float16 holds normal numbers 2^-14..2^15; use "
+      "fewer bits or a wider dtype")
+  # 5 bits fit: n2 - 1 = n1 - 8 >= -14 for n1 >= -6.
+  state = inq.init({"kernel": w}, cfg(bits=5, granularity="channel"))
+  np.testing.assert_array_equal(np.asarray(state.exponents["kernel"]), [0, -1])
+
+
+def test_init_exponents_mixed_tree_in_order():
+  # Several leaves of two dtypes, one empty and one all-zero, per layer: each n1
+  # is floor(log2(4/3 max|w|)) of its own leaf (ZERO_CODEBOOK = -2^30 for {0}).
+  params = {"a": {"kernel": jnp.asarray([3.0, -1.0], jnp.float32)},     # 3 = 1.5 * 2 -> 2
+            "b": {"kernel": jnp.zeros((0, 3), jnp.float32)},             # empty
+            "c": {"kernel": jnp.asarray([[0.7]], jnp.float16)},          # 0.93 -> -1
+            "d": {"kernel": jnp.zeros((2, 2), jnp.float32)},             # {0}
+            "e": {"kernel": jnp.asarray([-0.74, 0.1], jnp.float32)}}     # 0.987 -> -1
+  state = inq.init(params, cfg())
+  got = {p: int(n) for p, n in state.exponents.items()}
+  assert got == {"a/kernel": 2, "b/kernel": -(2**30), "c/kernel": -1, "d/kernel": -(2**30),
+                 "e/kernel": -1}
+  for p, n in state.exponents.items():
+    assert n.dtype == jnp.int32 and n.shape == (), p
+  # Per channel: one n1 per entry of the last axis, leaf after leaf.
+  state = inq.init(params, cfg(granularity="channel"))
+  assert {p: np.asarray(n).tolist() for p, n in state.exponents.items()} == {
+      "a/kernel": [2, 0], "b/kernel": [-(2**30)] * 3, "c/kernel": [-1],
+      "d/kernel": [-(2**30)] * 2, "e/kernel": [-1, -3]}
+
+
+# --- pruned ---------------------------------------------------------------------------
+
+
+def pruned_params():
+  a = jnp.asarray([[0.0, 2.0, -1.0], [0.5, 0.0, 0.25]], jnp.float32)
+  return {"a": {"kernel": a, "bias": jnp.ones(3)}, "b": {"kernel": jnp.ones((2, 2))}}
+
+
+def keep_mask(**over):
+  keep = {"a": {"kernel": jnp.asarray([[False, True, True], [True, False, True]]),
+                "bias": jnp.asarray(True)},
+          "b": {"kernel": jnp.asarray(True)}}
+  for k, v in over.items():
+    keep[k] = v
+  return keep
+
+
+def test_pruned_init_counts_and_masks():
+  state = inq.init(pruned_params(), cfg(), pruned=keep_mask())
+  assert {p: int(c) for p, c in state.pruned.items()} == {"a/kernel": 2, "b/kernel": 0}
+  assert all(c.dtype == jnp.int32 for c in state.pruned.values())
+  np.testing.assert_array_equal(np.asarray(state.masks["a"]["kernel"]),
+                                [[True, False, False], [False, True, False]])
+  np.testing.assert_array_equal(np.asarray(state.masks["b"]["kernel"]), np.zeros((2, 2), bool))
+  assert np.asarray(state.masks["a"]["bias"]).shape == ()
+  assert not bool(state.masks["a"]["bias"])
+  assert state.pruned_count("a/kernel") == 2 and state.pruned_count("b/kernel") == 0
+  assert state.pruned_count("a/bias") == 0
+  # frozen_target: pruned + round(sigma * (size - pruned)); 0 portions: pruned only.
+  assert [state.frozen_target("a/kernel", 6, s) for s in range(5)] == [2, 4, 5, 6, 6]
+  assert [state.frozen_target("b/kernel", 4, s) for s in range(5)] == [0, 2, 3, 4, 4]
+  params, state = inq.advance(pruned_params(), state)
+  m = np.asarray(state.masks["a"]["kernel"])
+  # The two largest unpruned |w| (2.0 and -1.0) join the two pruned zeros.
+  np.testing.assert_array_equal(m, [[True, True, True], [False, True, False]])
+  np.testing.assert_array_equal(np.asarray(params["a"]["kernel"]),
+                                [[0.0, 2.0, -1.0], [0.5, 0.0, 0.25]])
+
+
+def test_pruned_nothing_pruned_is_empty_counts():
+  keep = keep_mask(a={"kernel": jnp.asarray(True), "bias": jnp.asarray(True)})
+  state = inq.init(pruned_params(), cfg(), pruned=keep)
+  assert {p: int(c) for p, c in state.pruned.items()} == {"a/kernel": 0, "b/kernel": 0}
+
+
+def test_pruned_keep_mask_errors():
+  params = pruned_params()
+  bad_tree = {"a": {"kernel": jnp.asarray(True)}, "b": {"kernel": jnp.asarray(True)}}
+  assert message(ValueError, inq.init, params, cfg(), pruned=bad_tree) == (
+      "pruned: the keep mask's tree does not match params (2 leaves, params have 3); "
+      "differing paths: ['a/bias']")
+  keep = keep_mask(b={"kernel": jnp.ones((2, 2), jnp.float32)})
+  assert message(TypeError, inq.init, params, cfg(), pruned=keep) == (
+      "pruned: b/kernel: the keep mask must be bool (True = kept), got float32")
+  keep = keep_mask(a={"kernel": jnp.asarray(True), "bias": jnp.asarray([True, False, False])})
+  assert message(ValueError, inq.init, params, cfg(), pruned=keep) == (
+      "pruned: a/bias has 2 pruned weights but INQ does not quantize it, so nothing would "
+      "keep them frozen at zero; add it to INQConfig.include or do not prune it (and pass "
+      "the keep mask, True = kept, not its inverse)")
+  keep = keep_mask(a={"kernel": jnp.asarray([[False, False, True], [True, False, False]]),
+                      "bias": jnp.asarray(True)})
+  assert message(ValueError, inq.init, params, cfg(), pruned=keep) == (
+      "pruned: a/kernel: 2 pruned weights (keep mask False) are not zero, first 2 at index "
+      "(0, 1); zero them with inq_jax.prune.apply(params, keep) and pass the keep mask "
+      "(True = kept), not its inverse")
+
+
+def test_pruned_float16_nonzero_value_is_shown():
+  params = {"kernel": jnp.asarray([0.0, 0.3], jnp.float16)}
+  keep = {"kernel": jnp.asarray([True, False])}
+  assert message(ValueError, inq.init, params, cfg(), pruned=keep) == (
+      "pruned: kernel: 1 pruned weights (keep mask False) are not zero, first 0.30004883 at "
+      "index (1,); zero them with inq_jax.prune.apply(params, keep) and pass the keep mask "
+      "(True = kept), not its inverse")
+
+
+# --- a state that does not fit --------------------------------------------------------
+
+
+def small():
+  return {"d": {"kernel": jnp.asarray([[1.0, -0.5], [0.375, 0.125]], jnp.float32),
+                "bias": jnp.zeros(2)}}
+
+
+def test_state_type_and_tree_errors():
+  params = small()
+  state = inq.init(params, cfg())
+  assert message(TypeError, inq.advance, params, {"masks": state.masks}) == (
+      "state must be an INQState, got dict")
+  assert message(TypeError, inq.verify, params, None) == "state must be an INQState, got NoneType"
+  other = {"d": {"kernel": params["d"]["kernel"]}}
+  assert message(ValueError, inq.advance, other, state) == (
+      "state: the mask's tree does not match params (2 leaves, params have 1); differing "
+      "paths: ['d/bias']; the state was made by init() for another tree")
+  grown = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+  assert message(ValueError, inq.advance, grown, state) == (
+      "state: d/kernel: params have shape (3, 2) but the mask has shape (2, 2)")
+  # A quantized leaf whose mask is a scalar placeholder.
+  scalar_mask = INQState(masks={"d": {"kernel": jnp.asarray(False), "bias": jnp.asarray(False)}},
+                         exponents=state.exponents, step=state.step, config=state.config)
+  assert message(ValueError, inq.advance, params, scalar_mask) == (
+      "d/kernel: params have shape (2, 2) but the state's mask has shape ()")
+  extra = INQState(masks=state.masks, exponents={**state.exponents, "e/kernel": jnp.int32(0)},
+                   step=state.step, config=state.config)
+  assert message(ValueError, inq.verify, params, extra) == (
+      "state quantizes ['e/kernel'] which are not in params")
+
+
+def test_state_exponent_errors():
+  params = small()
+  state = inq.init(params, cfg(bits=8))
+  as_float = INQState(masks=state.masks, exponents={"d/kernel": jnp.float32(0)},
+                      step=state.step, config=state.config)
+  assert message(ValueError, inq.advance, params, as_float) == (
+      "d/kernel: the state's exponent n1 must be an int array of shape () "
+      "(granularity='layer'), got float32[]; the state does not belong to these params")
+  per_channel = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([0, 0])},
+                         step=state.step, config=state.config)
+  assert message(ValueError, inq.verify, params, per_channel) == (
+      "d/kernel: the state's exponent n1 must be an int array of shape () "
+      "(granularity='layer'), got int32[2]; the state does not belong to these params")
+  # float32 normals are 2^-126..2^127; at 8 bits n2 - 1 = n1 - 64.
+  for n1, ok in ((127, True), (128, False), (-62, True), (-63, False)):
+    edited = INQState(masks=state.masks, exponents={"d/kernel": jnp.int32(n1)},
+                      step=state.step, config=state.config)
+    if ok:
+      inq.verify(params, edited)
+      continue
+    assert message(ValueError, inq.advance, params, edited) == (
+        f"d/kernel: the state's exponent n1={n1} gives the 8-bit codebook "
+        f"2^{n1 - 63}..2^{n1}, but float32 holds normal numbers 2^-126..2^127 (init never "
+        "makes such an exponent); the state's exponents were edited or belong to another "
+        "model")
+
+
+def test_state_exponent_errors_per_channel_names_first_bad_channel():
+  params = small()
+  state = inq.init(params, cfg(bits=8, granularity="channel"))
+  # Channel 0 holds the {0} codebook (legal), channel 1 an impossible n1.
+  edited = INQState(masks=state.masks,
+                    exponents={"d/kernel": jnp.asarray([-(2**30), 200], jnp.int32)},
+                    step=state.step, config=state.config)
+  assert message(ValueError, inq.verify, params, edited) == (
+      "d/kernel: the state's exponent n1=200 gives the 8-bit codebook 2^137..2^200, but "
+      "float32 holds normal numbers 2^-126..2^127 (init never makes such an exponent); "
+      "the state's exponents were edited or belong to another model")
+  wrong_shape = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([0, 0, 0])},
+                         step=state.step, config=state.config)
+  assert message(ValueError, inq.verify, params, wrong_shape) == (
+      "d/kernel: the state's exponent n1 must be an int array of shape (2,) "
+      "(granularity='channel'), got int32[3]; the state does not belong to these params")
+
+
+def test_frozen_count_messages():
+  params = small()
+  state = inq.init(params, cfg())
+  params, state = inq.advance(params, state)
+  off = INQState(masks={"d": {"kernel": jnp.asarray([[True, True], [True, False]]),
+                              "bias": jnp.asarray(False)}},
+                 exponents=state.exponents, step=state.step, config=state.config)
+  assert message(ValueError, inq.advance, params, off) == (
+      "d/kernel: the state's mask has 3 frozen weights, but after 1 of 4 portions there "
+      "should be 2 (round(0.5 * 4)); the masks do not belong to this state (was it rebuilt "
+      "or restored without its `pruned` counts?)")
+  # At step 0 the target is the pruned count; with pruned weights the message says so.
+  p = pruned_params()
+  st = inq.init(p, cfg(), pruned=keep_mask())
+  rebuilt = INQState(masks=st.masks, exponents=st.exponents, step=st.step, config=st.config)
+  assert message(ValueError, inq.advance, p, rebuilt) == (
+      "a/kernel: the state's mask has 2 frozen weights, but after 0 of 4 portions there "
+      "should be 0 (round(0.0 * 6)); the masks do not belong to this state (was it rebuilt "
+      "or restored without its `pruned` counts?)")
+  lost = INQState(masks={**st.masks, "b": {"kernel": jnp.zeros((2, 2), bool).at[0, 0].set(True)}},
+                  exponents=st.exponents, step=st.step, config=st.config, pruned=st.pruned)
+  assert message(ValueError, inq.advance, p, lost) == (
+      "b/kernel: the state's mask has 1 frozen weights, but after 0 of 4 portions there "
+      "should be 0 (round(0.0 * 4)); the masks do not belong to this state (was it rebuilt "
+      "or restored without its `pruned` counts?)")
+  p2, st2 = inq.advance(p, st)
+  moved = INQState(masks={**st2.masks, "a": {"kernel": jnp.ones((2, 3), bool),
+                                             "bias": jnp.asarray(False)}},
+                   exponents=st2.exponents, step=st2.step, config=st2.config, pruned=st2.pruned)
+  assert message(ValueError, inq.advance, p2, moved) == (
+      "a/kernel: the state's mask has 6 frozen weights, but after 1 of 4 portions there "
+      "should be 4 (2 pruned + round(0.5 * 4)); the masks do not belong to this state (was "
+      "it rebuilt or restored without its `pruned` counts?)")
+
+
+def test_frozen_weight_outside_codebook_message():
+  params = small()
+  state = inq.init(params, cfg(bits=3))  # n1 = 0, n2 = -1: {0, +-0.5, +-1}
+  params, state = inq.advance(params, state)
+  w = np.asarray(params["d"]["kernel"]).copy()
+  assert w.tolist() == [[1.0, -0.5], [0.375, 0.125]]  # 1.0 and -0.5 frozen
+  w[0, 1] = -0.75
+  bad = {"d": {"kernel": jnp.asarray(w), "bias": params["d"]["bias"]}}
+  want = ("d/kernel: frozen weight -0.75 at index (0, 1) is not in its 3-bit codebook "
+          "{0, +-2^k: -1 <= k <= 0} (1 such weights). If these params are an optimizer's "
+          "copy (EMA, schedule-free eval params, lookahead), elementwise_freeze does not "
+          "protect copies: round them with round_to_pow2 where state.masks is True, then "
+          "verify")
+  assert message(ValueError, inq.verify, bad, state) == want
+  assert message(ValueError, inq.advance, bad, state) == want
+  # An unfrozen weight may be anything.
+  w[0, 1], w[1, 0] = -0.5, 0.77
+  inq.verify({"d": {"kernel": jnp.asarray(w), "bias": params["d"]["bias"]}}, state)
+
+
+def test_advance_after_the_last_portion_message():
+  params = small()
+  state = inq.init(params, cfg(portions=(0.5, 1.0)))
+  assert not state.done
+  params, state = inq.advance(params, state)
+  assert not state.done and int(state.step) == 1
+  params, state = inq.advance(params, state)
+  assert state.done and int(state.step) == 2 and state.step.dtype == jnp.int32
+  assert message(ValueError, inq.advance, params, state) == (
+      "all 2 portions (0.5, 1.0) are already applied (state.step=2); the model is fully "
+      "quantized")
+
+
+# --- verify's summary -----------------------------------------------------------------
+
+
+def test_verify_summary_counts_by_hand():
+  # 4 bits: n1 = floor(log2(4/3 * 2.5)) = 1, n2 = 1 + 1 - 4 = -2: {0, +-2^-2..2^1}.
+  # Rounding: |w| in [1.5, 3) -> 2, [0.75, 1.5) -> 1, [0.125, 0.375) -> 0.25, below -> 0.
+  w = jnp.asarray([[2.5, -2.5, 0.0, 0.2], [0.26, -0.1, 1.1, 0.0]], jnp.float32)
+  params = {"x": {"kernel": w, "bias": jnp.ones(2)}, "y": {"kernel": jnp.zeros((0,))}}
+  state = inq.init(params, cfg(bits=4, portions=(0.5, 1.0)))
+  s0 = inq.verify(params, state)
+  assert s0["x/kernel"][:4] == (8, 0, 0, 0)
+  assert (int(s0["x/kernel"].n1), int(s0["x/kernel"].n2)) == (1, -2)
+  params, state = inq.advance(params, state)
+  # The 4 largest |w|: 2.5, -2.5, 1.1, 0.26 -> 2, -2, 1, 0.25.
+  np.testing.assert_array_equal(np.asarray(params["x"]["kernel"]),
+                                np.float32([[2.0, -2.0, 0.0, 0.2], [0.25, -0.1, 1.0, 0.0]]))
+  assert inq.verify(params, state)["x/kernel"][:4] == (8, 4, 4, 0)
+  params, state = inq.advance(params, state)
+  # Then 0.2 -> 0.25 and -0.1 -> 0; the two zeros stay 0.
+  np.testing.assert_array_equal(np.asarray(params["x"]["kernel"]),
+                                [[2.0, -2.0, 0.0, 0.25], [0.25, 0.0, 1.0, 0.0]])
+  s2 = inq.verify(params, state)
+  assert s2["x/kernel"][:4] == (8, 8, 5, 3)  # {2, -2, 1, 0.25, 0}, three zeros
+  assert (int(s2["x/kernel"].n1), int(s2["x/kernel"].n2)) == (1, -2)
+  assert s2["y/kernel"][:4] == (0, 0, 0, 0)
+  assert int(s2["y/kernel"].n1) == -(2**30)
+  assert set(s2) == {"x/kernel", "y/kernel"}
