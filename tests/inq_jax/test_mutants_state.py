@@ -52,6 +52,17 @@ def test_subnormal_layer_message_float32():
       "every weight would be zeroed. Rescale the layer or exclude it from quantization")
 
 
+@pytest.mark.parametrize("dtype, tiniest, smallest_normal, name", [
+    (jnp.float16, 2.0**-24, 2.0**-14, "float16"), (jnp.float32, 2.0**-149, 2.0**-126, "float32")])
+def test_the_smallest_subnormal_is_caught(dtype, tiniest, smallest_normal, name):
+  # Its bit pattern is 1: the smallest nonzero |w| of the dtype.
+  w = jnp.asarray([[0.0, -tiniest], [0.0, 0.0]], dtype)
+  assert message(ValueError, inq.init, {"kernel": w}, cfg()) == (
+      f"kernel: every weight is 0 or subnormal (max |w| = {tiniest!r} < {smallest_normal!r}, "
+      f"the smallest normal {name}); its codebook would be {{0}} and every weight would be "
+      "zeroed. Rescale the layer or exclude it from quantization")
+
+
 def test_subnormal_channel_message_float16_names_the_channel():
   # Channel 0 is all zero (legal), channel 1's largest |w| is exactly the
   # smallest normal float16 2^-14 (legal), channel 2 is normal, channel 3 is
