@@ -138,9 +138,7 @@ def _check_exponents(path: str, leaf, n1, config: INQConfig) -> None:
   An edited (or foreign) exponent makes `advance` round every weight to a
   codebook the dtype cannot hold, silently zeroing or overflowing them.
   """
-  if _checks.is_tracer(n1):
-    return
-  n1 = np.asarray(n1)
+  n1 = np.asarray(n1)  # concrete: advance and verify refuse traced states first
   want = jnp.shape(leaf)[-1:] if config.granularity == "channel" else ()
   if not np.issubdtype(n1.dtype, np.integer) or n1.shape != tuple(want):
     raise ValueError(f"{path}: the state's exponent n1 must be an int array of shape "

@@ -362,3 +362,60 @@ def test_verify_summary_counts_by_hand():
   assert s2["y/kernel"][:4] == (0, 0, 0, 0)
   assert int(s2["y/kernel"].n1) == -(2**30)
   assert set(s2) == {"x/kernel", "y/kernel"}
+
+
+def test_eager_only_messages_name_the_function():
+  params = small()
+  state = inq.init(params, cfg())
+  want = ("{} runs eagerly (its input checks need concrete values); call it outside jax.jit, "
+          "jax.vmap and other transformations")
+  # A traced state alone (params concrete) is refused by the same check.
+  assert message(TypeError, jax.jit(lambda s: inq.advance(params, s)), state) == (
+      want.format("advance"))
+  assert message(TypeError, jax.jit(lambda s: inq.verify(params, s)), state) == (
+      want.format("verify"))
+  assert message(TypeError, jax.jit(lambda p: inq.advance(p, state)), params) == (
+      want.format("advance"))
+  assert message(TypeError, jax.jit(lambda p: inq.init(p, cfg())), params) == want.format("init")
+  keep = {"d": {"kernel": jnp.ones((2, 2), bool), "bias": jnp.asarray(True)}}
+  assert message(TypeError, jax.jit(lambda k: inq.init(params, cfg(), pruned=k)), keep) == (
+      want.format("init"))
+
+
+def test_state_exponent_checked_against_the_leaf_dtype_float16():
+  # float16 normals are 2^-14..2^15; at 5 bits n2 - 1 = n1 - 8, so n1 must be in -6..15.
+  params = {"kernel": jnp.asarray([[1.0, -0.5], [0.25, 0.0]], jnp.float16)}
+  state = inq.init(params, cfg(bits=5))
+  assert int(state.exponents["kernel"]) == 0
+  for n1, ok in ((15, True), (16, False), (-6, True), (-7, False)):
+    edited = INQState(masks=state.masks, exponents={"kernel": jnp.int32(n1)},
+                      step=state.step, config=state.config)
+    if ok:
+      inq.verify(params, edited)
+      continue
+    assert message(ValueError, inq.verify, params, edited) == (
+        f"kernel: the state's exponent n1={n1} gives the 5-bit codebook 2^{n1 - 7}..2^{n1}, "
+        "but float16 holds normal numbers 2^-14..2^15 (init never makes such an exponent); "
+        "the state's exponents were edited or belong to another model")
+
+
+@pytest.mark.parametrize("edge", [127, -62])
+def test_state_exponent_message_skips_channels_at_the_edges(edge):
+  # float32 at 8 bits: n1 = 127 (top) and n1 = -62 (n2 - 1 = -126, the bottom)
+  # are legal; the message must name the bad channel after them.
+  params = small()
+  state = inq.init(params, cfg(bits=8, granularity="channel"))
+  edited = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([edge, 200], jnp.int32)},
+                    step=state.step, config=state.config)
+  assert message(ValueError, inq.advance, params, edited).startswith(
+      "d/kernel: the state's exponent n1=200 gives the 8-bit codebook 2^137..2^200, but ")
+
+
+def test_verify_and_advance_with_only_empty_quantized_leaves():
+  params = {"a": {"kernel": jnp.zeros((0, 3))}, "b": {"bias": jnp.ones(2)}}
+  state = inq.init(params, cfg(portions=(1.0,)))
+  assert inq.verify(params, state)["a/kernel"][:4] == (0, 0, 0, 0)
+  new, state = inq.advance(params, state)
+  assert new["a"]["kernel"].shape == (0, 3) and int(state.step) == 1
+  np.testing.assert_array_equal(np.asarray(new["b"]["bias"]), [1.0, 1.0])
+  assert inq.verify(new, state)["a/kernel"][:4] == (0, 0, 0, 0)
