@@ -419,3 +419,36 @@ def test_verify_and_advance_with_only_empty_quantized_leaves():
   assert new["a"]["kernel"].shape == (0, 3) and int(state.step) == 1
   np.testing.assert_array_equal(np.asarray(new["b"]["bias"]), [1.0, 1.0])
   assert inq.verify(new, state)["a/kernel"][:4] == (0, 0, 0, 0)
+
+
+def test_advance_returns_copies_of_unquantized_leaves():
+  # A jitted step may donate what advance returns: the caller's own arrays
+  # (e.g. the pretrained biases) must not be among them.
+  params = small()
+  state = inq.init(params, cfg())
+  new, _ = inq.advance(params, state)
+  assert new["d"]["bias"] is not params["d"]["bias"]
+  assert new["d"]["kernel"] is not params["d"]["kernel"]
+  new["d"]["bias"].delete()
+  new["d"]["kernel"].delete()
+  np.testing.assert_array_equal(np.asarray(params["d"]["bias"]), [0.0, 0.0])
+  np.testing.assert_array_equal(np.asarray(params["d"]["kernel"]),
+                                [[1.0, -0.5], [0.375, 0.125]])
+
+
+def test_advance_cuts_leaves_on_the_host_on_cpu(monkeypatch):
+  # On CPU the packed results come back whole and are cut on the host
+  # (unpack=False): cutting them in XLA compiles one kernel per output array.
+  from inq_jax import _packed  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = _packed.advance
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs["unpack"])
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(_packed, "advance", spy)
+  params = small()
+  new, _ = inq.advance(params, inq.init(params, cfg()))
+  assert calls == [False]
+  np.testing.assert_array_equal(np.asarray(new["d"]["kernel"]), [[1.0, -0.5], [0.375, 0.125]])
