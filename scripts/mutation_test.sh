@@ -40,6 +40,11 @@ case "$MODULE" in
   *) echo "unknown module: $MODULE" >&2; exit 2 ;;
 esac
 
+# MUT_TESTS="a.py b.py" replaces the module's test files (e.g. only the fast
+# targeted tests/inq_jax/test_mutants_*.py for a first pass; then rerun the
+# survivors by name with the full set).
+if [[ -n "${MUT_TESTS:-}" ]]; then read -r -a TESTS <<< "$MUT_TESTS"; fi
+
 WORK=${MUT_WORKDIR:-/tmp/inq_mutmut}/$MODULE
 mkdir -p "$WORK"
 # Fresh copy of the sources each time (keeps mutmut's cache in $WORK/mutants).
