@@ -83,5 +83,11 @@ mkdir -p "$WORK"
 cd "$WORK"
 export PYTHONPATH="$REPO/scripts${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_PLATFORMS=cpu
+# Every mutant's tests run in a fresh process that compiles its programs again;
+# most mutants leave the traced programs unchanged (checks, messages, host
+# code), so an on-disk cache of every compilation, however short, serves them.
+# A mutant that changes a program changes its HLO, the cache key: no stale hit.
+export JAX_COMPILATION_CACHE_DIR=${MUT_XLA_CACHE:-${MUT_WORKDIR:-/tmp/inq_mutmut}/xla_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 "$MUTMUT" run --max-children "$JOBS" "$@"
 "$MUTMUT" results --all true 2>/dev/null || "$MUTMUT" results
