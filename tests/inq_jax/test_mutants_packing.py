@@ -371,3 +371,110 @@ def test_crc32_and_prefix():
   assert own == zlib.crc32(out[:32])
   assert P.PREFIX.unpack(P.prefix(1, 2, 3, version=7))[1] == 7
   assert out[8:12] == struct.pack("<I", 1)
+
+
+def _compress_calls(monkeypatch):
+  calls = []
+  real = P.compress
+
+  def spy(data):
+    calls.append(bytes(data))
+    return real(data)
+
+  monkeypatch.setattr(P, "compress", spy)
+  return calls
+
+
+def test_encode_best_tries_lzma_only_where_it_can_pay(monkeypatch):
+  calls = _compress_calls(monkeypatch)
+  rng = np.random.default_rng(0)
+  # Independent, near-uniform codes: Huffman is within 10% of the entropy and
+  # nothing repeats, so LZMA (slow) is not even tried.
+  for n in (100, 4000):
+    assert P.encode_best(rng.integers(0, 32, n).astype(np.uint8), 5)[0] == P.LAYOUT_PACKED
+  skew = np.where(rng.random(2000) < 0.5, 7, rng.integers(0, 32, 2000)).astype(np.uint8)
+  assert P.encode_best(skew, 5)[0] == P.LAYOUT_DEFLATE
+  assert calls == []
+  # One symbol at 90%, the rest uniform: nothing repeats, but whole-bit Huffman
+  # codes waste more than 10% over the entropy: sparse+lzma is tried, and wins.
+  rng = np.random.default_rng(1)
+  flat = np.where(rng.random(20000) < 0.9, 7, rng.integers(0, 32, 20000)).astype(np.uint8)
+  assert not P.repetitive(flat.tobytes()) and not P.repetitive(P.sparse_stream(flat))
+  layout, data = P.encode_best(flat, 5)
+  assert calls == [P.sparse_stream(flat)]
+  assert (layout, data) == (P.LAYOUT_SPARSE, P.compress(P.sparse_stream(flat)))
+  calls.clear()
+  # Runs of zeros: the dense stream repeats (the sparse one does not): both
+  # LZMA layouts are tried.
+  rng = np.random.default_rng(2)
+  flat = np.where(rng.random(20000) < 0.95, 0, rng.integers(1, 32, 20000)).astype(np.uint8)
+  assert P.repetitive(flat.tobytes()) and not P.repetitive(P.sparse_stream(flat))
+  P.encode_best(flat, 5)
+  assert calls == [P.pack(flat, 5), P.sparse_stream(flat)]
+
+
+def _tie(zeros):
+  """64 codes (all 5 but `zeros` zeros, at most 2 per bitmap byte).
+
+  Huffman sizes: dense 64 bits (two symbols); sparse 8 (bitmap: at most two
+  byte values) + 64 - zeros (one nonzero symbol, a bit each).
+  """
+  flat = np.full(64, 5, np.uint8)
+  for z in range(zeros):
+    flat[(z % 8) * 8 + z // 8] = 0
+  return flat
+
+
+def test_encode_best_breaks_huffman_ties_towards_dense():
+  dense, sparse = _tie(8), _tie(9)
+  assert P.huffman_bits(np.bincount(dense)) == 64
+  assert P.huffman_bits(np.bincount(np.packbits(dense != 0, bitorder="little"))) == 8
+  # 8 zeros: a tie (64 = 8 + 56), dense wins; 9 zeros: sparse is a bit smaller.
+  assert P.encode_best(dense, 5) == (P.LAYOUT_DEFLATE, P.deflate(dense.tobytes()))
+  assert P.encode_best(sparse, 5) == (P.LAYOUT_SPARSE_DEFLATE,
+                                      P.deflate(*P.sparse_parts(sparse)))
+
+
+def test_encode_accepts_any_integer_codes_and_shapes():
+  rng = np.random.default_rng(3)
+  flat = np.where(rng.random(3000) < 0.6, 0, rng.integers(1, 32, 3000)).astype(np.uint8)
+  as_grid = flat.reshape(30, 100)
+  for codes in (as_grid, flat.astype(np.int64), as_grid.astype(np.int32)):
+    assert P.encode_best(codes, 5) == P.encode_best(flat, 5)
+    assert P.encode_sections(codes, 5) == P.encode_sections(flat, 5)
+  assert P.encode_best(np.zeros(0, np.uint8), 5) == (P.LAYOUT_PACKED, b"")
+  empty = P.encode_sections(np.zeros((0, 3), np.uint8), 5)
+  for layout, data in empty.items():
+    assert P.decode_section(data, layout, 0, 5).shape == (0,)
+
+
+def test_decode_exponents_beyond_int32():
+  # Exponents clamp before the int32 cast: no wrap-around to 2^0.
+  with np.errstate(over="ignore"):
+    assert P.decode(np.asarray([1], np.uint8), np.int64(2**40), 3)[0] == np.inf
+  assert P.decode(np.asarray([1], np.uint8), np.int64(-(2**40)), 3)[0] == 0.0
+  assert P.decode(np.asarray([5], np.uint8), np.int64(-(2**40)), 3)[0] == 0.0
+
+
+def test_decode_values_one_code_and_conv_shapes():
+  assert P.decode_values(np.asarray([1], np.uint8), 0, 4, np.float32).tolist() == [1.0]
+  assert P.decode_values(np.asarray(9, np.uint8), 2, 4, np.float32) == -4.0
+  # A conv kernel [h, w, in, out] with one n1 per output channel.
+  codes = np.arange(2 * 3 * 2 * 4, dtype=np.uint8).reshape(2, 3, 2, 4) % 16
+  n1 = np.asarray([0, 1, 2, ZERO])
+  got = P.decode_values(np.where(n1 == ZERO, 0, codes).astype(np.uint8), n1, 4, np.float32)
+  assert got.shape == codes.shape
+  want = P.decode(np.where(n1 == ZERO, 0, codes).astype(np.uint8), n1, 4)
+  ok = P.valid_codes(codes, n1, 4)
+  np.testing.assert_array_equal(got[ok], want[ok].astype(np.float32))
+
+
+def test_prefix_crc_in_the_upper_half():
+  # CRCs of 2^31 and above are unsigned 32-bit fields.
+  highs = 0
+  for header_len in range(1, 40):
+    out = P.prefix(header_len, 1000, 7)
+    own = P.PREFIX.unpack(out)[-1]
+    assert own == zlib.crc32(out[:32])
+    highs += own >= 2**31
+  assert highs > 5
