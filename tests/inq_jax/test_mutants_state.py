@@ -452,3 +452,34 @@ def test_advance_cuts_leaves_on_the_host_on_cpu(monkeypatch):
   new, _ = inq.advance(params, inq.init(params, cfg()))
   assert calls == [False]
   np.testing.assert_array_equal(np.asarray(new["d"]["kernel"]), [[1.0, -0.5], [0.375, 0.125]])
+
+
+def test_advance_keeps_committed_leaves_committed():
+  # Params committed to a device come back committed there, weights and masks
+  # alike: the next phase's programs then see the same input placement.
+  device = jax.devices()[0]
+  params = jax.device_put(small(), device)
+  state = inq.init(params, cfg())
+  new, state = inq.advance(params, state)
+  for tree in (new, state.masks):
+    for leaf in jax.tree.leaves(tree):
+      assert leaf.committed and leaf.devices() == {device}
+  uncommitted = small()
+  new, state = inq.advance(uncommitted, inq.init(uncommitted, cfg()))
+  assert not new["d"]["kernel"].committed and not state.masks["d"]["kernel"].committed
+
+
+@pytest.mark.parametrize("seed", [0, 2**31 + 12345, 2**32 - 1])
+def test_random_partition_draws_from_the_uint32_seed_and_step(seed):
+  # The masks of step s are those of the key (seed, s) as uint32, whatever
+  # the seed's size: seeds above 2^31 must not wrap to other masks.
+  from inq_jax import _packed  # pylint: disable=g-import-not-at-top
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((6, 7)), jnp.float32)
+  config = cfg(strategy="random", seed=seed)
+  state = inq.init({"kernel": w}, config)
+  _, state = inq.advance({"kernel": w}, state)
+  _, want, _ = _packed.advance([w], [jnp.zeros((6, 7), bool)], [state.exponents["kernel"]],
+                               np.asarray([21], np.int32), np.asarray([seed, 0], np.uint32),
+                               bits=5, strategy="random")
+  np.testing.assert_array_equal(np.asarray(state.masks["kernel"]), np.asarray(want[0]))
+  assert int(np.sum(np.asarray(state.masks["kernel"]))) == 21
