@@ -478,3 +478,60 @@ def test_prefix_crc_in_the_upper_half():
     assert own == zlib.crc32(out[:32])
     highs += own >= 2**31
   assert highs > 5
+
+
+def test_huffman_bits_ignores_absent_symbols():
+  assert P.huffman_bits([0, 1, 1, 2]) == 6
+  assert P.huffman_bits([0, 0, 5, 3]) == 8
+
+
+def _xz_with_dictionary(data: bytes, props: int) -> bytes:
+  """An .xz stream of `data` whose LZMA2 filter declares dictionary size code `props`.
+
+  The block header's props byte is rewritten and its CRC32 recomputed: a
+  well-formed stream that asks the decoder for a huge dictionary.
+  """
+  blob = bytearray(P.compress(data))
+  size = (blob[12] + 1) * 4
+  header = blob[12:12 + size]
+  assert header[1] & 0xC0 == 0 and header[2] == 0x21 and header[3] == 1  # no sizes; LZMA2
+  header[4] = props
+  header[-4:] = struct.pack("<I", zlib.crc32(bytes(header[:-4])))
+  blob[12:12 + size] = header
+  return bytes(blob)
+
+
+def test_inflate_refuses_what_is_not_a_bounded_xz_stream():
+  data = bytes(range(64)) * 4
+  # A 1 GiB dictionary (props 36: 2 << 29) for 256 bytes: past the memory cap.
+  bomb = _xz_with_dictionary(data, 36)
+  assert lzma.LZMADecompressor().decompress(bomb) == data  # valid, just greedy
+  got = message(ValueError, P._inflate, bomb, "lzma", len(data))  # pylint: disable=protected-access
+  assert got.startswith("corrupt lzma stream (") and "emory" in got
+  assert P._inflate(_xz_with_dictionary(data, 16), "lzma", len(data)) == data  # pylint: disable=protected-access
+  # The legacy .lzma container is not .xz: refused, even though lzma reads it.
+  alone = lzma.compress(data, format=lzma.FORMAT_ALONE)
+  got = message(ValueError, P._inflate, alone, "lzma", len(data))  # pylint: disable=protected-access
+  assert got.startswith("corrupt lzma stream (")
+
+
+def test_decode_section_names_the_codec():
+  codes = np.asarray([0, 1, 0, 2, 0, 0, 31, 0, 0], np.uint8)
+  for layout, codec in ((P.LAYOUT_DEFLATE, "deflate"), (P.LAYOUT_SPARSE_DEFLATE, "deflate"),
+                        (P.LAYOUT_LZMA, "lzma"), (P.LAYOUT_SPARSE, "lzma")):
+    data = P.encode_sections(codes, 5, (layout,))[layout]
+    assert message(ValueError, P.decode_section, data + b"\x00", layout, 9, 5) == (
+        f"1 bytes after the end of the {codec} stream")
+    got = message(ValueError, P.decode_section, b"\xff" * 20, layout, 9, 5)
+    assert got.startswith(f"corrupt {codec} stream ("), (layout, got)
+
+
+def test_encode_best_prefers_packed_on_a_size_tie():
+  # Found by search: the sparse+deflate stream is exactly ceil(n * 5 / 8) bytes.
+  for codes in ([27, 25, 0, 0, 0, 19, 28, 0, 0, 0, 0, 0, 0, 0, 0, 22, 0],
+                [0, 0, 29, 0, 0, 9, 0, 18, 0, 0, 28, 20, 0, 8, 0, 1, 0, 0, 0, 0, 15, 20, 0, 3,
+                 0, 7, 0, 0]):
+    flat = np.asarray(codes, np.uint8)
+    assert len(P.deflate(*P.sparse_parts(flat))) == P.packed_size(flat.size, 5)
+    assert len(P.deflate(flat.tobytes())) > P.packed_size(flat.size, 5)
+    assert P.encode_best(flat, 5) == (P.LAYOUT_PACKED, P.pack(flat, 5))
