@@ -535,3 +535,34 @@ def test_encode_best_prefers_packed_on_a_size_tie():
     assert len(P.deflate(*P.sparse_parts(flat))) == P.packed_size(flat.size, 5)
     assert len(P.deflate(flat.tobytes())) > P.packed_size(flat.size, 5)
     assert P.encode_best(flat, 5) == (P.LAYOUT_PACKED, P.pack(flat, 5))
+
+
+def test_encode_float64_weights_as_they_are():
+  # float64 powers of two far below float32's range are codebook members of a
+  # float64 model; narrowing them to float32 first would zero them.
+  n1 = -199
+  w = np.asarray([2.0**-200, -(2.0**-199), 2.0**-250, 0.0])  # n2 = -199 + 1 - 64 = -262
+  codes, valid = P.encode(w, n1, 8)
+  assert valid.tolist() == [True, True, True, True]
+  assert codes.tolist() == [2, 128 | 1, 52, 0]  # m = 1 + n1 - k
+  np.testing.assert_array_equal(P.decode(codes, n1, 8), w)
+
+
+@pytest.mark.parametrize("codec", ["lzma", "deflate"])
+def test_inflate_stops_at_the_cap(codec):
+  # 64 MiB of zeros compress to a few KB (LZMA) or 8 MB (Huffman-only DEFLATE);
+  # inflating them whole to find out they exceed a 1 KB cap would take 64 MiB.
+  # At most cap + 1 bytes are made: the peak is the decoder's own state (LZMA's
+  # 8 MiB dictionary, zlib's copy of the unread input).
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  data = bytes(64 << 20)
+  blob = P.compress(data) if codec == "lzma" else P.deflate(data)
+  del data
+  tracemalloc.start()
+  try:
+    got = message(ValueError, P._inflate, blob, codec, 1000)  # pylint: disable=protected-access
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert got == f"{codec} stream expands past the 1000 bytes the header implies"
+  assert peak < 24 << 20, peak
