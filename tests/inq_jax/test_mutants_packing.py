@@ -566,3 +566,9 @@ def test_inflate_stops_at_the_cap(codec):
     tracemalloc.stop()
   assert got == f"{codec} stream expands past the 1000 bytes the header implies"
   assert peak < 24 << 20, peak
+
+
+def test_pack_takes_any_shape_in_c_order():
+  codes = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4) % 32
+  assert P.pack(codes, 5) == P.pack(codes.reshape(-1), 5) == reference_pack(codes.reshape(-1), 5)
+  assert P.pack(codes.tolist(), 5) == P.pack(codes.reshape(-1), 5)
