@@ -483,3 +483,59 @@ def test_random_partition_draws_from_the_uint32_seed_and_step(seed):
                                bits=5, strategy="random")
   np.testing.assert_array_equal(np.asarray(state.masks["kernel"]), np.asarray(want[0]))
   assert int(np.sum(np.asarray(state.masks["kernel"]))) == 21
+
+
+def test_init_runs_the_per_leaf_subnormal_check_only_when_needed(monkeypatch):
+  # init measures every leaf in one program; the exact per-leaf check (a host
+  # round trip per leaf) runs only for a leaf whose top bit pattern is
+  # subnormal: not for normal leaves of any dtype, all-zero leaves, or a leaf
+  # whose largest |w| is exactly the smallest normal.
+  from inq_jax import _state  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = _state._check_not_subnormal  # pylint: disable=protected-access
+  monkeypatch.setattr(_state, "_check_not_subnormal",
+                      lambda *a: (calls.append(a[0]), real(*a))[1])
+  params = {"a": {"kernel": jnp.asarray([[1.0, -0.5], [0.25, 0.0]], jnp.float16)},
+            "b": {"kernel": jnp.asarray([[3.0, 0.1]], jnp.bfloat16)},
+            "c": {"kernel": jnp.asarray([0.7, -2.0], jnp.float32)},
+            "z": {"kernel": jnp.zeros((3, 2), jnp.float32)}}
+  for granularity in ("layer", "channel"):
+    inq.init(params, cfg(granularity=granularity))
+  assert calls == []
+  edge = {"kernel": jnp.asarray([2.0**-14, 0.0], jnp.float16)}  # max = smallest normal
+  with pytest.raises(ValueError, match="needs exponents"):
+    inq.init(edge, cfg(bits=2))
+  assert calls == []
+  with pytest.raises(ValueError, match="subnormal"):
+    inq.init({"kernel": jnp.asarray([2.0**-20, 0.0], jnp.float16)}, cfg())
+  assert calls == ["kernel"]
+
+
+def test_masks_are_bool_arrays():
+  params = small()
+  state = inq.init(params, cfg())
+  for tree in (state.masks, inq.advance(params, state)[1].masks):
+    assert {str(m.dtype) for m in jax.tree.leaves(tree)} == {"bool"}
+  assert state.masks["d"]["bias"].shape == () and state.masks["d"]["kernel"].shape == (2, 2)
+
+
+def test_quantized_leaf_that_stopped_being_float():
+  params = small()
+  state = inq.init(params, cfg())
+  ints = {"d": {"kernel": jnp.ones((2, 2), jnp.int32), "bias": params["d"]["bias"]}}
+  assert message(TypeError, inq.advance, ints, state) == (
+      "d/kernel: dtype int32 is not floating point; only float weights can be quantized "
+      "(narrow `include` or add it to `exclude`)")
+  assert message(TypeError, inq.verify, ints, state).endswith("can be quantized (narrow "
+                                                            "`include` or add it to `exclude`)")
+
+
+def test_missing_paths_message_lists_six():
+  params = small()
+  state = inq.init(params, cfg())
+  extra = {f"x{i}/kernel": jnp.int32(0) for i in range(8)}
+  bad = INQState(masks=state.masks, exponents={**state.exponents, **extra}, step=state.step,
+                 config=state.config)
+  assert message(ValueError, inq.verify, params, bad) == (
+      "state quantizes ['x0/kernel', 'x1/kernel', 'x2/kernel', 'x3/kernel', 'x4/kernel', "
+      "'x5/kernel'] which are not in params")
