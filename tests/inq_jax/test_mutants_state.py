@@ -539,3 +539,25 @@ def test_missing_paths_message_lists_six():
   assert message(ValueError, inq.verify, params, bad) == (
       "state quantizes ['x0/kernel', 'x1/kernel', 'x2/kernel', 'x3/kernel', 'x4/kernel', "
       "'x5/kernel'] which are not in params")
+
+
+def test_selection_messages_say_quantize():
+  params = small()
+  assert message(ValueError, inq.init, params, cfg(include="kernel", exclude="d/")) == (
+      "include='kernel' minus exclude='d/' leaves no parameter to quantize; paths look like "
+      "['d/bias', 'd/kernel']")
+  ints = {"d": {"kernel": jnp.ones((2, 2), jnp.int32), "bias": params["d"]["bias"]}}
+  assert message(TypeError, inq.init, ints, cfg()) == (
+      "d/kernel: dtype int32 is not floating point; only float weights can be quantized "
+      "(narrow `include` or add it to `exclude`)")
+
+
+def test_init_places_everything_like_committed_params():
+  device = jax.devices()[0]
+  params = jax.device_put(pruned_params(), device)
+  state = inq.init(params, cfg(granularity="channel"), pruned=keep_mask())
+  assert state.step.dtype == jnp.int32 and state.step.shape == ()
+  for tree in (state.masks, state.exponents):
+    for leaf in jax.tree.leaves(tree):
+      assert leaf.committed and leaf.devices() == {device}
+  assert inq.init(pruned_params(), cfg()).step.dtype == jnp.int32
