@@ -31,7 +31,7 @@ case "$MODULE" in
              TESTS=(tests/inq_jax/test_partition.py tests/inq_jax/test_mutants_partition.py) ;;
   state)     SRC=inq_jax/_state.py
              TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_core_hostile.py
-                    tests/inq_jax/test_mutants_state.py) ;;
+                    tests/inq_jax/test_mutants_state.py tests/inq_jax/test_core_sharding.py) ;;
   packed)    SRC=inq_jax/_packed.py
              TESTS=(tests/inq_jax/test_packed.py tests/inq_jax/test_state.py) ;;
   packing)   SRC=inq_jax/_packing.py

@@ -97,3 +97,46 @@ def test_sharded_params_masks_and_donation():
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0 and "SHARDING-OK" in proc.stdout, (
       proc.stdout[-3000:] + proc.stderr[-6000:])
+
+
+FOREIGN = textwrap.dedent("""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from inq_jax import quantize as inq
+    from inq_jax._state import INQState
+
+    mesh = Mesh(np.array(jax.devices()), ("model",))
+    w = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8)),
+                       NamedSharding(mesh, P(None, "model")))
+    params = {"dense": {"kernel": w}}
+    config = inq.INQConfig(bits=5, portions=(0.5, 1.0), granularity="channel")
+    state = inq.init(params, config)
+    # Per-channel exponents: replicated on the leaf's devices, not sharded like it.
+    n1 = state.exponents["dense/kernel"]
+    assert n1.sharding.device_set == w.sharding.device_set and n1.sharding.is_fully_replicated
+    params, state = inq.advance(params, state)
+    # Masks that were moved to one device (e.g. restored by hand) are placed
+    # where their weights are before anything is computed.
+    one = jax.devices()[1]
+    moved = INQState(masks=jax.tree.map(lambda m: jax.device_put(m, one), state.masks),
+                     exponents=state.exponents, step=state.step, config=config)
+    assert inq.verify(params, moved)["dense/kernel"].frozen == 64
+    params, state = inq.advance(params, moved)
+    assert state.masks["dense"]["kernel"].sharding == w.sharding
+    assert int(jnp.sum(state.masks["dense"]["kernel"])) == 128
+    print("FOREIGN-OK")
+""")
+
+
+def test_channel_exponents_and_masks_placed_on_the_params_mesh():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", FOREIGN], env=env, cwd=root,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0 and "FOREIGN-OK" in proc.stdout, (
+      proc.stdout[-3000:] + proc.stderr[-6000:])
