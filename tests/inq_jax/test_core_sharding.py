@@ -88,15 +88,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_params_masks_and_donation():
+def run_on_two_devices(script: str, marker: str) -> None:
+  """Runs `script` in a fresh Python with 2 fake CPU devices; it must print `marker`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root,
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=root,
                         capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and "SHARDING-OK" in proc.stdout, (
+  assert proc.returncode == 0 and marker in proc.stdout, (
       proc.stdout[-3000:] + proc.stderr[-6000:])
+
+
+def test_sharded_params_masks_and_donation():
+  run_on_two_devices(SCRIPT, "SHARDING-OK")
 
 
 FOREIGN = textwrap.dedent("""
@@ -132,11 +137,4 @@ FOREIGN = textwrap.dedent("""
 
 
 def test_channel_exponents_and_masks_placed_on_the_params_mesh():
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", FOREIGN], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and "FOREIGN-OK" in proc.stdout, (
-      proc.stdout[-3000:] + proc.stderr[-6000:])
+  run_on_two_devices(FOREIGN, "FOREIGN-OK")

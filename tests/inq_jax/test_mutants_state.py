@@ -6,6 +6,8 @@ by hand from the paper's formulas and the dtype's limits, never computed by the
 code under test.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -235,18 +237,6 @@ def test_state_exponent_errors():
   assert message(ValueError, inq.verify, params, per_channel) == (
       "d/kernel: the state's exponent n1 must be an int array of shape () "
       "(granularity='layer'), got int32[2]; the state does not belong to these params")
-  # float32 normals are 2^-126..2^127; at 8 bits n2 - 1 = n1 - 64.
-  for n1, ok in ((127, True), (128, False), (-62, True), (-63, False)):
-    edited = INQState(masks=state.masks, exponents={"d/kernel": jnp.int32(n1)},
-                      step=state.step, config=state.config)
-    if ok:
-      inq.verify(params, edited)
-      continue
-    assert message(ValueError, inq.advance, params, edited) == (
-        f"d/kernel: the state's exponent n1={n1} gives the 8-bit codebook "
-        f"2^{n1 - 63}..2^{n1}, but float32 holds normal numbers 2^-126..2^127 (init never "
-        "makes such an exponent); the state's exponents were edited or belong to another "
-        "model")
 
 
 def test_state_exponent_errors_per_channel_names_first_bad_channel():
@@ -382,21 +372,28 @@ def test_eager_only_messages_name_the_function():
       want.format("init"))
 
 
-def test_state_exponent_checked_against_the_leaf_dtype_float16():
-  # float16 normals are 2^-14..2^15; at 5 bits n2 - 1 = n1 - 8, so n1 must be in -6..15.
-  params = {"kernel": jnp.asarray([[1.0, -0.5], [0.25, 0.0]], jnp.float16)}
-  state = inq.init(params, cfg(bits=5))
+@pytest.mark.parametrize("dtype, bits, name, lo, hi, edges", [
+    # float32 normals are 2^-126..2^127; at 8 bits n2 - 1 = n1 - 64.
+    (jnp.float32, 8, "float32", -126, 127, ((127, True), (128, False), (-62, True),
+                                            (-63, False))),
+    # float16 normals are 2^-14..2^15; at 5 bits n2 - 1 = n1 - 8.
+    (jnp.float16, 5, "float16", -14, 15, ((15, True), (16, False), (-6, True), (-7, False)))])
+def test_state_exponent_checked_against_the_leaf_dtype(dtype, bits, name, lo, hi, edges):
+  params = {"kernel": jnp.asarray([[1.0, -0.5], [0.25, 0.0]], dtype)}
+  state = inq.init(params, cfg(bits=bits))
   assert int(state.exponents["kernel"]) == 0
-  for n1, ok in ((15, True), (16, False), (-6, True), (-7, False)):
-    edited = INQState(masks=state.masks, exponents={"kernel": jnp.int32(n1)},
-                      step=state.step, config=state.config)
+  shift = 2 ** (bits - 2) - 1  # n2 = n1 - shift
+  for n1, ok in edges:
+    edited = dataclasses.replace(state, exponents={"kernel": jnp.int32(n1)})
     if ok:
       inq.verify(params, edited)
       continue
-    assert message(ValueError, inq.verify, params, edited) == (
-        f"kernel: the state's exponent n1={n1} gives the 5-bit codebook 2^{n1 - 7}..2^{n1}, "
-        "but float16 holds normal numbers 2^-14..2^15 (init never makes such an exponent); "
-        "the state's exponents were edited or belong to another model")
+    for fn in (inq.advance, inq.verify):
+      assert message(ValueError, fn, params, edited) == (
+          f"kernel: the state's exponent n1={n1} gives the {bits}-bit codebook "
+          f"2^{n1 - shift}..2^{n1}, but {name} holds normal numbers 2^{lo}..2^{hi} (init "
+          "never makes such an exponent); the state's exponents were edited or belong to "
+          "another model")
 
 
 @pytest.mark.parametrize("edge", [127, -62])
