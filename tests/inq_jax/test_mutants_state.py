@@ -218,8 +218,7 @@ def test_state_type_and_tree_errors():
                          exponents=state.exponents, step=state.step, config=state.config)
   assert message(ValueError, inq.advance, params, scalar_mask) == (
       "d/kernel: params have shape (2, 2) but the state's mask has shape ()")
-  extra = INQState(masks=state.masks, exponents={**state.exponents, "e/kernel": jnp.int32(0)},
-                   step=state.step, config=state.config)
+  extra = dataclasses.replace(state, exponents={**state.exponents, "e/kernel": jnp.int32(0)})
   assert message(ValueError, inq.verify, params, extra) == (
       "state quantizes ['e/kernel'] which are not in params")
 
@@ -227,13 +226,11 @@ def test_state_type_and_tree_errors():
 def test_state_exponent_errors():
   params = small()
   state = inq.init(params, cfg(bits=8))
-  as_float = INQState(masks=state.masks, exponents={"d/kernel": jnp.float32(0)},
-                      step=state.step, config=state.config)
+  as_float = dataclasses.replace(state, exponents={"d/kernel": jnp.float32(0)})
   assert message(ValueError, inq.advance, params, as_float) == (
       "d/kernel: the state's exponent n1 must be an int array of shape () "
       "(granularity='layer'), got float32[]; the state does not belong to these params")
-  per_channel = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([0, 0])},
-                         step=state.step, config=state.config)
+  per_channel = dataclasses.replace(state, exponents={"d/kernel": jnp.asarray([0, 0])})
   assert message(ValueError, inq.verify, params, per_channel) == (
       "d/kernel: the state's exponent n1 must be an int array of shape () "
       "(granularity='layer'), got int32[2]; the state does not belong to these params")
@@ -243,15 +240,12 @@ def test_state_exponent_errors_per_channel_names_first_bad_channel():
   params = small()
   state = inq.init(params, cfg(bits=8, granularity="channel"))
   # Channel 0 holds the {0} codebook (legal), channel 1 an impossible n1.
-  edited = INQState(masks=state.masks,
-                    exponents={"d/kernel": jnp.asarray([-(2**30), 200], jnp.int32)},
-                    step=state.step, config=state.config)
+  edited = dataclasses.replace(state, exponents={"d/kernel": jnp.asarray([-(2**30), 200], jnp.int32)})
   assert message(ValueError, inq.verify, params, edited) == (
       "d/kernel: the state's exponent n1=200 gives the 8-bit codebook 2^137..2^200, but "
       "float32 holds normal numbers 2^-126..2^127 (init never makes such an exponent); "
       "the state's exponents were edited or belong to another model")
-  wrong_shape = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([0, 0, 0])},
-                         step=state.step, config=state.config)
+  wrong_shape = dataclasses.replace(state, exponents={"d/kernel": jnp.asarray([0, 0, 0])})
   assert message(ValueError, inq.verify, params, wrong_shape) == (
       "d/kernel: the state's exponent n1 must be an int array of shape (2,) "
       "(granularity='channel'), got int32[3]; the state does not belong to these params")
@@ -402,8 +396,7 @@ def test_state_exponent_message_skips_channels_at_the_edges(edge):
   # are legal; the message must name the bad channel after them.
   params = small()
   state = inq.init(params, cfg(bits=8, granularity="channel"))
-  edited = INQState(masks=state.masks, exponents={"d/kernel": jnp.asarray([edge, 200], jnp.int32)},
-                    step=state.step, config=state.config)
+  edited = dataclasses.replace(state, exponents={"d/kernel": jnp.asarray([edge, 200], jnp.int32)})
   assert message(ValueError, inq.advance, params, edited).startswith(
       "d/kernel: the state's exponent n1=200 gives the 8-bit codebook 2^137..2^200, but ")
 
