@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inq_jax import _packed
+from inq_jax import _state
 from inq_jax import quantize as inq
 from inq_jax._state import INQState
 
@@ -429,7 +431,6 @@ def test_advance_returns_copies_of_unquantized_leaves():
 def test_advance_cuts_leaves_on_the_host_on_cpu(monkeypatch):
   # On CPU the packed results come back whole and are cut on the host
   # (unpack=False): cutting them in XLA compiles one kernel per output array.
-  from inq_jax import _packed  # pylint: disable=g-import-not-at-top
   calls = []
   real = _packed.advance
 
@@ -463,7 +464,6 @@ def test_advance_keeps_committed_leaves_committed():
 def test_random_partition_draws_from_the_uint32_seed_and_step(seed):
   # The masks of step s are those of the key (seed, s) as uint32, whatever
   # the seed's size: seeds above 2^31 must not wrap to other masks.
-  from inq_jax import _packed  # pylint: disable=g-import-not-at-top
   w = jnp.asarray(np.random.default_rng(0).standard_normal((6, 7)), jnp.float32)
   config = cfg(strategy="random", seed=seed)
   state = inq.init({"kernel": w}, config)
@@ -480,7 +480,6 @@ def test_init_runs_the_per_leaf_subnormal_check_only_when_needed(monkeypatch):
   # round trip per leaf) runs only for a leaf whose top bit pattern is
   # subnormal: not for normal leaves of any dtype, all-zero leaves, or a leaf
   # whose largest |w| is exactly the smallest normal.
-  from inq_jax import _state  # pylint: disable=g-import-not-at-top
   calls = []
   real = _state._check_not_subnormal  # pylint: disable=protected-access
   monkeypatch.setattr(_state, "_check_not_subnormal",
