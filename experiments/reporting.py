@@ -12,6 +12,7 @@ import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -224,21 +225,35 @@ def codebook_fit(params, inq_state) -> dict:
   """{path: {"n1", "zero_fraction", "relative_error"}}: how each codebook fits its layer.
 
   What rounding every pretrained weight at once would do: the share rounded to
-  zero and ||round(w) - w|| / ||w||. Computed before any weight is quantized.
+  zero and ||round(w) - w|| / ||w||. Computed before any weight is quantized,
+  on this process's copy of the weights (no collective: each process of a
+  multi-host run computes it alone), in one compiled program for all layers
+  rather than one per layer shape (~0.6 s each on a 2-core CPU).
   """
-  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
   from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
+  layers = [(path, np.asarray(w, np.float32)) for path, w in leaves_with_paths(params)[0]
+            if path in inq_state.exponents]
+  if not layers:
+    return {}
+  bounds = [tuple(np.asarray(b) for b in inq_state.bounds(path)) for path, _ in layers]
+  zeros, norms = jax.device_get(_fit_stats([w for _, w in layers], bounds))
   out = {}
-  for path, w in leaves_with_paths(params)[0]:
-    if path not in inq_state.exponents:
-      continue
-    n1, n2 = inq_state.bounds(path)
-    w = np.asarray(w, np.float32)
-    q = np.asarray(inq.round_to_pow2(w, n1, n2), np.float32)
-    norm = float(np.linalg.norm(w))
-    out[path] = {"n1": int(np.max(n1)), "zero_fraction": float(np.mean(q == 0)),
-                 "relative_error": float(np.linalg.norm(q - w)) / norm if norm else 0.0}
+  for (path, w), (n1, _), z, (err, norm) in zip(layers, bounds, zeros, norms):
+    out[path] = {"n1": int(np.max(n1)), "zero_fraction": int(z) / w.size,
+                 "relative_error": float(err) / float(norm) if norm else 0.0}
   return out
+
+
+@jax.jit
+def _fit_stats(ws, bounds):
+  """(int32 [layers]: weights rounded to 0; float32 [layers, 2]: ||round(w) - w||, ||w||)."""
+  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
+  zeros, norms = [], []
+  for w, (n1, n2) in zip(ws, bounds):
+    q = inq.round_to_pow2(w, n1, n2)
+    zeros.append(jnp.sum(q == 0, dtype=jnp.int32))
+    norms.append(jnp.stack([jnp.linalg.norm(q - w), jnp.linalg.norm(w)]))
+  return jnp.stack(zeros), jnp.stack(norms)
 
 
 def warn_mostly_zero(fit: dict, bits: int, calibration: str) -> list:

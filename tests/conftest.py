@@ -9,23 +9,31 @@ Data: tests that need the real Fashion-MNIST files take `fmnist_data_dir` or
 `fmnist_idx_dir`; both FAIL (not skip) with the fix when the files are absent.
 """
 
+import contextlib
+import fcntl
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 # One persistent XLA compilation cache for the whole run: every xdist worker
 # and every subprocess a test starts (they inherit the environment). The
-# trainer rebuilds its jitted step each phase and many tests train the same
-# LeNet, so most long compilations are repeats; an entry is keyed by the
-# program, the compile options and the jax/jaxlib versions, so a stale one is
-# never used. Only programs that take at least a second to compile are stored:
-# the suite's thousands of small ones would cost more to write than to
-# compile. No size limit: with one, JAX rescans the whole folder on every write.
-# (Two workers writing the same entry at once can let a third read it half-
-# written; JAX then warns and compiles.) A JAX_COMPILATION_CACHE_DIR set by the
-# caller wins.
+# trainer rebuilds its jitted step each phase, and ~40 tests run the trainer
+# (many as fresh processes: the device-count, multi-process, kill/resume and
+# GCS tests), so most compilations are repeats of one another; an entry is keyed
+# by the program, the compile options and the jax/jaxlib versions, so a stale
+# one is never used. Every program is stored, however fast it compiled: a
+# smoke run compiles ~45 programs of ~0.1 s each, which a later process then
+# reads in milliseconds (measured side by side here: a warm smoke run took
+# 30 s with every program cached against 34 s with only those over 1 s).
+# No size limit: with one, JAX rescans the whole folder on every write. (Two
+# workers writing the same entry at once can let a third read it half-written;
+# JAX then warns and compiles.) A JAX_COMPILATION_CACHE_DIR set by the caller
+# wins.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "inq_jax_tests_xla_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -60,6 +68,33 @@ def _fail_skip(report, what: str) -> None:
   report.outcome = "failed"
   report.longrepr = (f"{what} was skipped, and skips fail under CI=true (issue #17): "
                      f"{_skip_reason(report.longrepr)}")
+
+
+# The test files that run full trainings, longest first (seconds of one worker
+# on a 2-core CPU with an empty compilation cache). They run first: with the
+# README's `-n 2 --dist worksteal`, each worker starts with half the tests in
+# order and an idle worker takes the back half of the other's queue, so the
+# run ends on short tests instead of one worker finishing a 2-minute run
+# alone. The 1-device smoke reference that test_distributed and
+# test_multihost share (`smoke_reference`) is then made by the first of them
+# while the other worker runs other tests, not waited for.
+_LONGEST_FIRST = (
+    "tests/experiments/test_multihost.py",  # 163 s
+    "tests/experiments/test_distributed.py",  # 107
+    "tests/experiments/study/test_sweep.py",  # 108
+    "tests/experiments/test_train.py",  # 150 (14 tests)
+    "tests/experiments/test_init_torchvision.py",  # 62
+    "tests/experiments/test_gcs.py",  # 59
+    "tests/experiments/test_configs.py",  # 48
+    "tests/test_packaging.py",  # 45
+    "tests/experiments/test_benchmarks.py",  # 99 (6 tests)
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  rank = {path: i for i, path in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -97,11 +132,67 @@ def fmnist_idx_dir():
   return DEBIAN_FASHION_MNIST
 
 
+def _shared_path(tmp_path_factory, name: str):
+  """A path every xdist worker of this test run shares (the run's own base folder without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+  """Holds an exclusive lock on `path`.lock: one process of the test run at a time."""
+  with open(f"{path}.lock", "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def fmnist_data_dir(fmnist_idx_dir, tmp_path_factory):
-  """A TFDS data_dir for the real Fashion-MNIST, prepared on first use.
+  """A TFDS data_dir holding the real Fashion-MNIST, prepared once per test run.
 
-  Fails (never skips) without the IDX files; see `fmnist_idx_dir`.
+  The xdist workers share it: the first to need it prepares it (all 70,000
+  examples, ~10 s on 2 cores) while the others wait on a file lock, so no two
+  processes ever prepare it at once. Fails (never skips) without the IDX files;
+  see `fmnist_idx_dir`.
   """
   del fmnist_idx_dir  # Only its check.
-  return str(tmp_path_factory.mktemp("tfds"))
+  path = _shared_path(tmp_path_factory, "tfds")
+  with _exclusive(path):
+    from experiments.configs import smoke  # pylint: disable=g-import-not-at-top
+    from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
+    config = smoke.get_config()
+    config.dataset.data_dir = str(path)
+    input_pipeline.get_dataset(config.dataset)  # prepares it where it is not yet
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def smoke_reference(fmnist_data_dir, tmp_path_factory):
+  """The workdir of the stock smoke config run on 1 (fake CPU) device, once per test run.
+
+  The device-count and multi-process tests (tests/experiments/test_distributed.py,
+  test_multihost.py) compare their runs with it and start them from its
+  baseline (`baseline_variables`, as init_checkpoint). It runs in a subprocess,
+  by tests/experiments/run_config.py (which also writes `masks.npz`), with only
+  the data directory set; the first worker to need it runs it while the others
+  wait on a file lock.
+  """
+  workdir = _shared_path(tmp_path_factory, "smoke_1_device")
+  with _exclusive(workdir):
+    if not (workdir / "results.json").is_file():
+      if workdir.exists():  # a failed attempt by another worker: start afresh
+        shutil.rmtree(workdir)
+      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                 PYTHONPATH=root, JAX_PLATFORMS="cpu")
+      proc = subprocess.run(
+          [sys.executable, os.path.join(root, "tests", "experiments", "run_config.py"),
+           "smoke", str(workdir), fmnist_data_dir], env=env, capture_output=True, text=True,
+          timeout=900, check=False, cwd=root)
+      if proc.returncode != 0:
+        pytest.fail(f"the 1-device smoke reference run failed ({proc.returncode}):\n"
+                    f"{proc.stderr[-4000:]}")
+  return workdir

@@ -3,7 +3,8 @@
 Each run is a subprocess (XLA_FLAGS must be set before JAX starts), driven by
 run_config.py, with the stock config as the README runs it: only the data
 directory is set (and, for 3 and 8 devices, the 1-device run's baseline as
-init_checkpoint).
+init_checkpoint). The 1-device run is the `smoke_reference` fixture
+(tests/conftest.py), run once for this test and test_multihost.py.
 
 What must hold, whatever the machine:
 - the same weights give the same test accuracy on any device count, exactly:
@@ -40,16 +41,21 @@ def run(workdir, devices, data_dir, *overrides, env=None):
   return proc
 
 
-def results_of(workdir, proc):
-  assert proc.returncode == 0, proc.stderr[-4000:]
+def results_and_masks(workdir):
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   return results, dict(np.load(os.path.join(workdir, "masks.npz")))
 
 
-def test_stock_smoke_config_on_1_3_and_8_devices(tmp_path, fmnist_data_dir):
-  one, one_masks = results_of(tmp_path / "one", run(tmp_path / "one", 1, fmnist_data_dir))
-  start = f"init_checkpoint={tmp_path / 'one' / 'baseline_variables'}"
+def results_of(workdir, proc):
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return results_and_masks(workdir)
+
+
+def test_stock_smoke_config_on_1_3_and_8_devices(tmp_path, fmnist_data_dir, smoke_reference):
+  one, one_masks = results_and_masks(smoke_reference)
+  assert one["num_devices"] == 1
+  start = f"init_checkpoint={smoke_reference / 'baseline_variables'}"
   for n in (3, 8):
     workdir = tmp_path / f"n{n}"
     results, masks = results_of(workdir, run(workdir, n, fmnist_data_dir, start))

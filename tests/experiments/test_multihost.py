@@ -3,7 +3,8 @@
 A TPU slice is several hosts, one JAX process each. Here the README's
 multi-host recipe runs as 2 processes on this machine (`jax.distributed` over
 127.0.0.1, CPU collectives over gloo, 2 fake devices per process), against
-1 process with 4 devices: the same global batch (96) on the same 4 devices.
+the stock smoke config on 1 process with 1 device (the `smoke_reference`
+fixture in tests/conftest.py, which test_distributed.py shares).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
   python -m experiments.main --config=experiments/configs/smoke.py --workdir=W \\
@@ -11,9 +12,9 @@ multi-host recipe runs as 2 processes on this machine (`jax.distributed` over
       --coordinator_address=127.0.0.1:PORT --num_processes=2 --process_id=I   # I = 0, 1
 
 The 2-process runs start from the 1-process run's baseline (`init_checkpoint`):
-a baseline trained on 2 processes drifts from the 1-process one in the last
-float bits (the cross-process all-reduce sums in another order), so only runs
-from the same weights can be compared exactly.
+a baseline trained on 2 processes x 2 devices drifts from the 1-device one in
+the last float bits (the all-reduce sums the gradients in another order), so
+only runs from the same weights can be compared exactly.
 
 What must hold, and is asserted:
 - the same weights give exactly the same test accuracy on 2 processes as on 1,
@@ -119,26 +120,16 @@ def exported(workdir):
   return {p: np.asarray(x) for p, x in leaves_with_paths({"params": params, **extras})[0]}
 
 
-def prepare_data(data_dir):
-  """Prepares the smoke splits once: processes started together must not all prepare them."""
-  from experiments.configs import smoke  # pylint: disable=g-import-not-at-top
-  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = smoke.get_config()
-  config.dataset.data_dir = data_dir
-  input_pipeline.get_dataset(config.dataset)
-
-
-def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmnist_data_dir):
-  prepare_data(fmnist_data_dir)
+def test_smoke_config_on_2_processes_matches_1_process_and_resumes(tmp_path, fmnist_data_dir,
+                                                                   smoke_reference):
   logs = tmp_path / "logs"
   logs.mkdir()
-  one, killed, same = (tmp_path / n for n in ("one", "killed", "same"))
+  killed, same = (tmp_path / n for n in ("killed", "same"))
 
-  # 1 process x 4 devices: the reference, and the baseline the 2-process runs start from.
-  finish([start([sys.executable, os.path.join(HERE, "run_config.py"), "smoke", str(one),
-                 fmnist_data_dir], env_for(4), logs / "one.0.log")], logs, "one")
+  # 1 process x 1 device: the reference, and the baseline the 2-process runs start from.
+  one = smoke_reference
   r1 = results(one)
-  assert r1["num_devices"] == 4
+  assert r1["num_devices"] == 1
   start_from = f"init_checkpoint={one / 'baseline_variables'}"
 
   # On 2 processes x 2 devices from that baseline, side by side: INQ uninterrupted
