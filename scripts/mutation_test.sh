@@ -70,6 +70,11 @@ mkdir -p "$WORK"
   echo "pytest_add_cli_args_test_selection ="
   for t in "${TESTS[@]}"; do [[ -e "$REPO/$t" ]] && echo "    $t"; done
   echo "use_git_change_detection = false"
+  # A mutant that breaks a loop's exit (the binary searches in _partition and
+  # _packed) spins inside one XLA while loop until mutmut's CPU-time limit,
+  # 2 * multiplier * (its tests' time + 1 s): with the default 15, ~5 minutes
+  # each. MUT_TIMEOUT_MULTIPLIER lowers it (changing it re-runs only timeouts).
+  [[ -n "${MUT_TIMEOUT_MULTIPLIER:-}" ]] && echo "timeout_multiplier = $MUT_TIMEOUT_MULTIPLIER"
   # Fork each mutant's run from a server that has NOT started XLA: forking a
   # process whose XLA thread pools are running deadlocks the child (seen with
   # the default process_isolation = fork: children sat at 0% CPU for minutes).
