@@ -33,7 +33,8 @@ case "$MODULE" in
              TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_core_hostile.py
                     tests/inq_jax/test_mutants_state.py tests/inq_jax/test_core_sharding.py) ;;
   packed)    SRC=inq_jax/_packed.py
-             TESTS=(tests/inq_jax/test_packed.py tests/inq_jax/test_state.py) ;;
+             TESTS=(tests/inq_jax/test_packed.py tests/inq_jax/test_state.py
+                    tests/inq_jax/test_mutants_packed.py) ;;
   packing)   SRC=inq_jax/_packing.py
              TESTS=(tests/inq_jax/test_export.py tests/inq_jax/test_verify_file.py
                     tests/inq_jax/test_mutants_packing.py) ;;

@@ -6,12 +6,13 @@ their helpers are checked here through them and directly, against values
 written out by hand or computed with numpy.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inq_jax import _codebook
 from inq_jax import _packed
-from inq_jax import quantize as inq
 
 ZERO = _packed._ZERO_ID  # pylint: disable=protected-access
 
@@ -54,3 +55,76 @@ def test_top_bits_are_the_largest_magnitude_bit_pattern(dtype, bits_of_three, ch
   assert [int(t) for t in top] == [bits_of_three]
   # n1 = floor(log2(4 * 3.0 / 3)) = 2 (paper Eq. 3)
   assert [int(n) for n in n1] == [2] and [int(c) for c in nonfinite] == [0]
+
+
+# --- _select_largest: every k, ties everywhere ------------------------------------------
+
+
+def reference_largest(keys, k):
+  """Mask of the k largest keys, ties to the lowest flat index (numpy's stable sort)."""
+  order = np.argsort(-keys.astype(np.int64), kind="stable")
+  mask = np.zeros(keys.size, bool)
+  mask[order[:k]] = True
+  return mask
+
+
+def test_select_largest_every_k_with_ties_matches_a_stable_sort():
+  # Two leaves (200 and 50 keys, padded to 2 rows and 1 row with the frozen key,
+  # as `advance` pads them) of small int keys with many ties; for every k of each
+  # leaf the mask is the stable-sort reference. The binary search over int32 bit
+  # patterns passes through every small threshold, and through each of them from
+  # intervals like [t - 1, t + 2], where a search that skips a value lands one
+  # below the threshold and takes every tied key.
+  sizes = (200, 50)
+  group = _packed.Group((0, 1), tuple((s,) for s in sizes), (2, 1))
+  rng = np.random.default_rng(0)
+  leaves = [rng.integers(0, 9, s).astype(np.int32) for s in sizes]
+  keys = np.full((3, _packed.ROW), _packed._FROZEN_KEY, np.int32)  # pylint: disable=protected-access
+  keys[:2].reshape(-1)[:200] = leaves[0]
+  keys[2, :50] = leaves[1]
+  seg = np.asarray([0, 0, 1], np.int32)
+  select = jax.jit(lambda keys, ks: _packed._select_largest(  # pylint: disable=protected-access
+      keys, ks, seg, 2, lambda mask: mask))
+  pads = np.asarray(group.pads, np.int32)
+  for k0 in range(sizes[0] + 1):
+    k1 = k0 % (sizes[1] + 1)
+    mask = np.asarray(select(jnp.asarray(keys), jnp.asarray([k0, k1], np.int32) + pads))
+    got = [mask[:2].reshape(-1)[:200], mask[2, :50]]
+    for leaf, k, g in zip(leaves, (k0, k1), got):
+      np.testing.assert_array_equal(g, reference_largest(leaf, k), err_msg=f"k={k}")
+    assert mask[1, 200 - 128:].all() and mask[2, 50:].all()  # padding: always selected
+
+
+def test_counts_stay_exact_in_a_leaf_of_more_than_2_to_the_24_weights():
+  # VGG-16's fc6 holds 102,760,448 weights. Counts above 2^24 = 16,777,216 are
+  # not exact in float32, so every count (compare-and-count passes, frozen
+  # counts) must stay integer: here a leaf of 2^24 + 2^20 + 7 distinct
+  # magnitudes, of which exactly k = size - 1001 (odd) must be frozen.
+  size = 2**24 + 2**20 + 7
+  # Consecutive float32 bit patterns from 2^-20 up, shuffled: distinct magnitudes
+  # whose per-row counts are anything from 0 to 128 (sorted, nearly every row's
+  # count would be 0 or 128, whose sums are exact in float32 too).
+  rank = np.random.default_rng(0).permutation(size).astype(np.int32)
+  w = jax.lax.bitcast_convert_type(jnp.asarray(rank) + 0x35800000, jnp.float32)
+  k = size - 1001
+  new_w, new_m, (nonfinite, frozen, outside) = _packed.advance(
+      [w], [jnp.zeros(size, bool)], [jnp.int32(0)], np.asarray([k], np.int32),
+      np.asarray([0, 0], np.uint32), bits=5, strategy="magnitude", unpack=True)
+  mask = np.asarray(new_m[0])
+  assert int(mask.sum()) == k
+  np.testing.assert_array_equal(mask, rank >= 1001)  # the k largest
+  assert [int(nonfinite[0]), int(frozen[0]), int(outside[0])] == [0, 0, 0]
+  del new_w
+
+
+def test_half_precision_mse_search_computes_in_float32():
+  # Squared rounding errors summed in bfloat16 (8 significant bits) lose most
+  # of the sum; the packed search must compute in float32 like the per-leaf
+  # `mse_exponent_bounds`, its reference (tested against float64 sums). Seeds
+  # 175 and 267 were found by search: layers whose best two candidates are
+  # close enough that summing in bfloat16 picks the other one.
+  leaves = [jnp.asarray(np.random.default_rng(seed).standard_t(2, 256) * 0.1, jnp.bfloat16)
+            for seed in (175, 267)]
+  _, _, n1 = _packed.init_stats(leaves, bits=3, channel=False, mse=True)
+  want = [int(_codebook.mse_exponent_bounds(w, 3)[0]) for w in leaves]
+  assert [int(n) for n in n1] == want
