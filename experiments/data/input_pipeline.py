@@ -332,7 +332,10 @@ def _fashion_mnist_builder(data_dir: Optional[str], manual_dir: Optional[str]):
   """A prepared Fashion-MNIST builder; see the module docstring for the order tried."""
   manual_dir = manual_dir or fashion_mnist_idx.DEBIAN_DIR
   own = fashion_mnist_idx.FashionMnistIdx(data_dir=data_dir, file_format="array_record")
-  if own.is_prepared() or fashion_mnist_idx.has_idx_files(manual_dir):
+  if own.is_prepared():
+    # TFDS's download_and_prepare would only check it again: ~0.65 s a run.
+    return own
+  if fashion_mnist_idx.has_idx_files(manual_dir):
     own.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir))
     return own
