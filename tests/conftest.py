@@ -19,14 +19,15 @@ import tempfile
 
 # One persistent XLA compilation cache for the whole run: every xdist worker
 # and every subprocess a test starts (they inherit the environment). The
-# trainer rebuilds its jitted step each phase, and ~40 tests run the trainer
-# (many as fresh processes: the device-count, multi-process, kill/resume and
-# GCS tests), so most compilations are repeats of one another; an entry is keyed
-# by the program, the compile options and the jax/jaxlib versions, so a stale
-# one is never used. Every program is stored, however fast it compiled: a
-# smoke run compiles ~45 programs of ~0.1 s each, which a later process then
-# reads in milliseconds (measured side by side here: a warm smoke run took
-# 30 s with every program cached against 34 s with only those over 1 s).
+# trainer rebuilds its jitted step each phase, and the tests make dozens of
+# trainer runs (many as fresh processes: the device-count, multi-process,
+# kill/resume and GCS tests), so most compilations are repeats of one another;
+# an entry is keyed by the program, the compile options and the jax/jaxlib
+# versions, so a stale one is never used. Every program is stored, however
+# fast it compiled: a smoke run compiles ~45 programs of ~0.1 s each, which a
+# later process reads in milliseconds (side by side on a loaded 2-core
+# machine, a warm smoke run took 30 s with every program cached against 34 s
+# with only those over 1 s).
 # No size limit: with one, JAX rescans the whole folder on every write. (Two
 # workers writing the same entry at once can let a third read it half-written;
 # JAX then warns and compiles.) A JAX_COMPILATION_CACHE_DIR set by the caller
@@ -71,7 +72,8 @@ def _fail_skip(report, what: str) -> None:
 
 
 # The test files that run full trainings, longest first (seconds of one worker
-# on a 2-core CPU with an empty compilation cache). They run first: with the
+# on a 2-core CPU with an empty compilation cache, before the shared smoke
+# reference and the caching of every program). They run first: with the
 # README's `-n 2 --dist worksteal`, each worker starts with half the tests in
 # order and an idle worker takes the back half of the other's queue, so the
 # run ends on short tests instead of one worker finishing a 2-minute run
