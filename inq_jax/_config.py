@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import re
 from typing import Optional, Tuple
 
 from inq_jax import _codebook

@@ -6,7 +6,6 @@ weight, ties at the threshold in several leaves at once (the lowest flat index
 of *each* leaf wins), several dtypes in one tree, per-channel exponents.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -143,7 +143,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, fmnist_data_dir, capsys):
   assert "| layer | 2-bit absmax | 2-bit mse |" in md
   with open(os.path.join(work, "seed0", "ptq_mse2", "results.json")) as f:
     fit = json.load(f)["codebook"]["conv1/kernel"]
-  assert (f"| `conv1/kernel` | " in md and f"{100 * fit['zero_fraction']:.0f}% / "
+  assert ("| `conv1/kernel` | " in md and f"{100 * fit['zero_fraction']:.0f}% / "
           f"{fit['relative_error']:.2f} (n1={fit['n1']}) |" in md)
   with open(os.path.join(report, sweep_report.DETAILS_JSON)) as f:
     last = json.load(f)["last_step"]
