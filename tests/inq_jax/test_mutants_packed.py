@@ -107,22 +107,23 @@ def test_counts_stay_exact_in_a_leaf_of_more_than_2_to_the_24_weights():
   rank = np.random.default_rng(0).permutation(size).astype(np.int32)
   w = jax.lax.bitcast_convert_type(jnp.asarray(rank) + 0x35800000, jnp.float32)
   k = size - 1001
-  new_w, new_m, (nonfinite, frozen, outside) = _packed.advance(
+  _, new_m, (nonfinite, frozen, outside) = _packed.advance(
       [w], [jnp.zeros(size, bool)], [jnp.int32(0)], np.asarray([k], np.int32),
-      np.asarray([0, 0], np.uint32), bits=5, strategy="magnitude", unpack=True)
+      np.asarray([0, 0], np.uint32), bits=5, strategy="magnitude")
   mask = np.asarray(new_m[0])
   assert int(mask.sum()) == k
   np.testing.assert_array_equal(mask, rank >= 1001)  # the k largest
   assert [int(nonfinite[0]), int(frozen[0]), int(outside[0])] == [0, 0, 0]
-  del new_w
 
 
 def test_half_precision_mse_search_computes_in_float32():
-  # Squared rounding errors summed in bfloat16 (8 significant bits) lose most
-  # of the sum; the packed search must compute in float32 like the per-leaf
+  # Squared rounding errors summed in bfloat16 (8 significant bits) are far
+  # less exact; the packed search must compute in float32 like the per-leaf
   # `mse_exponent_bounds`, its reference (tested against float64 sums). Seeds
   # 175 and 267 were found by search: layers whose best two candidates are
-  # close enough that summing in bfloat16 picks the other one.
+  # close enough that summing in bfloat16 picks the other one. In float64 they
+  # differ by 0.39% and 0.058%, far above float32's summation noise, so the
+  # result does not depend on the order a machine sums in.
   leaves = [jnp.asarray(np.random.default_rng(seed).standard_t(2, 256) * 0.1, jnp.bfloat16)
             for seed in (175, 267)]
   _, _, n1 = _packed.init_stats(leaves, bits=3, channel=False, mse=True)
