@@ -24,12 +24,15 @@ References:
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from experiments.models import cpu_conv
 
 Dtype = Any
 
@@ -95,14 +98,31 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
 # --------------------------------------------------------------------- LeNet
 
 
+@jax.custom_jvp
 def _max_pool_2x2(x):
-  """nn.max_pool(x, (2, 2), (2, 2)) for even H and W, as a reshape and a max.
-
-  Same values; its gradient avoids XLA:CPU's select-and-scatter, which is slow
-  enough on CPU to dominate a small net's train step.
-  """
+  """nn.max_pool(x, (2, 2), (2, 2)) for even H and W, as a reshape and a max."""
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@_max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+  # The tangent of the first tap that holds the max, chosen by three selects:
+  # linear in the tangent, so the gradient is three selects too. nn.max_pool's
+  # gradient is XLA's select-and-scatter, and the reshape-and-max's a compare,
+  # a count and a divide; both are slow enough on the CPU to matter in a small
+  # net's train step. (On an exact tie the first tap gets the whole gradient,
+  # a subgradient like the others'.)
+  (x,), (dx,) = primals, tangents
+  y = _max_pool_2x2(x)
+  b, h, w, c = x.shape
+  taps = lambda a: [a.reshape(b, h // 2, 2, w // 2, 2, c)[:, :, i, :, j] for i in (0, 1)
+                    for j in (0, 1)]
+  xs, dxs = taps(x), taps(dx)
+  dy = dxs[3]
+  for k in (2, 1, 0):
+    dy = jnp.where(xs[k] == y, dxs[k], dy)
+  return y, dy
 
 
 class LeNet(nn.Module):
@@ -115,10 +135,15 @@ class LeNet(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # no BN or dropout
     x = jnp.asarray(x, self.dtype)
-    x = nn.Conv(20, (5, 5), padding="VALID", dtype=self.dtype, name="conv1")(x)
-    x = _max_pool_2x2(nn.relu(x))
-    x = nn.Conv(50, (5, 5), padding="VALID", dtype=self.dtype, name="conv2")(x)
-    x = _max_pool_2x2(nn.relu(x))
+    # On the CPU each conv is one matrix product (see cpu_conv); same params.
+    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID", dtype=self.dtype,
+                             conv_general_dilated=cpu_conv.conv_general_dilated)
+    # relu(max(.)) == max(relu(.)) exactly; pooling first gives relu a quarter
+    # of the elements.
+    x = conv(20, name="conv1")(x)
+    x = nn.relu(_max_pool_2x2(x))
+    x = conv(50, name="conv2")(x)
+    x = nn.relu(_max_pool_2x2(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(500, dtype=self.dtype, name="fc1")(x))
     return _logits(nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x))
