@@ -14,6 +14,11 @@ more product on the same patches; the input gradient stays XLA's own
 (transposed) convolution, which beat both a scatter and a gather of the
 patches' gradient. Measured by `experiments.benchmarks.vs_pytorch`.
 
+Mind x's producer: XLA fuses an elementwise producer into the gather and
+recomputes it for each of the kh * kw reads of every element (LeNet's pooling
+is a reduction, which it does not fuse there; `lax.optimization_barrier` did
+not prevent it).
+
 Same sums in another order: results agree with `lax.conv_general_dilated` to
 float32 rounding (about 1e-6 relative), not bit for bit.
 
@@ -48,9 +53,6 @@ def _patch_indices(h: int, w: int, c: int, kh: int, kw: int) -> np.ndarray:
 def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
   """[b, h, w, c] -> [b * oh * ow, kh * kw * c]: every window, as one row."""
   b, h, w, c = x.shape
-  # Materialize x first: XLA would otherwise fuse x's producer (a pool, a
-  # relu) into the gather and recompute it for each of the kh * kw reads.
-  x = lax.optimization_barrier(x)
   return x.reshape(b, h * w * c)[:, _patch_indices(h, w, c, kh, kw)].reshape(-1, kh * kw * c)
 
 
