@@ -13,21 +13,25 @@ and the same thread count, timed in one process in interleaved rounds:
   frozen), compiled ahead of time, state donated, as training runs it;
 * `jax_base`: the same step with the base optimizer alone (no freeze);
 * `torch`: `torch.optim.SGD(momentum=0.9, weight_decay=5e-4)` in eager PyTorch,
-  NCHW, no freeze (PyTorch does strictly less work than `jax_freeze`).
+  NCHW, no freeze (PyTorch does strictly less work than `jax_freeze`);
+* `jax_xla_conv`: `jax_freeze` with `LeNet(cpu_matmul_conv=False)`, i.e. XLA's
+  own convolutions instead of `experiments.models.cpu_conv`'s matrix products.
 
 `ratio` is the median over rounds of jax_freeze / torch (target <= 1.0);
-`ratio_base` the same for jax_base. `--profile` adds a breakdown: forward
-alone and forward+backward (no optimizer) on each side.
+`ratio_base` the same for jax_base; `matmul_conv_speedup` the median of
+jax_xla_conv / jax_freeze (what the CPU convolution buys). `--profile` adds a
+breakdown: forward alone and forward+backward (no optimizer) on each side.
 
-Threads: PyTorch is set to `--threads` (default: the CPUs this process may use,
-`len(os.sched_getaffinity(0))`). XLA:CPU has no thread-count knob in JAX: its
-intra-op Eigen pool is sized to the CPUs it may use, so the default is the same
-number; run under `taskset -c 0-(N-1)` to give both sides N. With
-`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` XLA runs single-threaded (then
-pass `--threads 1`). On a loaded machine (load average above the core count)
-PyTorch's multi-threaded (OpenMP) kernels slow down far more than XLA's: there
-compare with `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false ... --threads 1` too,
-and read `load_average` before trusting `ratio`.
+Threads: `--threads N` (default: the CPUs this process may use) pins the whole
+process to N CPUs (`os.sched_setaffinity`, before JAX starts its thread pools)
+and sets PyTorch to N threads, so both sides get the same cores. XLA:CPU has no
+thread-count knob: `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` alone does
+not make it single-threaded (its runtime still runs independent ops and
+partitioned loops on other threads: unpinned it took 69-72 ms a step, pinned
+to one core 113 ms), so earlier one-thread ratios measured with that flag gave
+XLA two cores against PyTorch's one. On a loaded machine (load average above
+the core count) PyTorch's OpenMP kernels slow down far more than XLA's: read
+`load_average` before trusting `ratio`.
 
 Prints one JSON line (skips, with a message and exit status 0, when torch is
 not installed: `{"benchmark": "vs_pytorch", "skipped": "..."}`).
@@ -110,7 +114,13 @@ def main():
   except ImportError:
     print(json.dumps({"benchmark": "vs_pytorch", "skipped": "torch is not installed"}))
     return
-  threads = args.threads or len(os.sched_getaffinity(0))
+  cpus = sorted(os.sched_getaffinity(0))
+  threads = args.threads or len(cpus)
+  if threads > len(cpus):
+    raise ValueError(f"--threads {threads}: this process may use only {len(cpus)} CPUs")
+  # Before JAX's backend starts (its thread pools are sized to the CPUs it
+  # may use): both sides get the same cores.
+  os.sched_setaffinity(0, cpus[:threads])
   torch.set_num_threads(threads)
 
   config = fashion_mnist_lenet.get_config()
@@ -128,11 +138,12 @@ def main():
   batch = devices.put_batch({"image": images, "label": labels})
 
   runners = {}
-  for name in ("jax_freeze", "jax_base"):
+  for name in ("jax_freeze", "jax_base", "jax_xla_conv"):
     tx = (steps.base_optimizer(config, schedule) if name == "jax_base"
           else steps.make_optimizer(config, schedule, inq_state.masks))
     ts = _state(devices, jax.tree.map(jnp.copy, params), tx, jax.tree.map(jnp.copy, inq_state))
-    step = steps.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
+    net = model.clone(cpu_matmul_conv=False) if name == "jax_xla_conv" else model
+    step = steps.make_train_step(net, tx, devices, seed=0).lower(ts, batch).compile()
     box = [ts]
 
     def run(n, step=step, box=box):
@@ -211,12 +222,15 @@ def main():
       "ratio_base": _median(t["jax_base"] / t["torch"]),
       "ratio_q25": round(float(np.percentile(ratios, 25)), 4),
       "ratio_q75": round(float(np.percentile(ratios, 75)), 4),
+      "matmul_conv_speedup": _median(t["jax_xla_conv"] / t["jax_freeze"]),
       "jax_freeze_step_ms": _median(1e3 * t["jax_freeze"]),
       "jax_base_step_ms": _median(1e3 * t["jax_base"]),
+      "jax_xla_conv_step_ms": _median(1e3 * t["jax_xla_conv"]),
       "torch_step_ms": _median(1e3 * t["torch"]),
       "max_logit_diff": round(max_logit_diff, 6),
       "batch": args.batch, "steps_per_round": args.steps, "repeats": args.repeats,
       "threads": threads, "torch_threads": torch.get_num_threads(),
+      "cpus": sorted(os.sched_getaffinity(0)),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "torch": torch.__version__,

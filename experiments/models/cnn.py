@@ -126,18 +126,25 @@ def _max_pool_2x2_jvp(primals, tangents):
 
 
 class LeNet(nn.Module):
-  """LeNet (Caffe variant) for 28x28x1 inputs, with ReLUs; no BN."""
+  """LeNet (Caffe variant) for 28x28x1 inputs, with ReLUs; no BN.
+
+  ``cpu_matmul_conv``: on the CPU backend compute the convs as matrix products
+  (`cpu_conv`, the default); False keeps XLA's convolution everywhere (the
+  benchmark's reference). Same params and function either way.
+  """
 
   num_classes: int = 10
   dtype: Dtype = jnp.float32
+  cpu_matmul_conv: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no BN or dropout
     x = jnp.asarray(x, self.dtype)
     # On the CPU each conv is one matrix product (see cpu_conv); same params.
-    conv = functools.partial(nn.Conv, kernel_size=(5, 5), padding="VALID", dtype=self.dtype,
-                             conv_general_dilated=cpu_conv.conv_general_dilated)
+    conv = functools.partial(
+        nn.Conv, kernel_size=(5, 5), padding="VALID", dtype=self.dtype,
+        conv_general_dilated=cpu_conv.conv_general_dilated if self.cpu_matmul_conv else None)
     # relu(max(.)) == max(relu(.)) exactly; pooling first gives relu a quarter
     # of the elements.
     x = conv(20, name="conv1")(x)

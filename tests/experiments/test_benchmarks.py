@@ -71,15 +71,22 @@ def test_vs_pytorch_prints_its_ratio():
   assert line["benchmark"] == "vs_pytorch"
   pytest.importorskip("torch")
   assert "skipped" not in line and line["target"] == 1.0
-  for key in ("ratio", "ratio_base", "ratio_q25", "ratio_q75", "jax_freeze_step_ms",
-              "jax_base_step_ms", "torch_step_ms"):
+  for key in ("ratio", "ratio_base", "ratio_q25", "ratio_q75", "matmul_conv_speedup",
+              "jax_freeze_step_ms", "jax_base_step_ms", "jax_xla_conv_step_ms", "torch_step_ms"):
     assert isinstance(line[key], float) and line[key] > 0, key
   # Both sides compute the same function from the same weights.
   assert line["max_logit_diff"] < 1e-3
-  assert line["threads"] == line["torch_threads"] >= 1
+  assert line["threads"] == line["torch_threads"] == len(line["cpus"]) >= 1
   assert (line["batch"], line["steps_per_round"], line["repeats"]) == (16, 1, 2)
   assert isinstance(line["jax"], str) and isinstance(line["torch"], str)
   assert len(line["load_average"]) == 3
+
+
+def test_vs_pytorch_rejects_more_threads_than_cpus():
+  pytest.importorskip("torch")
+  out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.vs_pytorch",
+                        "--threads=4096"], capture_output=True, text=True, check=False)
+  assert out.returncode != 0 and "--threads 4096: this process may use only" in out.stderr
 
 
 def test_quantize_speed_rejects_a_bad_width_divisor():

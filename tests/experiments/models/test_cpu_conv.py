@@ -91,7 +91,8 @@ def conv_args(**overrides):
 
 @pytest.mark.parametrize("overrides", [
     {}, {"lhs_dilation": None, "rhs_dilation": None}, {"padding": ((0, 0), (0, 0))}])
-def test_plain_valid_conv_takes_the_matmul_path(overrides):
+def test_plain_valid_conv_takes_the_matmul_path(monkeypatch, overrides):
+  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
   x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
   jaxpr = str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(
       x, w, **conv_args(**overrides)))(x, w))
@@ -119,8 +120,10 @@ def test_anything_else_is_lax_conv(overrides):
                                 lax.conv_general_dilated(x, w, **args))
 
 
-def test_other_backends_get_lax_conv(monkeypatch):
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+@pytest.mark.parametrize("backend,cpus", [("gpu", 8), ("tpu", 8), ("cpu", 1)])
+def test_other_backends_and_one_core_get_lax_conv(monkeypatch, backend, cpus):
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: cpus)
   x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
   jaxpr = str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(x, w, **conv_args()))(
       x, w))
@@ -168,8 +171,12 @@ class ReferenceLeNet(nn.Module):
     return nn.Dense(10, name="fc2")(x)
 
 
-def test_lenet_matches_the_xla_convolution_lenet():
+def test_lenet_matches_the_xla_convolution_lenet(monkeypatch):
   """Same params (tree, shapes, init values), same logits and gradients to float32 rounding."""
+  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
+  jaxpr = str(jax.make_jaxpr(models.get_model("lenet", 10).init)(
+      jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
+  assert "conv_general_dilated" not in jaxpr  # the matmul path is what is compared
   model, ref = models.get_model("lenet", 10), ReferenceLeNet()
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
   ref_params = models.init_variables(ref, (1, 28, 28, 1), jax.random.key(0))["params"]
