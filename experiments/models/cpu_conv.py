@@ -25,8 +25,9 @@ float32 rounding (about 1e-6 relative), not bit for bit.
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so a model
 uses it through `nn.Conv(..., conv_general_dilated=conv_general_dilated)`:
 parameters, initializers and checkpoints are nn.Conv's. On other backends (GPU,
-TPU), on a CPU host that gives the process one core, and for any convolution that is not stride-1 'VALID' NHWC/HWIO without
-dilation or groups, it is `lax.conv_general_dilated` itself.
+TPU), on a CPU host that gives the process one core, and for any convolution
+that is not stride-1 'VALID' NHWC/HWIO without dilation or groups, it is
+`lax.conv_general_dilated` itself.
 """
 
 from __future__ import annotations
