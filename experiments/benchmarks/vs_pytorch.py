@@ -28,7 +28,7 @@ and sets PyTorch to N threads, so both sides get the same cores. XLA:CPU has no
 thread-count knob: `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` alone does
 not make it single-threaded (its runtime still runs independent ops and
 partitioned loops on other threads: unpinned it took 69-72 ms a step, pinned
-to one core 113 ms), so earlier one-thread ratios measured with that flag gave
+to one core 104-140 ms), so earlier one-thread ratios measured with that flag gave
 XLA two cores against PyTorch's one. On a loaded machine (load average above
 the core count) PyTorch's OpenMP kernels slow down far more than XLA's: read
 `load_average` before trusting `ratio`.
@@ -116,7 +116,7 @@ def main():
     return
   cpus = sorted(os.sched_getaffinity(0))
   threads = args.threads or len(cpus)
-  if threads > len(cpus):
+  if not 0 < threads <= len(cpus):
     raise ValueError(f"--threads {threads}: this process may use only {len(cpus)} CPUs")
   # Before JAX's backend starts (its thread pools are sized to the CPUs it
   # may use): both sides get the same cores.

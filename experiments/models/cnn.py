@@ -128,9 +128,10 @@ def _max_pool_2x2_jvp(primals, tangents):
 class LeNet(nn.Module):
   """LeNet (Caffe variant) for 28x28x1 inputs, with ReLUs; no BN.
 
-  ``cpu_matmul_conv``: on the CPU backend compute the convs as matrix products
-  (`cpu_conv`, the default); False keeps XLA's convolution everywhere (the
-  benchmark's reference). Same params and function either way.
+  ``cpu_matmul_conv``: on the CPU backend, with two or more cores, compute the
+  convs as matrix products (`cpu_conv`, the default); False keeps XLA's
+  convolution everywhere (the benchmark's reference). Same params, and the
+  same function to float32 rounding, either way.
   """
 
   num_classes: int = 10
@@ -141,7 +142,7 @@ class LeNet(nn.Module):
   def __call__(self, x, train: bool = False):
     del train  # no BN or dropout
     x = jnp.asarray(x, self.dtype)
-    # On the CPU each conv is one matrix product (see cpu_conv); same params.
+    # On a multi-core CPU each conv is one matrix product (see cpu_conv).
     conv = functools.partial(
         nn.Conv, kernel_size=(5, 5), padding="VALID", dtype=self.dtype,
         conv_general_dilated=cpu_conv.conv_general_dilated if self.cpu_matmul_conv else None)
