@@ -58,6 +58,13 @@ def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
   return x.reshape(b, h * w * c)[:, _patch_indices(h, w, c, kh, kw)].reshape(-1, kh * kw * c)
 
 
+def _times(patches: jax.Array, kernel: jax.Array, x_shape) -> jax.Array:
+  """patches @ kernel, as the [b, oh, ow, f] output of a conv of an x of x_shape."""
+  kh, kw, c, f = kernel.shape
+  b, h, w, _ = x_shape
+  return (patches @ kernel.reshape(kh * kw * c, f)).reshape(b, h - kh + 1, w - kw + 1, f)
+
+
 def _conv_xla(x, kernel):
   return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_NHWC_HWIO)
 
@@ -74,10 +81,7 @@ def conv_valid_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     [b, h - kh + 1, w - kw + 1, f], as `lax.conv_general_dilated(x, kernel,
     (1, 1), 'VALID')` computes it (to float32 rounding).
   """
-  kh, kw, c, f = kernel.shape
-  b, h, w, _ = x.shape
-  y = _patches(x, kh, kw) @ kernel.reshape(kh * kw * c, f)
-  return y.reshape(b, h - kh + 1, w - kw + 1, f)
+  return _times(_patches(x, *kernel.shape[:2]), kernel, x.shape)
 
 
 @functools.partial(conv_valid_matmul.defjvp, symbolic_zeros=True)
@@ -89,14 +93,11 @@ def _conv_valid_matmul_jvp(primals, tangents):
   # differentiated) cost nothing.
   x, kernel = primals
   dx, dkernel = tangents
-  kh, kw, c, f = kernel.shape
-  b, h, w, _ = x.shape
-  out_shape = (b, h - kh + 1, w - kw + 1, f)
-  patches = _patches(x, kh, kw)
-  y = (patches @ kernel.reshape(kh * kw * c, f)).reshape(out_shape)
-  dy = jnp.zeros(out_shape, y.dtype)
+  patches = _patches(x, *kernel.shape[:2])
+  y = _times(patches, kernel, x.shape)
+  dy = jnp.zeros_like(y)
   if not isinstance(dkernel, SymbolicZero):
-    dy = dy + (patches @ dkernel.reshape(kh * kw * c, f)).reshape(out_shape)
+    dy = dy + _times(patches, dkernel, x.shape)
   if not isinstance(dx, SymbolicZero):
     dy = dy + _conv_xla(dx, kernel)
   return y, dy

@@ -54,8 +54,8 @@ def test_gradients_match_xla_convolution(x_shape, w_shape):
   """Reverse mode (both arguments) and forward mode, against lax's convolution."""
   rng = np.random.default_rng(1)
   x, w = rand(rng, *x_shape), rand(rng, *w_shape)
-  out_shape = numpy_conv(x[:1], w).shape[1:]
-  cot = rand(rng, x_shape[0], *out_shape)
+  (b, h, wd, _), (kh, kw, _, f) = x_shape, w_shape
+  cot = rand(rng, b, h - kh + 1, wd - kw + 1, f)
   ref = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "VALID",
                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
   loss = lambda conv: (lambda x, w: jnp.sum(conv(x, w) * cot))
@@ -171,6 +171,33 @@ class ReferenceLeNet(nn.Module):
     return nn.Dense(10, name="fc2")(x)
 
 
+def decision_margin(params, x):
+  """Smallest gap, in float64, at which a pool, relu or fc1 relu could flip.
+
+  Each gap (best minus second-best tap of a pooling window; a pre-relu value's
+  distance from 0) is taken relative to its layer's largest |value|. Float32
+  sums in another order move values by about 1e-6 of that, so above 1e-5 no
+  CPU's summation order changes a decision, and the two gradients compare
+  to rounding.
+  """
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+  def pool(a):
+    b, h, w, c = a.shape
+    taps = np.sort(a.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+                   .reshape(b, h // 2, w // 2, c, 4), -1)
+    return taps[..., -1], taps[..., -1] - taps[..., -2]
+
+  gaps, a = [], np.asarray(x, np.float64)
+  for name in ("conv1", "conv2"):
+    a = numpy_conv(a, p[name]["kernel"]) + p[name]["bias"]
+    top, gap = pool(a)
+    gaps += [gap.min() / np.abs(a).max(), np.abs(top).min() / np.abs(a).max()]
+    a = np.maximum(top, 0)
+  h = a.reshape(len(a), -1) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  return min(gaps + [np.abs(h).min() / np.abs(h).max()])
+
+
 def test_lenet_matches_the_xla_convolution_lenet(monkeypatch):
   """Same params (tree, shapes, init values), same logits and gradients to float32 rounding."""
   monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
@@ -181,11 +208,14 @@ def test_lenet_matches_the_xla_convolution_lenet(monkeypatch):
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
   ref_params = models.init_variables(ref, (1, 28, 28, 1), jax.random.key(0))["params"]
   assert jax.tree.structure(params) == jax.tree.structure(ref_params)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_array_equal(a, b)
-  rng = np.random.default_rng(5)
-  x = rand(rng, 16, 28, 28, 1)
-  labels = jnp.asarray(rng.integers(0, 10, 16))
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  # Seed 20 of 40 tried at batch 4 has the widest margin (5.3e-5): with random
+  # images at batch 16 some pooling window has its two best taps within
+  # float32 rounding of each other, and which one wins depends on the CPU.
+  rng = np.random.default_rng(20)
+  x = rand(rng, 4, 28, 28, 1)
+  labels = jnp.asarray(rng.integers(0, 10, 4))
+  assert decision_margin(params, x) > 1e-5
 
   def loss(apply):
     return lambda p: -jnp.mean(jnp.take_along_axis(
@@ -195,8 +225,7 @@ def test_lenet_matches_the_xla_convolution_lenet(monkeypatch):
                              atol=1e-5 * np.abs(want_logits).max())
   got = jax.jit(jax.grad(loss(model.apply)))(params)
   want = jax.jit(jax.grad(loss(ref.apply)))(params)
-  for path, g in jax.tree_util.tree_flatten_with_path(got)[0]:
-    r = want
-    for k in path:
-      r = r[k.key]
-    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * np.abs(r).max(), err_msg=str(path))
+  jax.tree_util.tree_map_with_path(
+      lambda path, g, r: np.testing.assert_allclose(
+          g, r, rtol=0, atol=1e-5 * np.abs(r).max(), err_msg=jax.tree_util.keystr(path)),
+      got, want)
