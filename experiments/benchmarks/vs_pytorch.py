@@ -105,7 +105,8 @@ def main():
   parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
   parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
   parser.add_argument("--threads", type=int, default=0,
-                      help="PyTorch threads (0: the CPUs this process may use, as XLA)")
+                      help="CPUs for both sides: the process is pinned to this many and "
+                           "PyTorch gets as many threads (0: all the process may use)")
   parser.add_argument("--profile", action="store_true",
                       help="also time forward and forward+backward alone on each side")
   args = parser.parse_args()
