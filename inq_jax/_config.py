@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from typing import Optional, Tuple
 
 from inq_jax import _codebook
@@ -39,9 +40,16 @@ class INQConfig:
       their bulk at low bit-widths; an extension, see `mse_exponent_bounds`).
     seed: seeds the "random" partition, in [0, 2**32); every host derives the
       same masks.
+    layer_bits: per-layer bit widths, an extension: (regex, bits) pairs (or a
+      dict) over '/'-joined parameter paths; the first regex that matches a
+      quantized leaf gives its width, `bits` the rest. E.g. the first conv and
+      the classifier at 8 bits, the rest at 3: `bits=3, layer_bits={"^conv1/":
+      8, "^fc2/": 8}`. Each regex must match a quantized leaf.
 
   Example:
     >>> cfg = INQConfig(bits=4, portions=(0.3, 0.5, 0.8, 0.9, 0.95, 1.0))
+    >>> INQConfig(bits=3, layer_bits={"^conv1/": 8}).bits_for("conv1/kernel")
+    8
 
   Reference: arXiv:1702.03044, Sec. 2 and 3.
   """
@@ -54,6 +62,7 @@ class INQConfig:
   granularity: str = "layer"
   calibration: str = "absmax"
   seed: int = 0
+  layer_bits: Tuple[Tuple[str, int], ...] = ()
 
   def __post_init__(self):
     _codebook.check_bits(self.bits)
@@ -97,6 +106,7 @@ class INQConfig:
       raise ValueError(f"seed must be in [0, 2**32) (a uint32, what jax.random.key "
                        f"keeps), got {self.seed}")
     object.__setattr__(self, "seed", int(self.seed))
+    object.__setattr__(self, "layer_bits", _layer_bits(self.layer_bits))
 
   @property
   def num_steps(self) -> int:
@@ -106,5 +116,52 @@ class INQConfig:
     """Whether the leaf at '/'-joined `path` is quantized under this config."""
     return tree.matches(path, self.include, self.exclude)
 
+  def bits_for(self, path: str) -> int:
+    """The bit width of the leaf at '/'-joined `path`: its `layer_bits` entry, or `bits`."""
+    for pattern, bits in self.layer_bits:
+      if re.search(pattern, path):
+        return bits
+    return self.bits
+
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self) | {"portions": list(self.portions)}
+    """Plain JSON data (lists for tuples); `INQConfig.from_dict` reads it back."""
+    return dataclasses.asdict(self) | {"portions": list(self.portions),
+                                       "layer_bits": [list(p) for p in self.layer_bits]}
+
+  @classmethod
+  def from_dict(cls, data: dict) -> "INQConfig":
+    """The config `to_dict` wrote (unknown keys are refused, missing ones default)."""
+    if not isinstance(data, dict):
+      raise TypeError(f"INQConfig.from_dict needs a dict, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+      raise ValueError(f"INQConfig.from_dict: unknown keys {unknown}; known: {sorted(fields)}")
+    data = dict(data)
+    if "portions" in data and isinstance(data["portions"], list):
+      data["portions"] = tuple(data["portions"])
+    if "layer_bits" in data and isinstance(data["layer_bits"], list):
+      data["layer_bits"] = tuple(tuple(p) if isinstance(p, list) else p
+                                 for p in data["layer_bits"])
+    return cls(**data)
+
+
+def _layer_bits(pairs) -> Tuple[Tuple[str, int], ...]:
+  """`layer_bits` as a tuple of (regex, bits) pairs, every one checked."""
+  if isinstance(pairs, dict):
+    pairs = tuple(pairs.items())
+  if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+    raise TypeError(f"layer_bits must be a dict or a sequence of (regex, bits) pairs, got "
+                    f"{pairs!r}")
+  out = []
+  for pair in pairs:
+    if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2:
+      raise TypeError(f"layer_bits entries must be (regex, bits) pairs, got {pair!r}")
+    pattern, bits = pair
+    tree.check_regex(pattern, f"layer_bits regex {pattern!r}")
+    try:
+      bits = _codebook.check_bits(bits)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"layer_bits[{pattern!r}]: {e}") from None
+    out.append((pattern, bits))
+  return tuple(out)

@@ -54,7 +54,7 @@ class INQState:
   def bounds(self, path: str):
     """(n1, n2) of the leaf at `path`."""
     n1 = self.exponents[path]
-    return n1, _codebook.n2_from_n1(n1, self.config.bits)
+    return n1, _codebook.n2_from_n1(n1, self.config.bits_for(path))
 
   @property
   def done(self) -> bool:
@@ -213,6 +213,8 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   if not isinstance(config, INQConfig):
     raise TypeError(f"config must be an INQConfig, got {type(config).__name__}")
   _checks.check_eager("init", params, pruned)
+  if config.layer_bits:  # TODO(per-layer bits): remove once init/advance/verify honour it
+    raise NotImplementedError("INQConfig.layer_bits is not supported yet")
   chosen = _selected(params, config)
   pruned_masks = None if pruned is None else _pruned_masks(params, pruned, config)
   exponents = _init_exponents(chosen, config)
