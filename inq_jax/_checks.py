@@ -26,16 +26,19 @@ def is_tracer(x) -> bool:
 
 
 def check_eager(name: str, *trees) -> None:
-  """Raises if any leaf of `trees` is a tracer: `name` runs eagerly only.
+  """Raises if `name` is called under a transformation: it runs eagerly only.
 
   Its checks need concrete values (a NaN weight under jit would silently get
   the codebook {0}), and it runs once per phase, so nothing is gained by
-  tracing it.
+  tracing it. Caught both when an argument is a tracer and when the arguments
+  are concrete arrays closed over by a function being traced.
   """
-  for tree in trees:
-    if any(is_tracer(x) for x in jax.tree.leaves(tree)):
-      raise TypeError(f"{name} runs eagerly (its input checks need concrete values); "
-                      "call it outside jax.jit, jax.vmap and other transformations")
+  traced = any(is_tracer(x) for tree in trees for x in jax.tree.leaves(tree))
+  if traced or is_tracer(jnp.zeros((), bool)):  # an op is staged out only under a trace
+    raise TypeError(f"{name} runs eagerly (its input checks need concrete values); "
+                    "call it outside jax.jit, jax.vmap and other transformations (also "
+                    "not from inside a jitted function on closed-over arrays), once per "
+                    "phase, between the train steps")
 
 
 def check_float_leaf(path: str, leaf, verb: str):

@@ -28,6 +28,9 @@ ZERO_CODEBOOK = -(2**30)
 
 MIN_BITS, MAX_BITS = 2, 8
 
+# The unsigned integer of each float width, for bit-pattern arithmetic.
+UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
 
 def check_bits(bits) -> int:
   """Returns `bits` if it is a Python int in [2, 8], else raises a clear error."""
@@ -114,12 +117,18 @@ def exponent_bounds(max_abs, bits: int):
   s = jnp.asarray(max_abs)
   if not jnp.issubdtype(s.dtype, jnp.floating):
     s = s.astype(jnp.float32)
-  s = s.astype(_compute_dtype(s.dtype))
-  mantissa, exponent = jnp.frexp(s)
+  n1 = top_exponent(s.astype(_compute_dtype(s.dtype)))
+  return n1, n2_from_n1(n1, bits)
+
+
+def top_exponent(max_abs):
+  """n1 = floor(log2(4 max_abs / 3)) exactly (int32), `ZERO_CODEBOOK` where max_abs == 0.
+
+  `exponent_bounds` without its checks, for callers that checked (or trace) already.
+  """
+  mantissa, exponent = jnp.frexp(max_abs)
   n1 = exponent.astype(jnp.int32) - (mantissa < 0.75).astype(jnp.int32)
-  n1 = jnp.where(s > 0, n1, jnp.int32(ZERO_CODEBOOK))
-  n2 = n2_from_n1(n1, bits)
-  return n1, n2
+  return jnp.where(max_abs > 0, n1, jnp.int32(ZERO_CODEBOOK))
 
 
 def round_to_pow2(w, n1, n2):
@@ -229,16 +238,17 @@ def mse_exponent_bounds(w, bits: int, axes=None):
     raise TypeError(f"mse_exponent_bounds needs floating-point weights, got dtype {w.dtype}")
   x = w.astype(_compute_dtype(w.dtype))
   n1_max, _ = exponent_bounds(jnp.max(jnp.abs(x), axis=axes), bits)
-  best_n1 = mse_search(x, n1_max, bits, lambda n1: n1,
+  best_n1 = mse_search(x, n1_max, 1 - num_exponents(bits), lambda n1: n1,
                        lambda err: jnp.sum(err, axis=axes))
   return best_n1, n2_from_n1(best_n1, bits)
 
 
-def mse_search(x, n1_max, bits: int, at_weights, reduce):
+def mse_search(x, n1_max, shift, at_weights, reduce):
   """The candidate n1 = n1_max - d (d = 0..MSE_SEARCH_OCTAVES) of least squared error.
 
-  `at_weights(n1)` broadcasts per-codebook exponents against `x`, `reduce`
-  sums squared errors per codebook; ties keep the larger n1 (less saturation),
+  `at_weights(n1)` broadcasts per-codebook exponents against `x`, `shift` (n2 -
+  n1, an int or an int array broadcastable like `at_weights(n1)`) gives each
+  codebook's n2, `reduce` sums squared errors per codebook; ties keep the larger n1 (less saturation),
   and all-zero codebooks keep `ZERO_CODEBOOK`. Shared by `mse_exponent_bounds`
   (one leaf) and `inq_jax._packed` (every leaf at once).
   """
@@ -247,7 +257,7 @@ def mse_search(x, n1_max, bits: int, at_weights, reduce):
   for d in range(MSE_SEARCH_OCTAVES + 1):
     cand = jnp.where(empty, n1_max, n1_max - d)
     n1 = at_weights(cand)
-    err = reduce(jnp.square(round_to_pow2(x, n1, n2_from_n1(n1, bits)) - x))
+    err = reduce(jnp.square(_round(x, n1, n1 + shift) - x))
     if best_err is None:
       best_n1, best_err = cand, err
       continue
@@ -296,12 +306,19 @@ def in_codebook(w, n1, n2):
 
 def representable(n1, n2, dtype) -> bool:
   """True when every codebook value and bin edge 2^(n2-1)..2^n1 is a normal `dtype`."""
-  info = jnp.finfo(dtype)
-  n1 = np.asarray(n1)
-  n2 = np.asarray(n2)
-  real = n1 != ZERO_CODEBOOK
-  ok = (n1 <= int(info.maxexp) - 1) & (n2 - 1 >= int(info.minexp))
-  return bool(np.all(ok | ~real))
+  return not unrepresentable(n1, n2, dtype).any()
+
+
+def unrepresentable(n1, n2, dtype) -> np.ndarray:
+  """bool, shaped like n1: codebooks with a value or bin edge that is not a normal `dtype`.
+
+  The one rule for "can this dtype hold the codebook": `init` refuses such a
+  codebook, a state or a file that holds one was edited or made for another dtype.
+  """
+  lo, hi = dtype_exponent_range(dtype)
+  n1 = np.asarray(n1, np.int64)
+  n2 = np.asarray(n2, np.int64)
+  return (n1 != ZERO_CODEBOOK) & ((n1 > hi) | (n2 - 1 < lo))
 
 
 def dtype_exponent_range(dtype):

@@ -1,17 +1,31 @@
-"""Every quantized leaf in one packed array: one compiled program per run, not per shape.
+"""Every quantized leaf in one packed array per dtype: one compiled program per run.
 
-XLA compiles one program per distinct input signature. Per-leaf kernels meant
-~70 compilations for ResNet-50's 54 kernels on the first `advance` and ~90 in
-`init` (25 s and 9 s on a 2-core CPU), and a program holding one fusion per leaf
-is no better: its compile time grows with the number of leaves. Here the leaves
-of one dtype are flattened, each padded to a multiple of `ROW` and stacked into
-one `[rows, ROW]` array, so `init`, `advance` and `verify` are a handful of
-fusions over that array whatever the model: row r belongs to leaf `seg[r]`, and
-per-leaf quantities (the partition's k, n1) are gathered per row; per-leaf
-results are segment sums over rows.
+XLA compiles one program per distinct input signature, so per-leaf kernels mean
+dozens of compilations for a ResNet-50, and a program holding one fusion per
+leaf is no better: its compile time grows with the number of leaves. Here the
+leaves of one dtype are flattened, each padded to a multiple of `ROW` and
+stacked into one `[rows, ROW]` array, so `init`, `advance` and `verify` are a
+handful of fusions over that array whatever the model: row r belongs to leaf
+`seg[r]`, per-leaf quantities (the partition's k, n1, the bit width) are
+gathered per row, and per-leaf results are segment sums over rows.
 
 Padding is weight 0 and frozen: the selection takes it first (its key is the
 frozen key), so each leaf's k grows by its padding, and rounding never touches it.
+
+The partition's threshold search reads its keys ~31 times. Over a whole model
+the keys do not fit in any cache and every pass would stream them from memory,
+so the search runs bin by bin: a bin is a run of whole leaves of at most
+`BIN_ROWS` rows, searched in a loop over one fixed-size window (one compiled
+body for every bin, so compile time does not grow with the model), and only
+leaves larger than a bin are searched in place. Everything else reads the
+weights once or twice.
+
+Checksums: every quantized leaf carries two uint32 sums, over its frozen and
+over its still-float weights, of a hash of (bit pattern, index in the leaf).
+Sums modulo 2^32 do not depend on the order of addition, so they are the same
+on any device count and sharding; +0.0 and -0.0 hash alike (a frozen zero plus
+a zero update may change its sign bit). `inq_jax._state` compares them with the
+state's to notice frozen weights that moved and params that were not retrained.
 
 Reference: arXiv:1702.03044, Sec. 2 (the algorithm is unchanged; this is layout).
 """
@@ -26,21 +40,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from inq_jax import _codebook
+from inq_jax import _partition
+from inq_jax._partition import count as _count
+from inq_jax._partition import per_row as _per_row
+from inq_jax._partition import seg_sum as _seg_sum
 
-ROW = 128  # weights per row; per-row counts fit a uint8 (<= 255)
-_FROZEN_KEY = np.iinfo(np.int32).max  # above every |w| bit pattern (inf is 0x7f800000)
-UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+ROW = _partition.ROW
+# Rows of one cache-resident search window: 2^21 weights, 8 MB of int32 keys.
+BIN_ROWS = 1 << 14
+FROZEN_KEY = _partition.FROZEN_KEY
+
+# Stats `advance` measures before the step, one int per leaf each (see `advance`).
+BEFORE = ("nonfinite", "frozen", "outside", "zeros", "saturated", "frozen_sum", "float_sum")
 
 
 class Group(NamedTuple):
-  """Static layout of the leaves of one dtype (their positions in the leaf list)."""
+  """Static layout of the leaves of one dtype (their positions in the leaf list).
+
+  Leaves are packed in `index` order: leaves of at most `BIN_ROWS` rows first,
+  in bins of whole leaves, then the larger ones.
+  """
   index: Tuple[int, ...]
   shapes: Tuple[Tuple[int, ...], ...]
   rows: Tuple[int, ...]
+  bins: Tuple[Tuple[int, int], ...]  # (first row, end row) of each bin
+  big_start: int                     # first row of the leaves larger than a bin
 
   @property
   def pads(self):
     return tuple(r * ROW - int(np.prod(s)) for r, s in zip(self.rows, self.shapes))
+
+  @property
+  def starts(self):
+    return tuple(int(s) for s in np.cumsum((0,) + self.rows[:-1]))
+
+  @property
+  def total_rows(self) -> int:
+    return sum(self.rows)
 
 
 def groups(leaves) -> List[Group]:
@@ -48,12 +84,28 @@ def groups(leaves) -> List[Group]:
   by_dtype = {}
   for i, leaf in enumerate(leaves):
     by_dtype.setdefault(jnp.dtype(leaf.dtype), []).append(i)
-  out = []
-  for index in by_dtype.values():
-    shapes = tuple(tuple(leaves[i].shape) for i in index)
-    out.append(Group(tuple(index), shapes,
-                     tuple(-(-int(np.prod(s)) // ROW) for s in shapes)))
-  return out
+  return [_layout(leaves, index) for index in by_dtype.values()]
+
+
+def _rows(shape) -> int:
+  return -(-int(np.prod(shape)) // ROW)
+
+
+def _layout(leaves, index) -> Group:
+  small = [i for i in index if _rows(leaves[i].shape) <= BIN_ROWS]
+  big = [i for i in index if _rows(leaves[i].shape) > BIN_ROWS]
+  bins, start, end = [], 0, 0
+  for i in small:
+    r = _rows(leaves[i].shape)
+    if end + r - start > BIN_ROWS:
+      bins.append((start, end))
+      start = end
+    end += r
+  if end > start:
+    bins.append((start, end))
+  order = tuple(small + big)
+  shapes = tuple(tuple(leaves[i].shape) for i in order)
+  return Group(order, shapes, tuple(_rows(s) for s in shapes), tuple(bins), end)
 
 
 def _pack(arrays, group: Group, fill):
@@ -64,192 +116,285 @@ def _pack(arrays, group: Group, fill):
 
 def _unpack(packed, group: Group):
   """The per-leaf arrays of a packed group (jax arrays in a program, numpy views on the host)."""
-  flat, out, start = packed.reshape(-1), [], 0
-  for shape, rows in zip(group.shapes, group.rows):
-    out.append(flat[start:start + int(np.prod(shape))].reshape(shape))
-    start += rows * ROW
+  flat, out = packed.reshape(-1), []
+  for shape, start in zip(group.shapes, group.starts):
+    out.append(flat[start * ROW:start * ROW + int(np.prod(shape))].reshape(shape))
   return out
 
 
 def _segments(group: Group):
-  """int32 [rows]: which leaf of the group each row belongs to."""
-  starts = jnp.asarray(np.cumsum(group.rows)[:-1], jnp.int32)
-  row = jax.lax.iota(jnp.int32, sum(group.rows))
-  return jnp.sum(row[:, None] >= starts[None, :], axis=1, dtype=jnp.int32)
+  """int32 [rows]: which leaf of the group (its position in `group.index`) each row is.
+
+  Computed in the program (a search of each row among the leaves' first rows)
+  rather than embedded as a constant of one int per row.
+  """
+  row = jax.lax.iota(jnp.int32, group.total_rows)
+  return jnp.searchsorted(jnp.asarray(group.starts, jnp.int32), row, side="right",
+                          method="compare_all" if len(group.index) <= 8 else "scan") - 1
 
 
-def _seg_sum(per_row, seg, n):
-  return jax.ops.segment_sum(per_row, seg, n, indices_are_sorted=True)
-
-
-def _count(cond, seg, n):
-  """Per leaf: how many entries of the bool [rows, ROW] `cond` are True."""
-  per_row = jnp.sum(cond.astype(jnp.uint8), axis=1, dtype=jnp.uint8)
-  return _seg_sum(per_row.astype(jnp.int32), seg, n)
+def _local_index(group: Group, seg):
+  """uint32 [rows, ROW]: each weight's flat index in its own leaf."""
+  shape = (group.total_rows, ROW)
+  row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  lane = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  return (row - _per_row(np.asarray(group.starts, np.uint32), seg)) * jnp.uint32(ROW) + lane
 
 
 def _compute(w):
   return w.astype(jnp.float32) if jnp.dtype(w.dtype).itemsize < 4 else w
 
 
-def _per_row(values, seg):
-  return values[seg][:, None]
-
-
-def _bounds(n1s, group: Group, seg, bits):
+def _bounds(n1s, bits, group: Group, seg):
   """(n1, n2) broadcastable against the packed group: per row, or per weight."""
   n1s = [n1s[i] for i in group.index]
+  shift = _per_row(np.asarray([1 - _codebook.num_exponents(bits[i]) for i in group.index],
+                              np.int32), seg)
   if all(jnp.ndim(n) == 0 for n in n1s):
     n1 = _per_row(jnp.stack(n1s).astype(jnp.int32), seg)
   else:  # one codebook per output channel: broadcast along each leaf
     n1 = _pack([jnp.broadcast_to(n, s).astype(jnp.int32) for n, s in zip(n1s, group.shapes)],
                group, 0)
-  return n1, _codebook.n2_from_n1(n1, bits)
+  # The empty codebook keeps its marker; its n2 is never used (nothing rounds into it).
+  return n1, n1 + shift
 
 
-# --- init ---------------------------------------------------------------------------
+def _fit_counts(x, n1, n2, seg, n):
+  """Per leaf: (weights that round to 0, weights past the top bin, saturated to +-2^n1)."""
+  a = jnp.abs(x)
+  one = jnp.ones((), x.dtype)
+  real = n1 != _codebook.ZERO_CODEBOOK
+  zero = ~real | (a < jnp.ldexp(one, n2 - 1))
+  saturated = real & (a >= jnp.asarray(1.5, x.dtype) * jnp.ldexp(one, n1))
+  return _count(zero, seg, n), _count(saturated, seg, n)
+
+
+# --- checksums ------------------------------------------------------------------------
+
+_MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
+
+
+def _hash(w, group: Group, seg):
+  """uint32 [rows, ROW]: a hash of each weight's bit pattern and its index in its leaf."""
+  itemsize = jnp.dtype(w.dtype).itemsize
+  bits = jax.lax.bitcast_convert_type(w, _codebook.UINT[itemsize])
+  if itemsize == 8:
+    bits = (bits ^ (bits >> 32)).astype(jnp.uint32)
+  bits = jnp.where(w == 0, jnp.uint32(0), bits.astype(jnp.uint32))  # +0.0 and -0.0 alike
+  index = _local_index(group, seg)
+  h = (bits ^ (index * _MIX[0])) * _MIX[1]
+  return (h ^ (h >> 15)) * _MIX[2]
+
+
+def _hash_sums(h, where, seg, n):
+  per_row = jnp.sum(jnp.where(where, h, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+  return _seg_sum(per_row, seg, n)
+
+
+def checksum_reference(w: np.ndarray, where: np.ndarray) -> int:
+  """numpy: the checksum `_hash_sums` computes for one leaf (for tests and messages)."""
+  w = np.asarray(w)
+  where = np.broadcast_to(np.asarray(where, bool), w.shape).ravel()
+  w = w.ravel()
+  bits = w.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[w.dtype.itemsize])
+  if w.dtype.itemsize == 8:
+    bits = bits ^ (bits >> np.uint64(32))
+  bits = np.where(w == 0, 0, bits).astype(np.uint32)
+  index = np.arange(w.size, dtype=np.uint32)
+  with np.errstate(over="ignore"):
+    h = (bits ^ (index * _MIX[0])) * _MIX[1]
+    h = (h ^ (h >> np.uint32(15))) * _MIX[2]
+  return int(np.sum(h[where], dtype=np.uint32))
+
+
+# --- init -----------------------------------------------------------------------------
 
 
 def _top_bits(w):
   # The largest |w| as a bit pattern: integer compares are immune to the
   # flush-to-zero that makes a float max of subnormals read as 0.
-  bits = jax.lax.bitcast_convert_type(w, UINT[jnp.dtype(w.dtype).itemsize])
+  bits = jax.lax.bitcast_convert_type(w, _codebook.UINT[jnp.dtype(w.dtype).itemsize])
   return bits & ~jnp.asarray(1 << (8 * jnp.dtype(w.dtype).itemsize - 1), bits.dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("bits", "channel", "mse"))
-def init_stats(leaves, *, bits, channel, mse):
-  """(non-finite counts, top |w| bit patterns, n1) of the pretrained weights.
-
-  Three flat arrays, so that reading them back is one transfer: non-finite
-  counts one per leaf; top bit patterns (widened to one unsigned type) and n1
-  one per codebook, i.e. per leaf, or with `channel` per output channel, leaf
-  after leaf. Checks on these (finite, not all subnormal, representable) are
-  the caller's.
-  """
-  nonfinite, top, n1 = ([None] * len(leaves) for _ in range(3))
-  for group in groups(leaves):
-    seg, n = _segments(group), len(group.index)
-    ws = [leaves[i] for i in group.index]
-    packed = _pack(ws, group, 0)
-    counts = _count(~jnp.isfinite(packed), seg, n)
-    if channel:
-      # Per-channel reductions stay per leaf (a channel is strided in the packed rows).
-      for j, (i, w) in enumerate(zip(group.index, ws)):
-        axes = tuple(range(w.ndim - 1))
-        top[i] = jnp.max(_top_bits(w), axis=axes)
-        n1[i] = (_codebook.mse_exponent_bounds(w, bits, axes)[0] if mse else
-                 _codebook.exponent_bounds(_from_bits(top[i], w.dtype), bits)[0])
-    else:
-      tops = jax.ops.segment_max(jnp.max(_top_bits(packed), axis=1), seg, n,
-                                 indices_are_sorted=True)
-      n1_max = _codebook.exponent_bounds(_from_bits(tops, packed.dtype), bits)[0]
-      best = n1_max if not mse else _mse_search(_compute(packed), n1_max, seg, n, bits)
-      for j, i in enumerate(group.index):
-        top[i], n1[i] = tops[j:j + 1], best[j:j + 1]
-    for j, i in enumerate(group.index):
-      nonfinite[i] = counts[j:j + 1]
-  return tuple(jnp.concatenate(x) for x in (nonfinite, top, n1))
 
 
 def _from_bits(bits, dtype):
   return jax.lax.bitcast_convert_type(bits, dtype)
 
 
-def _mse_search(x, n1_max, seg, n, bits):
-  """`_codebook.mse_exponent_bounds` for every leaf of a packed group at once."""
-  return _codebook.mse_search(x, n1_max, bits, lambda n1: _per_row(n1, seg),
-                              lambda err: _seg_sum(jnp.sum(err, axis=1), seg, n))
+@functools.partial(jax.jit, static_argnames=("bits", "channel", "mse"))
+def init_stats(leaves, frozen, *, bits, channel, mse):
+  """What `init` needs from the pretrained weights, in one program.
 
+  Args:
+    leaves: the quantized (non-empty) leaves.
+    frozen: per leaf, a bool mask of its pruned weights (or a scalar False).
+    bits: per leaf, its codebook's bit width (static).
+    channel: one codebook per output channel instead of one per leaf.
+    mse: calibration "mse" instead of "absmax".
 
-# --- advance ------------------------------------------------------------------------
-
-
-def _select_largest(keys, ks, seg, n, finish):
-  """finish(mask) for the mask of the ks[leaf] largest int32 keys of each leaf.
-
-  Ties go to the lowest index. A binary search over bit patterns per leaf, all
-  leaves in one loop: each pass is one compare-and-count over the packed keys
-  (see `_partition`). `finish` runs inside the branches of a conditional, so
-  its results are materialized once, not recomputed inside every per-leaf
-  slice that reads them (XLA would otherwise fuse them into each, and compile
-  time would grow with the leaf count again).
+  Returns:
+    (per_leaf, top, n1): per_leaf is int64-safe int32 [leaves, 5]: non-finite
+    weights, weights the codebook rounds to 0, weights it saturates, and the
+    checksums of the frozen (pruned) and the other weights (as int32 bit
+    patterns of the uint32 sums); top (the largest |w| as a bit pattern, one
+    unsigned type) and n1 have one entry per codebook, i.e. per leaf or, with
+    `channel`, per output channel, leaf after leaf.
   """
-  def body(lo_hi):
-    lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # ceil midpoint, no int32 overflow
-    ok = _count(keys >= _per_row(mid, seg), seg, n) >= ks
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+  per_leaf, top, n1 = ([None] * len(leaves) for _ in range(3))
+  codebooks = [None] * len(leaves)  # n1 per leaf: a scalar, or one per output channel
+  for group in groups(leaves):
+    seg, n = _segments(group), len(group.index)
+    ws = [leaves[i] for i in group.index]
+    packed = _pack(ws, group, 0)
+    if channel:
+      # Per-channel reductions stay per leaf (a channel is strided in the packed rows).
+      for j, (i, w) in enumerate(zip(group.index, ws)):
+        axes = tuple(range(w.ndim - 1))
+        top[i] = jnp.max(_top_bits(w), axis=axes)
+        n1[i] = codebooks[i] = (
+            _codebook.mse_exponent_bounds(w, bits[i], axes)[0] if mse else
+            _codebook.top_exponent(_compute(_from_bits(top[i], w.dtype))))
+    else:
+      tops = jax.ops.segment_max(jnp.max(_top_bits(packed), axis=1), seg, n,
+                                 indices_are_sorted=True)
+      n1_max = _codebook.top_exponent(_compute(_from_bits(tops, packed.dtype)))
+      shift = _per_row(np.asarray([1 - _codebook.num_exponents(bits[i])
+                                   for i in group.index], np.int32), seg)
+      best = n1_max if not mse else _codebook.mse_search(
+          _compute(packed), n1_max, shift, lambda v: _per_row(v, seg),
+          lambda err: _seg_sum(jnp.sum(err, axis=1), seg, n))
+      for j, i in enumerate(group.index):
+        top[i], n1[i], codebooks[i] = tops[j:j + 1], best[j:j + 1], best[j]
+    n1b, n2b = _bounds(codebooks, bits, group, seg)
+    x = _compute(packed)
+    zeros, saturated = _fit_counts(x, n1b, n2b, seg, n)
+    pads = jnp.asarray(group.pads, jnp.int32)
+    frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
+                     group, False)
+    h = _hash(packed, group, seg)
+    valid = _valid(group, seg)
+    stats = (_count(~jnp.isfinite(x), seg, n), zeros - pads, saturated,
+             _as_int(_hash_sums(h, frozen_p, seg, n)),
+             _as_int(_hash_sums(h, ~frozen_p & valid, seg, n)))
+    stats = jnp.stack(stats, axis=1)
+    for j, i in enumerate(group.index):
+      per_leaf[i] = stats[j:j + 1]
+  return tuple(jnp.concatenate(x) for x in (per_leaf, top, n1))
 
-  lo, _ = jax.lax.while_loop(lambda c: jnp.any(c[0] < c[1]), body,
-                             (jnp.zeros(n, jnp.int32), jnp.full(n, _FROZEN_KEY, jnp.int32)))
-  threshold = _per_row(lo, seg)
-  above = keys > threshold
-  tied = keys == threshold
-  need = ks - _count(above, seg, n)
 
-  def lowest_tied():
-    # Position of each tied key among its leaf's tied keys, by flat index.
-    rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(tied.shape)
-    before = _seg_sum(jnp.sum(tied, axis=1, dtype=jnp.int32), seg, n)
-    before = jnp.cumsum(before) - before  # tied keys in earlier leaves
-    return tied & (rank - _per_row(before, seg) <= _per_row(need, seg))
+def _valid(group: Group, seg):
+  """bool [rows, ROW]: True for weights, False for the padding after each leaf."""
+  return _local_index(group, seg) < _per_row(
+      np.asarray([int(np.prod(s)) for s in group.shapes], np.uint32), seg)
 
-  return jax.lax.cond(jnp.any(_count(tied, seg, n) > need),
-                      lambda: finish(above | lowest_tied()), lambda: finish(above | tied))
+
+def _as_int(u):
+  return jax.lax.bitcast_convert_type(u, jnp.int32)
+
+
+# --- advance --------------------------------------------------------------------------
+
+
+def _thresholds(keys, ks, seg, group: Group):
+  """Per leaf: the k-th largest key (k = ks[leaf]), bin by bin (see the module doc)."""
+  n = len(group.index)
+  lo, hi = jnp.zeros(n, jnp.int32), jnp.full(n, FROZEN_KEY, jnp.int32)
+  small = sum(r <= BIN_ROWS for r in group.rows)  # leaves packed into bins come first
+  if group.bins:
+    window = max(end - start for start, end in group.bins)
+    firsts = jnp.asarray(np.asarray([s for s, _ in group.bins], np.int32))
+    starts = np.asarray(group.starts)
+    leaf_bin = np.full(n, -1, np.int32)
+    for b, (start, end) in enumerate(group.bins):
+      leaf_bin[(starts >= start) & (starts < end)] = b
+    leaf_bin = jnp.asarray(leaf_bin)
+
+    def one_bin(b, lo_hi):
+      # dynamic_slice clamps a window that would run past the end to end there:
+      # it still covers the bin, and rows of other leaves in it are inactive.
+      first = firsts[b]
+      k = jax.lax.dynamic_slice(keys, (first, 0), (window, ROW))
+      s = jax.lax.dynamic_slice(seg, (first,), (window,))
+      return _partition.search(k, ks, s, n, leaf_bin == b, *lo_hi)
+
+    lo, hi = jax.lax.fori_loop(0, len(group.bins), one_bin, (lo, hi))
+  if group.big_start < group.total_rows:
+    big = jnp.asarray(np.arange(n) >= small)
+    lo, hi = _partition.search(keys[group.big_start:], ks, seg[group.big_start:], n, big, lo, hi)
+  return lo
+
+
+def _random_keys(group: Group, seg, leaf_ids, seed_step):
+  """30 random bits per weight from (seed, step, leaf, index in leaf); below the frozen key.
+
+  Counter-based, so a leaf's draw does not depend on how the leaves are packed.
+  """
+  index = _local_index(group, seg)
+  salt = seed_step[0] * _MIX[2] ^ seed_step[1] * _MIX[1]
+  x = index ^ (_per_row(leaf_ids, seg) * _MIX[0]) ^ salt
+  for mult in (np.uint32(0x7FEB352D), np.uint32(0x846CA68B)):  # a 32-bit finalizer
+    x = (x ^ (x >> 16)) * mult
+  x = x ^ (x >> 16)
+  return (x >> 2).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "strategy", "unpack"))
-def advance(leaves, masks, n1s, ks, key, *, bits, strategy, unpack=True):
+def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
   """One INQ step over every quantized leaf; see `inq_jax._state.advance`.
 
   Args:
     leaves, masks, n1s: per quantized (non-empty) leaf: weights, frozen mask, n1.
     ks: int32 [len(leaves)], each leaf's frozen count after this step.
-    key: uint32 [seed, step]; the random partition draws from it (strategy "random").
-
+    seed_step: uint32 [seed, step]; the random partition draws from it.
+    bits: per leaf, its codebook's bit width (static).
+    strategy: "magnitude" or "random" (static).
     unpack: cut the per-leaf arrays out of the packed results here. False:
       return the packed (weights, masks) of each dtype group instead, for
       `split` on the host (see `inq_jax._state.advance`: on CPU that saves the
       one compiled kernel per output array that cutting them here costs).
 
   Returns:
-    (new leaves, new masks, stats) where stats holds three int32 vectors, one
-    entry per leaf, measured before the step: the non-finite weights, the
-    frozen weights and the frozen weights outside their codebook. The caller
-    checks them and discards the step if anything is wrong. With
-    `unpack=False` the first two are lists of packed arrays, one per group.
+    (new leaves, new masks, before, after). `before` is int32 [leaves,
+    len(BEFORE)], measured before the step: non-finite weights, frozen weights,
+    frozen weights outside their codebook, weights that round to 0, weights that
+    saturate, and the checksums of the frozen and the still-float weights.
+    `after` is int32 [leaves, 2]: the checksums after the step. The caller
+    checks them and discards the step if anything is wrong. With `unpack=False`
+    the first two are lists of packed arrays, one per group.
   """
   new_leaves, new_masks = [None] * len(leaves), [None] * len(leaves)
   packed_w, packed_m = [], []
-  nonfinite, frozen_count, outside = ([None] * len(leaves) for _ in range(3))
-  for g, group in enumerate(groups(leaves)):
+  before, after = [None] * len(leaves), [None] * len(leaves)
+  for group in groups(leaves):
     seg, n = _segments(group), len(group.index)
     w = _pack([leaves[i] for i in group.index], group, 0)
     frozen = _pack([masks[i].astype(bool) for i in group.index], group, True)
-    n1, n2 = _bounds(n1s, group, seg, bits)
+    n1, n2 = _bounds(n1s, bits, group, seg)
     x = _compute(w)
     pads = jnp.asarray(group.pads, jnp.int32)
+    valid = _valid(group, seg)
     member = _codebook.codebook_exponents(x, n1, n2, xp=jnp)[1]
+    zeros, saturated = _fit_counts(x, n1, n2, seg, n)
+    h = _hash(w, group, seg)
     stats = (_count(~jnp.isfinite(x), seg, n), _count(frozen, seg, n) - pads,
-             _count(frozen & ~member, seg, n))
+             _count(frozen & ~member, seg, n), zeros - pads, saturated,
+             _as_int(_hash_sums(h, frozen & valid, seg, n)),
+             _as_int(_hash_sums(h, ~frozen, seg, n)))
     if strategy == "magnitude":
       keys = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
     else:
-      # 30 random bits: strictly below the frozen key, so frozen weights always win.
-      step_key = jax.random.fold_in(jax.random.key(key[0]), key[1])
-      bits_ = jax.random.bits(jax.random.fold_in(step_key, g), w.shape, jnp.uint32)
-      keys = (bits_ >> 2).astype(jnp.int32)
-    keys = jnp.where(frozen, _FROZEN_KEY, keys)
-
-    def finish(selected, w=w, frozen=frozen, n1=n1, n2=n2):
-      # Earlier frozen weights pass through bit-identical; only new ones are rounded.
-      new = selected | frozen
-      return jnp.where(new & ~frozen, _codebook.round_to_pow2(w, n1, n2), w), new
-
-    w, new = _select_largest(keys, ks[np.asarray(group.index)] + pads, seg, n, finish)
+      keys = _random_keys(group, seg, np.asarray(group.index, np.uint32), seed_step)
+    keys = jnp.where(frozen, FROZEN_KEY, keys)
+    k = ks[np.asarray(group.index)] + pads
+    selected = _partition.take(keys, _thresholds(keys, k, seg, group), k, seg, n)
+    # Earlier frozen weights pass through bit-identical; only new ones are rounded.
+    new = selected | frozen
+    w = jnp.where(new & ~frozen, _codebook.round_to_pow2(w, n1, n2), w)
+    h = _hash(w, group, seg)
+    done = (_as_int(_hash_sums(h, new & valid, seg, n)), _as_int(_hash_sums(h, ~new, seg, n)))
+    stats, done = jnp.stack(stats, axis=1), jnp.stack(done, axis=1)
     for j, i in enumerate(group.index):
-      nonfinite[i], frozen_count[i], outside[i] = (s[j:j + 1] for s in stats)
+      before[i], after[i] = stats[j:j + 1], done[j:j + 1]
     if not unpack:
       packed_w.append(w)
       packed_m.append(new)
@@ -258,11 +403,10 @@ def advance(leaves, masks, n1s, ks, key, *, bits, strategy, unpack=True):
       new_leaves[i], new_masks[i] = a, m
   if not unpack:
     new_leaves, new_masks = packed_w, packed_m
-  return new_leaves, new_masks, tuple(
-      jnp.concatenate(x) for x in (nonfinite, frozen_count, outside))
+  return new_leaves, new_masks, jnp.concatenate(before), jnp.concatenate(after)
 
 
-# --- verify -------------------------------------------------------------------------
+# --- verify ---------------------------------------------------------------------------
 
 
 _ZERO_ID = 4096  # the id of the value 0; +-2^k is 4096 +- (k + 2048), in [1, 8191]
@@ -270,26 +414,31 @@ _ZERO_ID = 4096  # the id of the value 0; +-2^k is 4096 +- (k + 2048), in [1, 81
 
 @functools.partial(jax.jit, static_argnames=("bits",))
 def value_ids(leaves, masks, n1s, *, bits):
-  """(int32 value ids, packed per dtype group; per-leaf outside-codebook counts).
+  """(int32 value ids, packed per dtype group; int32 [leaves, 2]: outside count, checksum).
 
   The id of a frozen weight in its codebook names its value, the same in every
   channel: `_ZERO_ID` for 0, `_ZERO_ID +- (k + 2048)` for +-2^k (k >= -1100 in
   float64); 0 for weights that are not frozen or not in the codebook. The
-  packed ids come back whole (one transfer per group); `split` cuts them.
+  packed ids come back whole (one transfer per group); `split` cuts them. The
+  second result holds, per leaf, its frozen weights outside the codebook and
+  the checksum of its frozen weights.
   """
-  ids, outside = [], [None] * len(leaves)
+  ids, stats = [], [None] * len(leaves)
   for group in groups(leaves):
     seg, n = _segments(group), len(group.index)
-    w = _compute(_pack([leaves[i] for i in group.index], group, 0))
+    raw = _pack([leaves[i] for i in group.index], group, 0)
+    w = _compute(raw)
     frozen = _pack([masks[i].astype(bool) for i in group.index], group, False)
-    n1, n2 = _bounds(n1s, group, seg, bits)
+    n1, n2 = _bounds(n1s, bits, group, seg)
     k, member = _codebook.codebook_exponents(w, n1, n2, xp=jnp)
     value = jnp.where(w == 0, 0, jnp.sign(w).astype(jnp.int32) * (k.astype(jnp.int32) + 2048))
     ids.append(jnp.where(frozen & member, value + _ZERO_ID, 0))
-    bad = _count(frozen & ~member, seg, n)
-    for jj, i in enumerate(group.index):
-      outside[i] = bad[jj:jj + 1]
-  return ids, jnp.concatenate(outside)
+    frozen &= _valid(group, seg)
+    per_leaf = jnp.stack((_count(frozen & ~member, seg, n),
+                          _as_int(_hash_sums(_hash(raw, group, seg), frozen, seg, n))), axis=1)
+    for j, i in enumerate(group.index):
+      stats[i] = per_leaf[j:j + 1]
+  return ids, jnp.concatenate(stats)
 
 
 def split(packed, group: Group):
@@ -302,3 +451,8 @@ def distinct_and_zeros(ids: np.ndarray) -> Tuple[int, int, int]:
   counts = np.bincount(np.asarray(ids).reshape(-1), minlength=2 * _ZERO_ID)
   counts[0] = 0  # not frozen
   return int(counts.sum()), int(np.count_nonzero(counts)), int(counts[_ZERO_ID])
+
+
+def unsigned(sums) -> np.ndarray:
+  """The uint32 checksums of an int32 array of their bit patterns (host side)."""
+  return np.asarray(sums, np.int32).view(np.uint32)

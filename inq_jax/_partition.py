@@ -17,11 +17,12 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 STRATEGIES = ("magnitude", "random")
 
-_FROZEN_KEY = jnp.iinfo(jnp.int32).max  # Above every |w| bit pattern (inf is 0x7f800000).
-_ROW = 128  # keys per uint8 partial count (<= 255)
+ROW = 128  # keys per row; a row's count fits a uint8 (<= 255)
+FROZEN_KEY = int(np.iinfo(np.int32).max)  # above every |w| bit pattern (inf is 0x7f800000)
 
 
 def check_portion(portion) -> float:
@@ -58,42 +59,77 @@ def frozen_count(size: int, portion: float, pruned: int = 0) -> int:
   return pruned + min(unpruned, int(round(portion * unpruned)))
 
 
+def seg_sum(per_row, seg, n):
+  return jax.ops.segment_sum(per_row, seg, n, indices_are_sorted=True)
+
+
+def per_row(values, seg):
+  """Per-segment `values` gathered for each row, as a [rows, 1] column."""
+  return jnp.asarray(values)[seg][:, None]
+
+
+def count(cond, seg, n):
+  """Per segment: how many entries of the bool [rows, ROW] `cond` are True.
+
+  Counting through uint8 partial sums of ROW-key rows vectorizes better on CPU
+  than one int32 reduction.
+  """
+  rows = jnp.sum(cond.astype(jnp.uint8), axis=1, dtype=jnp.uint8)
+  return seg_sum(rows.astype(jnp.int32), seg, n)
+
+
+def search(keys, ks, seg, n, active, lo, hi):
+  """For each `active` segment, the largest t in [lo, hi] with count(keys >= t) >= k.
+
+  A binary search over int32 bit patterns (non-negative floats order like their
+  bit patterns), every segment in one loop: each pass is one compare-and-count
+  over `keys` [rows, ROW], whose row r belongs to segment seg[r]. Segments that
+  are not active keep their lo and hi.
+  """
+  def body(lo_hi):
+    lo, hi = lo_hi
+    mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # ceil midpoint, no int32 overflow
+    ok = count(keys >= per_row(mid, seg), seg, n) >= ks
+    return jnp.where(active & ok, mid, lo), jnp.where(active & ~ok, mid - 1, hi)
+
+  return jax.lax.while_loop(lambda c: jnp.any(active & (c[0] < c[1])), body, (lo, hi))
+
+
+def take(keys, threshold, ks, seg, n):
+  """The ks[segment] largest keys of each segment, given its k-th largest `threshold`.
+
+  Every key above the threshold, and of the keys equal to it the ones with the
+  lowest flat index. Usually every tied key is taken; only a real tie needs the
+  (slower) running count.
+  """
+  above = keys > per_row(threshold, seg)
+  tied = keys == per_row(threshold, seg)
+  need = ks - count(above, seg, n)
+
+  def lowest_tied():
+    rank = jnp.cumsum(tied.reshape(-1), dtype=jnp.int32).reshape(tied.shape)
+    before = seg_sum(jnp.sum(tied, axis=1, dtype=jnp.int32), seg, n)
+    before = jnp.cumsum(before) - before  # tied keys in earlier segments
+    return tied & (rank - per_row(before, seg) <= per_row(need, seg))
+
+  return above | jax.lax.cond(jnp.any(count(tied, seg, n) > need), lowest_tied,
+                              lambda: tied)
+
+
 def _select_largest(keys: jax.Array, k) -> jax.Array:
   """Boolean mask of the k largest int32 `keys` (>= 0), ties to the lowest index.
 
   `k` may be traced, so one compiled kernel serves every portion of a schedule.
+  The -1 padding is never counted: every probed threshold is >= 1.
   """
   flat = keys.reshape(-1)
-  k = jnp.asarray(k, jnp.int32)
-  # Counting through uint8 partial sums of 128-key rows vectorizes ~3x better
-  # on CPU than one int32 reduction. The -1 padding is never counted: every
-  # probed threshold is >= 1.
-  rows = jnp.pad(flat, (0, -flat.size % _ROW), constant_values=-1).reshape(-1, _ROW)
-
-  def count_at_least(t):
-    per_row = jnp.sum((rows >= t).astype(jnp.uint8), axis=1, dtype=jnp.uint8)
-    return jnp.sum(per_row, dtype=jnp.int32)
-
-  # Largest t with count(flat >= t) >= k, i.e. the k-th largest key. The loop
-  # keeps count(flat >= lo) >= k and ends when lo == hi (at most 31 passes).
-  def body(lo_hi):
-    lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2 + (hi - lo) % 2  # ceil midpoint, no int32 overflow
-    ok = count_at_least(mid) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
-
-  lo, _ = jax.lax.while_loop(lambda c: c[0] < c[1], body,
-                             (jnp.int32(0), jnp.int32(_FROZEN_KEY)))
-  above = flat > lo
-  tied = flat == lo
-  need = k - jnp.sum(above, dtype=jnp.int32)
-  # Usually every key at the threshold is taken; only a real tie needs the
-  # (slower) running count that gives it to the lowest indices.
-  take = jax.lax.cond(
-      jnp.sum(tied, dtype=jnp.int32) <= need,
-      lambda: tied,
-      lambda: tied & (jnp.cumsum(tied, dtype=jnp.int32) <= need))
-  return (above | take).reshape(keys.shape)
+  rows = jnp.pad(flat, (0, -flat.size % ROW), constant_values=-1).reshape(-1, ROW)
+  seg = jnp.zeros(rows.shape[0], jnp.int32)
+  k = jnp.asarray(k, jnp.int32).reshape(1)
+  every = jnp.ones(1, bool)
+  t, _ = search(rows, k, seg, 1, every, jnp.zeros(1, jnp.int32),
+                jnp.full(1, FROZEN_KEY, jnp.int32))
+  return take(rows, t, k, seg, 1).reshape(-1)[:flat.size].reshape(keys.shape)
 
 
 def _magnitude_keys(w):
@@ -108,12 +144,12 @@ def _partition(w, frozen, key, k, *, strategy):
   else:
     # 30 random bits: strictly below _FROZEN_KEY, so frozen weights always win.
     keys = (jax.random.bits(key, w.shape, jnp.uint32) >> 2).astype(jnp.int32)
-  keys = jnp.where(frozen, _FROZEN_KEY, keys)
+  keys = jnp.where(frozen, FROZEN_KEY, keys)
   return _select_largest(keys, k) | frozen
 
 
 @jax.jit
-def _keep_largest(w, keep, n_keep):
+def keep_largest(w, keep, n_keep):
   """Magnitude pruning: keeps the `n_keep` largest |w| among the `keep` weights.
 
   Weights outside `keep` (pruned before) rank below every kept one, so they stay

@@ -305,7 +305,7 @@ def prune_masks(params, config: PruneConfig, step: int, *, previous=None):
       out.append(_checks.place_like(jnp.ones((), bool), leaf))
       continue
     keep = jnp.broadcast_to(keep, jnp.shape(leaf))
-    mask = _partition._keep_largest(jnp.asarray(leaf), keep, jnp.int32(n_keep))
+    mask = _partition.keep_largest(jnp.asarray(leaf), keep, jnp.int32(n_keep))
     out.append(_checks.place_like(mask, leaf))
   return jax.tree_util.tree_unflatten(treedef, out)
 

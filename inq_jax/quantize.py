@@ -41,19 +41,25 @@ from inq_jax._codebook import n2_from_n1
 from inq_jax._codebook import round_to_pow2
 from inq_jax._config import DEFAULT_INCLUDE
 from inq_jax._config import INQConfig
+from inq_jax._advance import advance
+from inq_jax._advance import verify
+from inq_jax._init import CodebookFit
+from inq_jax._init import codebook_fit
+from inq_jax._init import init
 from inq_jax._partition import frozen_count
 from inq_jax._partition import partition
+from inq_jax._state import CodebookFitWarning
 from inq_jax._state import INQState
 from inq_jax._state import LeafSummary
-from inq_jax._state import advance
-from inq_jax._state import init
-from inq_jax._state import verify
+from inq_jax._state import StaleParamsWarning
+from inq_jax._state import abstract_state
 from inq_jax.prune import PruneConfig
 from inq_jax.prune import prune_masks
 from inq_jax.prune import pruned_count
 
 __all__ = [
-    "init", "advance", "verify", "INQConfig", "INQState", "LeafSummary",
+    "init", "advance", "verify", "abstract_state", "codebook_fit", "CodebookFit",
+    "CodebookFitWarning", "StaleParamsWarning", "INQConfig", "INQState", "LeafSummary",
     "DEFAULT_INCLUDE", "PruneConfig", "prune_masks", "pruned_count", "frozen_count",
     "partition", "ZERO_CODEBOOK", "exponent_bounds", "mse_exponent_bounds", "n2_from_n1",
     "round_to_pow2", "in_codebook", "max_distinct_values",

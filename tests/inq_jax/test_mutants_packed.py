@@ -13,6 +13,7 @@ import pytest
 
 from inq_jax import _codebook
 from inq_jax import _packed
+from inq_jax import _partition
 
 ZERO = _packed._ZERO_ID  # pylint: disable=protected-access
 
@@ -51,10 +52,14 @@ def test_top_bits_are_the_largest_magnitude_bit_pattern(dtype, bits_of_three, ch
   # The largest |w| is 3.0 (stored negative): its bit pattern with the sign bit
   # cleared, in the leaf's own width (written out by hand per dtype).
   leaf = jnp.asarray([[0.5], [-3.0], [0.25], [-0.0]], dtype)
-  nonfinite, top, n1 = _packed.init_stats([leaf], bits=5, channel=channel, mse=False)
+  per_leaf, top, n1 = _packed.init_stats([leaf], [jnp.zeros((), bool)], bits=(5,),
+                                         channel=channel, mse=False)
   assert [int(t) for t in top] == [bits_of_three]
   # n1 = floor(log2(4 * 3.0 / 3)) = 2 (paper Eq. 3)
-  assert [int(n) for n in n1] == [2] and [int(c) for c in nonfinite] == [0]
+  assert [int(n) for n in n1] == [2] and int(per_leaf[0][0]) == 0
+  # 5 bits: n2 = -5, so 0.5 and 0.25 are kept and only -0.0 rounds to zero;
+  # nothing reaches 1.5 * 2^2 = 6.
+  assert [int(per_leaf[0][1]), int(per_leaf[0][2])] == [1, 0]
 
 
 # --- _select_largest: every k, ties everywhere ------------------------------------------
@@ -68,7 +73,7 @@ def reference_largest(keys, k):
   return mask
 
 
-def test_select_largest_every_k_with_ties_matches_a_stable_sort():
+def test_search_and_take_every_k_with_ties_match_a_stable_sort():
   # Two leaves (200 and 50 keys, padded to 2 rows and 1 row with the frozen key,
   # as `advance` pads them) of small int keys with many ties; for every k of each
   # leaf the mask is the stable-sort reference. The binary search over int32 bit
@@ -76,16 +81,21 @@ def test_select_largest_every_k_with_ties_matches_a_stable_sort():
   # intervals like [t - 1, t + 2], where a search that skips a value lands one
   # below the threshold and takes every tied key.
   sizes = (200, 50)
-  group = _packed.Group((0, 1), tuple((s,) for s in sizes), (2, 1))
   rng = np.random.default_rng(0)
   leaves = [rng.integers(0, 9, s).astype(np.int32) for s in sizes]
-  keys = np.full((3, _packed.ROW), _packed._FROZEN_KEY, np.int32)  # pylint: disable=protected-access
+  keys = np.full((3, _packed.ROW), _packed.FROZEN_KEY, np.int32)
   keys[:2].reshape(-1)[:200] = leaves[0]
   keys[2, :50] = leaves[1]
-  seg = np.asarray([0, 0, 1], np.int32)
-  select = jax.jit(lambda keys, ks: _packed._select_largest(  # pylint: disable=protected-access
-      keys, ks, seg, 2, lambda mask: mask))
-  pads = np.asarray(group.pads, np.int32)
+  seg = jnp.asarray([0, 0, 1], np.int32)
+  pads = np.asarray([256 - 200, 128 - 50], np.int32)
+
+  @jax.jit
+  def select(keys, ks):
+    every = jnp.ones(2, bool)
+    t, _ = _partition.search(keys, ks, seg, 2, every, jnp.zeros(2, jnp.int32),
+                             jnp.full(2, _packed.FROZEN_KEY, jnp.int32))
+    return _partition.take(keys, t, ks, seg, 2)
+
   for k0 in range(sizes[0] + 1):
     k1 = k0 % (sizes[1] + 1)
     mask = np.asarray(select(jnp.asarray(keys), jnp.asarray([k0, k1], np.int32) + pads))
@@ -107,13 +117,13 @@ def test_counts_stay_exact_in_a_leaf_of_more_than_2_to_the_24_weights():
   rank = np.random.default_rng(0).permutation(size).astype(np.int32)
   w = jax.lax.bitcast_convert_type(jnp.asarray(rank) + 0x35800000, jnp.float32)
   k = size - 1001
-  _, new_m, (nonfinite, frozen, outside) = _packed.advance(
+  _, new_m, stats, _ = _packed.advance(
       [w], [jnp.zeros(size, bool)], [jnp.int32(0)], np.asarray([k], np.int32),
-      np.asarray([0, 0], np.uint32), bits=5, strategy="magnitude")
+      np.asarray([0, 0], np.uint32), bits=(5,), strategy="magnitude")
   mask = np.asarray(new_m[0])
   assert int(mask.sum()) == k
   np.testing.assert_array_equal(mask, rank >= 1001)  # the k largest
-  assert [int(nonfinite[0]), int(frozen[0]), int(outside[0])] == [0, 0, 0]
+  assert [int(x) for x in np.asarray(stats)[0, :3]] == [0, 0, 0]
 
 
 def test_half_precision_mse_search_computes_in_float32():
@@ -126,6 +136,7 @@ def test_half_precision_mse_search_computes_in_float32():
   # result does not depend on the order a machine sums in.
   leaves = [jnp.asarray(np.random.default_rng(seed).standard_t(2, 256) * 0.1, jnp.bfloat16)
             for seed in (175, 267)]
-  _, _, n1 = _packed.init_stats(leaves, bits=3, channel=False, mse=True)
+  _, _, n1 = _packed.init_stats(leaves, [jnp.zeros((), bool)] * 2, bits=(3, 3),
+                                channel=False, mse=True)
   want = [int(_codebook.mse_exponent_bounds(w, 3)[0]) for w in leaves]
   assert [int(n) for n in n1] == want

@@ -6,6 +6,7 @@ weight, ties at the threshold in several leaves at once (the lowest flat index
 of *each* leaf wins), several dtypes in one tree, per-channel exponents.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,9 +29,14 @@ def reference_select(w, frozen, k):
   return out.reshape(np.shape(w))
 
 
-def make_tree(rng, dtypes, tie_values=None):
+def before(stats):
+  """The `advance` stats before the step as {name: list per leaf}."""
+  return {name: [int(x) for x in col] for name, col in zip(_packed.BEFORE, np.asarray(stats).T)}
+
+
+def make_tree(rng, dtypes, tie_values=None, shapes=SHAPES):
   leaves, masks, n1s = [], [], []
-  for i, shape in enumerate(SHAPES):
+  for i, shape in enumerate(shapes):
     dtype = dtypes[i % len(dtypes)]
     if tie_values is None:
       w = rng.normal(size=shape)
@@ -42,6 +48,31 @@ def make_tree(rng, dtypes, tie_values=None):
   return leaves, masks, n1s
 
 
+def check_advance_against_reference(leaves, masks, n1s, bits):
+  for portion in (0.4, 0.7, 1.0):
+    ks = [max(int(np.sum(m)), int(round(portion * w.size))) for w, m in zip(leaves, masks)]
+    new_w, new_m, stats, after = _packed.advance(
+        leaves, masks, n1s, np.asarray(ks, np.int32), np.asarray([0, 0], np.uint32),
+        bits=bits, strategy="magnitude")
+    stats = before(stats)
+    assert stats["nonfinite"] == [0] * len(leaves)
+    assert stats["frozen"] == [int(np.sum(m)) for m in masks]
+    for i, (w, m, k) in enumerate(zip(leaves, masks, ks)):
+      want = reference_select(w, m, k)
+      np.testing.assert_array_equal(np.asarray(new_m[i]), want, err_msg=f"leaf {i}")
+      n2 = int(_codebook.n2_from_n1(1, bits[i]))
+      rounded = np.asarray(_codebook.round_to_pow2(w, 1, n2))
+      expect = np.where(want & ~np.asarray(m), rounded, np.asarray(w))
+      assert new_w[i].dtype == w.dtype and new_w[i].shape == w.shape
+      np.testing.assert_array_equal(np.asarray(new_w[i]), expect, err_msg=f"leaf {i}")
+      # The checksums before and after the step, against numpy.
+      assert _packed.unsigned(stats["frozen_sum"][i]) == _packed.checksum_reference(w, m)
+      assert _packed.unsigned(stats["float_sum"][i]) == _packed.checksum_reference(w, ~m)
+      assert _packed.unsigned(after[i][0]) == _packed.checksum_reference(new_w[i], new_m[i])
+      assert _packed.unsigned(after[i][1]) == _packed.checksum_reference(new_w[i], ~new_m[i])
+    leaves, masks = new_w, new_m
+
+
 @pytest.mark.parametrize("dtypes,ties", [
     ((jnp.float32,), None), ((jnp.float32,), (0.25, 0.5, 1.0)),
     ((jnp.float32, jnp.bfloat16, jnp.float16), (0.125, 0.5)),
@@ -49,23 +80,40 @@ def make_tree(rng, dtypes, tie_values=None):
 def test_advance_matches_per_leaf_reference(dtypes, ties):
   rng = np.random.default_rng(0)
   leaves, masks, n1s = make_tree(rng, dtypes, ties)
-  bits = 4
-  for portion in (0.4, 0.7, 1.0):
-    ks = [max(int(np.sum(m)), int(round(portion * w.size))) for w, m in zip(leaves, masks)]
-    new_w, new_m, (nonfinite, frozen, outside) = _packed.advance(
-        leaves, masks, n1s, np.asarray(ks, np.int32), np.asarray([0, 0], np.uint32),
-        bits=bits, strategy="magnitude")
-    assert list(nonfinite) == [0] * len(leaves)
-    assert list(frozen) == [int(np.sum(m)) for m in masks]
-    for i, (w, m, k) in enumerate(zip(leaves, masks, ks)):
-      want = reference_select(w, m, k)
-      np.testing.assert_array_equal(np.asarray(new_m[i]), want, err_msg=f"leaf {i}")
-      n2 = int(_codebook.n2_from_n1(1, bits))
-      rounded = np.asarray(_codebook.round_to_pow2(w, 1, n2))
-      expect = np.where(want & ~np.asarray(m), rounded, np.asarray(w))
-      assert new_w[i].dtype == w.dtype and new_w[i].shape == w.shape
-      np.testing.assert_array_equal(np.asarray(new_w[i]), expect, err_msg=f"leaf {i}")
-    leaves, masks = new_w, new_m
+  # Each leaf its own width (per-layer bits), 2 to 8.
+  check_advance_against_reference(leaves, masks, n1s, bits=(4, 2, 8, 3, 5, 4))
+
+
+@pytest.fixture
+def tiny_bins(monkeypatch, request):
+  """Search bins of a few rows, so that small trees have several bins and big leaves."""
+  monkeypatch.setattr(_packed, "BIN_ROWS", request.param)
+  jax.clear_caches()  # programs traced with the default bins must not be reused
+  yield request.param
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("tiny_bins", [1, 2, 3], indirect=True)
+def test_search_bin_by_bin_matches_the_reference(tiny_bins):
+  # Leaves of 1..4 rows: with bins of 1-3 rows some share a bin, some are larger
+  # than a bin (searched in place, packed last), and the last bins' windows run
+  # past the end of the bins (dynamic_slice moves them back).
+  shapes = [(128,), (3, 100), (1,), (2, 2, 3, 5), (129,), (4, 128), (5,), (127,)]
+  rng = np.random.default_rng(5)
+  leaves, masks, n1s = make_tree(rng, (jnp.float32, jnp.bfloat16), (0.25, 0.5, 1.0, 2.0),
+                                 shapes=shapes)
+  group = _packed.groups(leaves)[0]
+  assert any(end - start > tiny_bins for start, end in group.bins) is False
+  check_advance_against_reference(leaves, masks, n1s, bits=(5,) * len(shapes))
+
+
+def test_groups_put_leaves_larger_than_a_bin_last(monkeypatch):
+  monkeypatch.setattr(_packed, "BIN_ROWS", 2)
+  leaves = [jnp.zeros(s) for s in [(300,), (10,), (129,), (1000,), (5,)]]
+  (group,) = _packed.groups(leaves)
+  assert group.index == (1, 2, 4, 0, 3)  # 3 rows and 8 rows are larger than a bin
+  assert group.rows == (1, 2, 1, 3, 8)
+  assert group.bins == ((0, 1), (1, 3), (3, 4)) and group.big_start == 4
 
 
 def test_stats_count_each_leaf_separately():
@@ -77,11 +125,18 @@ def test_stats_count_each_leaf_separately():
   masks[4] = masks[4].at[0, 0].set(True)
   leaves[4] = leaves[4].at[0, 0].set(0.3)  # frozen but not 0 or +-2^k
   ks = np.asarray([int(np.sum(m)) for m in masks], np.int32)
-  _, _, (nonfinite, frozen, outside) = _packed.advance(
-      leaves, masks, n1s, ks, np.asarray([0, 0], np.uint32), bits=5, strategy="magnitude")
-  assert list(nonfinite) == [0, 0, 2, 0, 0, 0]
-  assert list(frozen) == [int(np.sum(m)) for m in masks]
-  assert list(outside) == [0, 0, 0, 0, 1, 0]
+  _, _, stats, _ = _packed.advance(
+      leaves, masks, n1s, ks, np.asarray([0, 0], np.uint32), bits=(5,) * 6,
+      strategy="magnitude")
+  stats = before(stats)
+  assert stats["nonfinite"] == [0, 0, 2, 0, 0, 0]
+  assert stats["frozen"] == [int(np.sum(m)) for m in masks]
+  assert stats["outside"] == [0, 0, 0, 0, 1, 0]
+  # Rounds to zero: |w| < 2^(n2 - 1) = 2^-7 (n1 = 1, 5 bits); saturates: |w| >= 3.
+  for i, w in enumerate(leaves):
+    a = np.abs(np.asarray(w, np.float32))
+    assert stats["zeros"][i] == int(np.sum(a < 2.0**-7)), i
+    assert stats["saturated"][i] == int(np.sum(a >= 3.0)), i
 
 
 def test_random_strategy_freezes_exactly_k_and_keeps_frozen():
@@ -89,11 +144,17 @@ def test_random_strategy_freezes_exactly_k_and_keeps_frozen():
   leaves, masks, n1s = make_tree(rng, (jnp.float32, jnp.float16))
   ks = np.asarray([max(int(np.sum(m)), w.size // 2) for w, m in zip(leaves, masks)], np.int32)
   key = np.asarray([7, 3], np.uint32)
-  _, new_m, _ = _packed.advance(leaves, masks, n1s, ks, key, bits=5, strategy="random")
-  again = _packed.advance(leaves, masks, n1s, ks, key, bits=5, strategy="random")[1]
+  bits = (5,) * len(leaves)
+  _, new_m, _, _ = _packed.advance(leaves, masks, n1s, ks, key, bits=bits, strategy="random")
+  again = _packed.advance(leaves, masks, n1s, ks, key, bits=bits, strategy="random")[1]
+  other = _packed.advance(leaves, masks, n1s, ks, np.asarray([7, 4], np.uint32), bits=bits,
+                          strategy="random")[1]
   for m, new, k, same in zip(masks, new_m, ks, again):
     assert int(np.sum(new)) == k and np.all(np.asarray(new)[np.asarray(m)])
     np.testing.assert_array_equal(np.asarray(new), np.asarray(same))
+  # Another step draws other weights (in the larger leaves, where there is a choice).
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(new_m[3:], other[3:]))
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
