@@ -137,7 +137,8 @@ def test_chosen_layout_is_near_the_smallest(zero_fraction):
   magnitudes = rng.geometric(0.45, 200_000).clip(1, 8)
   codes = (magnitudes | (rng.integers(0, 2, 200_000) << 4)).astype(np.uint8)
   codes[rng.random(200_000) < zero_fraction] = 0
-  every = _packing.encode_sections(codes, 5)
+  every = {name: _packing.encode_layout(codes, 5, name)
+           for name in _packing.QUANTIZED_LAYOUTS}
   layout, data = _packing.encode_best(codes, 5)
   assert len(data) <= 1.02 * min(len(v) for v in every.values()), (
       layout, {k: len(v) for k, v in every.items()})
@@ -376,7 +377,8 @@ def test_pack_and_sections_round_trip(bits, n, zero_frac, seed):
   packed = _packing.pack(codes, bits)
   assert len(packed) == _packing.packed_size(n, bits)
   np.testing.assert_array_equal(_packing.unpack(packed, n, bits), codes)
-  for layout, data in _packing.encode_sections(codes, bits).items():
+  for layout in _packing.QUANTIZED_LAYOUTS:
+    data = _packing.encode_layout(codes, bits, layout)
     np.testing.assert_array_equal(_packing.decode_section(data, layout, n, bits), codes)
 
 

@@ -104,8 +104,7 @@ def test_tampered_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress
     e = entry(header, "dense/kernel")
     codes = export.read_codes(tmp_path / "m.inq")["dense/kernel"].codes.reshape(-1).copy()
     codes[7] = 0b01100  # m = 12 > 2^(5-2) = 8: names no exponent of the codebook
-    sections = _packing.encode_sections(codes, 5, (e["layout"],))
-    new = sections[e["layout"]]
+    new = _packing.encode_layout(codes, 5, e["layout"])
     old_len = e["length"]
     data[e["offset"]:e["offset"] + old_len] = new
     for other in header["leaves"]:
