@@ -99,7 +99,7 @@ def _quantized_section(path, w, n1, bits, compress):
   # Guards the exact round trip through the very table `load` decodes with.
   back = _packing.decode_values(codes, n1, bits, w.dtype)
   as_bits = f"u{w.dtype.itemsize}"  # compared as bit patterns: -0.0 is not +0.0
-  if not np.array_equal(back.view(as_bits), np.ascontiguousarray(w).view(as_bits)):
+  if not np.array_equal(back.view(as_bits), np.asarray(w, order="C").view(as_bits)):
     raise ValueError(f"{path}: the {w.dtype} weights do not survive the code round trip")
   layout, data = _packing.encode_best(codes, bits, compress)
   return data, {"kind": "quantized", "layout": layout, "bits": bits, "n1": n1_json}
