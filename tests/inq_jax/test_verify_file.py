@@ -1,4 +1,4 @@
-"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged and tampered files."""
+"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged files and invalid codes."""
 
 import json
 import os
@@ -97,7 +97,7 @@ def test_edited_float_leaf_is_flagged(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_tampered_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress):
+def test_invalid_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress):
   export_model(tmp_path / "m.inq", bits=5, compress=compress)
 
   def edit(header, data):
