@@ -134,9 +134,10 @@ class _Checker:
     entries = header["leaves"]
     if not isinstance(entries, list):
       raise self.error(f"corrupt: header 'leaves' is {type_phrase(entries)}, not a list")
+    widths = self.widths(header["inq"], bits)
     leaves, end = [], 0
     for i, entry in enumerate(entries):
-      leaf = self.entry(i, entry, bits, end)
+      leaf = self.entry(i, entry, widths, end)
       end = leaf.offset + leaf.length
       leaves.append(leaf)
     if end != self.data_len:
@@ -157,7 +158,25 @@ class _Checker:
       raise self.error(f"corrupt: leaves {unnamed[:4]} appear in no tree")
     return leaves
 
-  def entry(self, i, entry, bits, start) -> Leaf:
+  def widths(self, inq, bits):
+    """The code widths a quantized entry may have: `bits`, and `layer_bits`' widths.
+
+    A file of one width keeps `layer_bits` empty (or, written before it
+    existed, absent), so each entry's width must be the header's; the
+    regexes themselves are not evaluated (a file's regex is not run).
+    """
+    pairs = inq.get("layer_bits", [])
+    if not isinstance(pairs, list):
+      raise self.error(f"corrupt: header inq layer_bits is {type_phrase(pairs)}, not a list")
+    widths = {bits}
+    for pair in pairs:
+      if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+        raise self.error(f"corrupt: header inq layer_bits entry {brief(pair)} is not a "
+                         "[regex, bits] pair")
+      widths.add(self.int_in(pair[1], f"header inq layer_bits[{pair[0]!r}]", 2, 8))
+    return frozenset(widths)
+
+  def entry(self, i, entry, widths, start) -> Leaf:
     if not isinstance(entry, dict):
       raise self.error(f"corrupt: leaf entry {i} is {type_phrase(entry)}, not an object")
     path = entry.get("path")
@@ -209,7 +228,7 @@ class _Checker:
         raise self.error(f"{where}: {length} bytes, expected {count * dtype.itemsize} "
                          f"for {shape} {name}")
     else:
-      leaf_bits, n1 = self.quantized(where, entry, group, layout, shape, name, bits)
+      leaf_bits, n1 = self.quantized(where, entry, group, layout, shape, name, widths)
       least = _packing.min_section_bytes(layout, count, leaf_bits)
       if length < least or (layout == _packing.LAYOUT_PACKED and length != least):
         raise self.error(f"{where}: a {layout} section of {length} bytes cannot hold "
@@ -217,7 +236,7 @@ class _Checker:
     return Leaf(i, path, group, kind, shape, dtype, layout, offset, length, crc, leaf_bits,
                 n1)
 
-  def quantized(self, where, entry, group, layout, shape, dtype_name, bits):
+  def quantized(self, where, entry, group, layout, shape, dtype_name, widths):
     """(bits, n1 int64 array) of a quantized entry, every field checked."""
     if group != "params":
       raise self.error(f"{where}: a quantized leaf in group {group!r}; only params are "
@@ -226,8 +245,11 @@ class _Checker:
       raise self.error(f"{where}: unknown layout {brief(layout)}; expected one of "
                        f"{_packing.QUANTIZED_LAYOUTS}")
     leaf_bits = self.int_in(entry["bits"], f"{where}: bits", 2, 8)
-    if leaf_bits != bits:
-      raise self.error(f"{where}: {leaf_bits}-bit codes in a {bits}-bit file")
+    if leaf_bits not in widths:
+      if len(widths) == 1:
+        raise self.error(f"{where}: {leaf_bits}-bit codes in a {min(widths)}-bit file")
+      raise self.error(f"{where}: {leaf_bits}-bit codes in a file whose widths are "
+                       f"{sorted(widths)} (its bits and layer_bits)")
     raw_n1 = entry["n1"]
     if isinstance(raw_n1, list):
       if not shape or len(raw_n1) != shape[-1]:

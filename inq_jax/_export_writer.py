@@ -233,7 +233,8 @@ def save(path, params, state: INQState, *, extras: Optional[Dict[str, Any]] = No
       (and any retraining). NNX: pass `nnx.state(model, nnx.Param).to_pure_dict()`.
     state: the `INQState` of the finished run; every leaf in `state.exponents`
       must be fully frozen (`state.masks` all True) and every weight in its
-      codebook.
+      codebook. Each leaf is stored at its own width,
+      `state.config.bits_for(path)` (`INQConfig.layer_bits`).
     extras: optional {name: nested dict of arrays} stored raw alongside, e.g.
       {"batch_stats": variables["batch_stats"]}.
     compress: choose each quantized leaf's smallest layout (Huffman-coded
@@ -248,9 +249,11 @@ def save(path, params, state: INQState, *, extras: Optional[Dict[str, Any]] = No
   Returns:
     {"bytes": file size, "float32_bytes": 4 * number of param weights,
      "ratio": float32_bytes / bytes, "quantized_weights": N, "quantized_bytes":
-     bytes of the quantized leaves' sections, "bits": b, "layouts": {path:
-     layout}, "sha256": the file's SHA-256 hex digest, "sha256_file": the
-     checksum file's path or None}.
+     bytes of the quantized leaves' sections, "bits": the config's default
+     width b, "layer_bits": {path: the leaf's own width}, "mean_bits": the
+     average width over the quantized weights, "layouts": {path: layout},
+     "sha256": the file's SHA-256 hex digest, "sha256_file": the checksum
+     file's path or None}.
 
   Raises:
     TypeError/ValueError naming the parameter path and value, before anything
@@ -310,7 +313,7 @@ def save(path, params, state: INQState, *, extras: Optional[Dict[str, Any]] = No
               f"(INQ step {int(state.step)} of {state.config.num_steps}); finish every "
               "portion with inq.advance before exporting; nothing was written")
         n1 = np.asarray(state.exponents[leaf_path]).astype(np.int64)
-        jobs.append((len(entries), leaf_path, w, n1))
+        jobs.append((len(entries), leaf_path, w, n1, state.config.bits_for(leaf_path)))
         sections.append(None)  # filled in below
       else:
         if str(w.dtype) not in RAW_DTYPES:
@@ -326,24 +329,25 @@ def save(path, params, state: INQState, *, extras: Optional[Dict[str, Any]] = No
   order = sorted(jobs, key=lambda job: -job[2].size)
   workers = max(1, min(len(order), os.cpu_count() or 1, 8))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = {job[0]: pool.submit(_quantized_section, job[1], job[2], job[3], bits,
-                                   compress) for job in order}
+    futures = {job[0]: pool.submit(_quantized_section, *job[1:], compress) for job in order}
     done = {}
-    for index, _, _, _ in jobs:
+    for index, *_ in jobs:
       try:
         done[index] = futures[index].result()
       except BaseException:
         for f in futures.values():
           f.cancel()
         raise
-  quantized_weights, quantized_bytes, layouts = 0, 0, {}
-  for index, leaf_path, w, _ in jobs:
+  quantized_weights, quantized_bytes, code_bits, layouts, layer_bits = 0, 0, 0, {}, {}
+  for index, leaf_path, w, _, leaf_bits in jobs:
     data, fields = done[index]
     entries[index].update(fields)
     sections[index] = data
     quantized_weights += w.size
     quantized_bytes += len(data)
+    code_bits += leaf_bits * w.size
     layouts[leaf_path] = fields["layout"]
+    layer_bits[leaf_path] = leaf_bits
 
   offset = 0
   for entry, data in zip(entries, sections):
@@ -375,5 +379,7 @@ def save(path, params, state: INQState, *, extras: Optional[Dict[str, Any]] = No
   _write_atomically(path, parts, sidecar)
   return {"bytes": file_len, "float32_bytes": 4 * total_weights,
           "ratio": 4 * total_weights / file_len, "quantized_weights": quantized_weights,
-          "quantized_bytes": quantized_bytes, "bits": bits, "layouts": layouts,
+          "quantized_bytes": quantized_bytes, "bits": bits, "layer_bits": layer_bits,
+          "mean_bits": code_bits / quantized_weights if quantized_weights else float(bits),
+          "layouts": layouts,
           "sha256": sha256, "sha256_file": path + SHA256_SUFFIX if sha256_file else None}

@@ -29,8 +29,9 @@ Layouts of a quantized leaf's section (the writer keeps the smallest it tries):
 
 The DEFLATE layouts are written with Huffman coding only (no string matching):
 the codes of a trained layer are close to independent draws, so what pays is
-an entropy coder over whole-byte symbols, which Huffman-only DEFLATE is, at
-tens of MB/s; LZMA's match finder costs far more time there and gains nothing.
+an entropy coder over whole-byte symbols, which Huffman-only DEFLATE is and
+cheaply; LZMA's match finder costs far more time there and gains nothing
+(experiments/benchmarks/export_speed.py measures both).
 The LZMA layouts remain for leaves with repeated runs (whole pruned channels,
 tiny layers), where string matching does pay; `encode_best` tries them only
 when a cheap sample says so.
@@ -88,9 +89,9 @@ _LZMA_MEMLIMIT_SLACK = 128 << 20
 # Codes are packed this many at a time (a multiple of 8, so every chunk ends
 # on a byte boundary) to bound the temporary memory of very large layers.
 _CHUNK = 1 << 20
-# LZMA lands some 5-7% above the order-0 entropy of independent codes, and
-# runs at a few hundred KB/s: it is worth trying only when Huffman coding
-# wastes more than this factor over the entropy.
+# LZMA lands some 5-7% above the order-0 entropy of independent codes, and is
+# far slower than Huffman-only DEFLATE: it is worth trying only when Huffman
+# coding wastes more than this factor over the entropy.
 _HUFFMAN_SLACK = 1.10
 # Bytes of a stream sampled to decide whether the LZMA layouts are worth trying.
 _SAMPLE_WINDOW = 1 << 13

@@ -5,9 +5,10 @@
     params = export.load("model.inq")                      # bit-identical
     params, extras = export.load_with_extras("model.inq")
 
-Every leaf INQ quantized (a path in `state.exponents`) is stored as b-bit codes
-(zero, sign, exponent index n1 - k; see `inq_jax._packing`) with its n1 (one per
-layer, or one per output channel), in the smallest layout the writer tries:
+Every leaf INQ quantized (a path in `state.exponents`) is stored as codes of
+its own width b (`INQConfig.bits`, or its `layer_bits` entry): zero, sign and
+exponent index n1 - k (see `inq_jax._packing`), with its n1 (one per layer, or
+one per output channel), in the smallest layout the writer tries:
 "packed" (exactly b bits per weight), "codes+deflate" / "sparse+deflate"
 (Huffman-coded bytes, all codes or a nonzero bitmap plus the nonzero codes) or
 "packed+lzma" / "sparse+lzma" (LZMA2, for leaves with repeated runs). Every
@@ -18,13 +19,16 @@ File format, version 1 (all integers little-endian):
     prefix  36 bytes: magic b"\\x89INQJAX\\n", u32 version, u64 header length,
             u64 file length, u32 CRC32 of the header, u32 CRC32 of the 32
             prefix bytes before it
-    header  UTF-8 JSON: {"format", "version", "bits", "inq" (the INQConfig and
-            step), "params": nested dict of leaf indices, "extras": {name:
-            nested dict of leaf indices}, "leaves": [entry, ...]}; an entry has
-            path, kind ("quantized"/"raw"), shape, dtype, layout, offset and
-            length (bytes, relative to the end of the header), crc32 of its
-            section, group ("params"/"extras"), and for quantized leaves
-            bits and n1 (an int, or a list with one per output channel)
+    header  UTF-8 JSON: {"format", "version", "bits" (the config's default
+            width), "inq" (the INQConfig and step), "params": nested dict of
+            leaf indices, "extras": {name: nested dict of leaf indices},
+            "leaves": [entry, ...]}; an entry has path, kind
+            ("quantized"/"raw"), shape, dtype, layout, offset and length
+            (bytes, relative to the end of the header), crc32 of its section,
+            group ("params"/"extras"), and for quantized leaves bits (the
+            leaf's own width: "bits", or one of the widths in
+            inq.layer_bits) and n1 (an int, or a list with one per output
+            channel)
     data    the sections, back to back in leaf order, nothing else
 
 No pickle anywhere: the header is JSON and every section is plain bytes.

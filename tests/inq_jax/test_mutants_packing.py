@@ -7,6 +7,7 @@ by bit in Python, codes from exact fractions, Huffman sizes by hand.
 
 import lzma
 import struct
+import tracemalloc
 import zlib
 from fractions import Fraction
 
@@ -566,7 +567,6 @@ def test_inflate_stops_at_the_cap(codec):
   # inflating them whole to find out they exceed a 1 KB cap would take 64 MiB.
   # At most cap + 1 bytes are made: the peak is the decoder's own state (LZMA's
   # 8 MiB dictionary, zlib's copy of the unread input).
-  import tracemalloc  # pylint: disable=g-import-not-at-top
   data = bytes(64 << 20)
   blob = P.compress(data) if codec == "lzma" else P.deflate(data)
   del data
