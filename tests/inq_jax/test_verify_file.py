@@ -1,4 +1,4 @@
-"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged files and invalid codes."""
+"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged files, bad codes."""
 
 import json
 import os
