@@ -72,7 +72,8 @@ def test_mixed_widths_round_trip_bit_for_bit(tmp_path, capsys, granularity, comp
     w = np.asarray(weights[p])
     for a, b in zip(shift.from_stored(q.codes, q.n1, q.bits), shift.to_codes(w, n1, n2)):
       np.testing.assert_array_equal(a, b)
-    assert len(np.unique(w)) <= 2 ** (want[p] - 1) + 1
+    if granularity == "layer":  # per-channel codebooks differ from channel to channel
+      assert len(np.unique(w)) <= 2 ** (want[p] - 1) + 1
   capsys.readouterr()
   assert verify_file.main([str(path)]) == 0
   out = capsys.readouterr().out
@@ -89,9 +90,9 @@ def test_a_width_the_config_does_not_give_is_refused(tmp_path):
   header, sections = _parse(path.read_bytes())
   header["inq"]["layer_bits"] = [["^conv1/", 8], ["^fc2/", 8]]  # fc1's 2 bits now unlisted
   path.write_bytes(_build(header, sections))
-  with pytest.raises(ValueError, match=re.escape(
-      "fc1/kernel (leaf 4): 2-bit codes in a file whose widths are [3, 8] (its bits and "
-      "layer_bits)")):
+  want = (re.escape(f"{path}: fc1/kernel (leaf ") + r"\d+" +
+          re.escape("): 2-bit codes in a file whose widths are [3, 8] (its bits and layer_bits)"))
+  with pytest.raises(ValueError, match=want):
     export.read_header(path)
 
 
