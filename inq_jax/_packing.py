@@ -29,8 +29,9 @@ Layouts of a quantized leaf's section (the writer keeps the smallest it tries):
 
 The DEFLATE layouts are written with Huffman coding only (no string matching):
 the codes of a trained layer are close to independent draws, so what pays is
-an entropy coder over whole-byte symbols, which Huffman-only DEFLATE is, at
-tens of MB/s; LZMA's match finder costs far more time there and gains nothing.
+an entropy coder over whole-byte symbols, which Huffman-only DEFLATE is and
+cheaply; LZMA's match finder costs far more time there and gains nothing
+(experiments/benchmarks/export_speed.py measures both).
 The LZMA layouts remain for leaves with repeated runs (whole pruned channels,
 tiny layers), where string matching does pay; `encode_best` tries them only
 when a cheap sample says so.
@@ -50,7 +51,7 @@ import heapq
 import lzma
 import struct
 import zlib
-from typing import Dict, Tuple
+from typing import Tuple
 
 import numpy as np
 
@@ -88,9 +89,9 @@ _LZMA_MEMLIMIT_SLACK = 128 << 20
 # Codes are packed this many at a time (a multiple of 8, so every chunk ends
 # on a byte boundary) to bound the temporary memory of very large layers.
 _CHUNK = 1 << 20
-# LZMA lands some 5-7% above the order-0 entropy of independent codes, and
-# runs at a few hundred KB/s: it is worth trying only when Huffman coding
-# wastes more than this factor over the entropy.
+# LZMA lands some 5-7% above the order-0 entropy of independent codes, and is
+# far slower than Huffman-only DEFLATE: it is worth trying only when Huffman
+# coding wastes more than this factor over the entropy.
 _HUFFMAN_SLACK = 1.10
 # Bytes of a stream sampled to decide whether the LZMA layouts are worth trying.
 _SAMPLE_WINDOW = 1 << 13
@@ -136,6 +137,10 @@ def encode(w: np.ndarray, n1, bits: int) -> Tuple[np.ndarray, np.ndarray]:
   if x.dtype not in (np.float32, np.float64):
     x = x.astype(np.float32)
   n1 = _channel_n1(n1, x.shape)
+  shape = x.shape
+  # numpy turns 0-d results into scalars, which the in-place steps below cannot
+  # write to: a scalar leaf is encoded as one weight and reshaped back.
+  x = x.reshape(shape or (1,))
   k, valid = codebook_exponents(x, n1, n2_from_n1(n1, bits))
   # m = n1 + 1 - k in uint8 arithmetic: wraps mod 256 where the weight is not a
   # nonzero member, and those entries are zeroed next; members have m <= 64.
@@ -143,7 +148,7 @@ def encode(w: np.ndarray, n1, bits: int) -> Tuple[np.ndarray, np.ndarray]:
   np.subtract((n1 + 1).astype(np.uint8), m, out=m)
   m *= valid & (x != 0)
   codes = (np.signbit(x).view(np.uint8) << np.uint8(bits - 1)) | m
-  return codes, valid
+  return codes.reshape(shape), valid.reshape(shape)
 
 
 def split_codes(codes: np.ndarray, bits: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -190,7 +195,7 @@ def decode_values(codes: np.ndarray, n1, bits: int, dtype) -> np.ndarray:
   if codes.size == 0:
     return np.zeros(codes.shape, dtype)
   if n1.ndim == 0:
-    return lut[codes]
+    return np.asarray(lut[codes]).reshape(codes.shape)  # a 0-d array, not a scalar
   flat = codes.reshape(-1, n1.shape[0])
   return lut[np.arange(n1.shape[0]), flat].reshape(codes.shape)
 
@@ -302,10 +307,6 @@ def sparse_parts(flat: np.ndarray) -> Tuple[bytes, bytes]:
   return np.packbits(nonzero, bitorder="little").tobytes(), flat[nonzero].tobytes()
 
 
-def sparse_stream(flat: np.ndarray) -> bytes:
-  return b"".join(sparse_parts(flat))
-
-
 def entropy_bits(histogram) -> float:
   """Order-0 entropy of `histogram` (symbol counts) times its count, in bits."""
   c = np.asarray(histogram, np.float64).reshape(-1)
@@ -333,26 +334,24 @@ def huffman_bits(histogram) -> int:
   return total
 
 
-def encode_sections(codes: np.ndarray, bits: int,
-                    layouts=QUANTIZED_LAYOUTS) -> Dict[str, bytes]:
-  """{layout: section bytes} of b-bit codes, for each of `layouts`."""
-  out = {}
+def encode_layout(codes: np.ndarray, bits: int, layout: str) -> bytes:
+  """The section of b-bit codes in one quantized `layout`; `encode_best` makes its candidates here.
+
+  Raises:
+    ValueError for a layout that is not one of `QUANTIZED_LAYOUTS`.
+  """
   flat = np.asarray(codes, np.uint8).reshape(-1)
-  if LAYOUT_PACKED in layouts or LAYOUT_LZMA in layouts:
-    packed = pack(flat, bits)
-    if LAYOUT_PACKED in layouts:
-      out[LAYOUT_PACKED] = packed
-    if LAYOUT_LZMA in layouts:
-      out[LAYOUT_LZMA] = compress(packed)
-  if LAYOUT_DEFLATE in layouts:
-    out[LAYOUT_DEFLATE] = deflate(flat.tobytes())
-  if LAYOUT_SPARSE in layouts or LAYOUT_SPARSE_DEFLATE in layouts:
-    bitmap, nonzero_codes = sparse_parts(flat)
-    if LAYOUT_SPARSE in layouts:
-      out[LAYOUT_SPARSE] = compress(bitmap + nonzero_codes)
-    if LAYOUT_SPARSE_DEFLATE in layouts:
-      out[LAYOUT_SPARSE_DEFLATE] = deflate(bitmap, nonzero_codes)
-  return out
+  if layout == LAYOUT_PACKED:
+    return pack(flat, bits)
+  if layout == LAYOUT_LZMA:
+    return compress(pack(flat, bits))
+  if layout == LAYOUT_DEFLATE:
+    return deflate(flat.tobytes())
+  if layout == LAYOUT_SPARSE_DEFLATE:
+    return deflate(*sparse_parts(flat))
+  if layout == LAYOUT_SPARSE:
+    return compress(b"".join(sparse_parts(flat)))
+  raise ValueError(f"unknown layout {layout!r}; expected one of {QUANTIZED_LAYOUTS}")
 
 
 def _sample(stream: bytes) -> bytes:
@@ -400,17 +399,16 @@ def encode_best(codes: np.ndarray, bits: int, compress_: bool = True) -> Tuple[s
   huffman = {k: sum(huffman_bits(h) for h in v) for k, v in histograms.items()}
   entropy = min(sum(entropy_bits(h) for h in v) for v in histograms.values())
   dense = flat.tobytes()
-  parts = (bitmap.tobytes(), nonzero_codes.tobytes())
   if huffman[LAYOUT_DEFLATE] <= huffman[LAYOUT_SPARSE_DEFLATE]:
-    candidates = {LAYOUT_DEFLATE: deflate(dense)}
+    tried = [LAYOUT_DEFLATE]
   else:
-    candidates = {LAYOUT_SPARSE_DEFLATE: deflate(*parts)}
-  sparse = b"".join(parts)
+    tried = [LAYOUT_SPARSE_DEFLATE]
+  sparse = bitmap.tobytes() + nonzero_codes.tobytes()
   if repetitive(sparse) or repetitive(dense):
-    candidates[LAYOUT_LZMA] = compress(pack(flat, bits))
-    candidates[LAYOUT_SPARSE] = compress(sparse)
+    tried += [LAYOUT_LZMA, LAYOUT_SPARSE]
   elif min(huffman.values()) > _HUFFMAN_SLACK * entropy + 64:
-    candidates[LAYOUT_SPARSE] = compress(sparse)
+    tried.append(LAYOUT_SPARSE)
+  candidates = {name: encode_layout(flat, bits, name) for name in tried}
   best = min(candidates, key=lambda name: (len(candidates[name]),
                                            QUANTIZED_LAYOUTS.index(name)))
   if len(candidates[best]) >= packed_size(flat.size, bits):

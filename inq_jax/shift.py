@@ -19,6 +19,7 @@ integer sums). An `OverflowError` is raised before computing if int64 could
 overflow.
 
     codes = to_codes(w, n1, n2)                   # w: INQ-quantized kernel
+    codes = from_stored(q.codes, q.n1, q.bits)    # or a leaf of export.read_codes
     x_int = quantize_activations(x, frac_bits=8)
     y_int = shift_dense(x_int, codes, bias, frac_bits=8)   # 8 fractional bits
     y = dequantize(y_int, 8)
@@ -35,7 +36,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from inq_jax._codebook import codebook_exponents
+from inq_jax._codebook import ZERO_CODEBOOK, check_bits, codebook_exponents
 
 _LIMIT = 2**62  # headroom below int64's 2^63 for the accumulator
 
@@ -87,6 +88,57 @@ def to_codes(w, n1, n2) -> Codes:
                      f"{np.broadcast_to(n1, x.shape)[idx]}")
   sign = np.where(np.signbit(x) & nonzero, -1, 1).astype(np.int8)
   return Codes(sign, np.where(nonzero, k, 0).astype(np.int32), nonzero)
+
+
+def from_stored(codes, n1, bits: int) -> Codes:
+  """The shift codes of a leaf's stored b-bit codes, in integers only.
+
+  `export.read_codes` returns each quantized leaf's codes with its own width
+  (`QuantizedCodes.bits`; leaves of one file may differ, see
+  `INQConfig.layer_bits`); this reads them as the file defines them (sign bit
+  b-1, m = 1 + n1 - k in the low bits, see `inq_jax._packing`) without going
+  through floats, so it holds for any n1 and width.
+
+  Args:
+    codes: uint8 b-bit codes of the leaf's shape.
+    n1: the leaf's n1, a scalar or one per output channel (last axis).
+    bits: the leaf's own code width b in [2, 8].
+
+  Returns:
+    `Codes(sign, exp, nonzero)` as `to_codes` gives for the decoded weights
+    (sign +1 where the weight is zero, -0.0 included).
+
+  Raises:
+    ValueError naming the index and code of the first code outside the
+    b-bit codebook of n1.
+
+  Example:
+    >>> q = export.read_codes("model.inq")["fc1/kernel"]
+    >>> codes = from_stored(q.codes, q.n1, q.bits)
+
+  Reference: arXiv:1702.03044, Sec. 2.1 (the b-bit codebook).
+  """
+  bits = check_bits(bits)
+  codes = np.asarray(codes)
+  if not np.issubdtype(codes.dtype, np.integer) or (codes.size and (
+      codes.min() < 0 or codes.max() >= 1 << bits)):
+    raise ValueError(f"codes must be integers in [0, {(1 << bits) - 1}] for {bits} bits")
+  codes = codes.astype(np.int64)
+  n1 = np.asarray(n1, np.int64)
+  if n1.ndim > 1 or (n1.ndim == 1 and (codes.ndim == 0 or n1.shape[0] != codes.shape[-1])):
+    raise ValueError(f"n1 of shape {n1.shape} does not fit codes of shape {codes.shape} "
+                     "(a scalar, or one per entry of the last axis)")
+  n1 = np.broadcast_to(n1, codes.shape)
+  m = codes & ((1 << (bits - 1)) - 1)
+  nonzero = np.asarray(m != 0)  # an array also for a scalar leaf
+  ok = ~nonzero | ((m <= 1 << (bits - 2)) & (n1 != ZERO_CODEBOOK))
+  if not ok.all():
+    idx = tuple(int(i) for i in np.argwhere(~ok)[0])
+    raise ValueError(f"code {int(codes[idx])} at index {idx} is not in the {bits}-bit "
+                     f"codebook of n1 {int(n1[idx])}")
+  negative = (codes >> (bits - 1)).astype(bool) & nonzero
+  return Codes(np.where(negative, -1, 1).astype(np.int8),
+               np.where(nonzero, n1 + 1 - m, 0).astype(np.int32), nonzero)
 
 
 def from_codes(codes: Codes) -> np.ndarray:
@@ -287,4 +339,4 @@ def shift_conv(x_int, codes: Codes, bias=None, *, frac_bits: int, strides=1,
 
 
 __all__ = ["Codes", "accumulator_frac_bits", "conv_padding", "dequantize", "from_codes",
-           "quantize_activations", "shift_conv", "shift_dense", "to_codes"]
+           "from_stored", "quantize_activations", "shift_conv", "shift_dense", "to_codes"]

@@ -1,4 +1,4 @@
-"""Checks an exported `.inq` model: `python -m inq_jax.verify_file FILE`.
+"""Checks an exported `.inq` model: `python -m inq_jax.verify_file FILE [--sha256 [X]]`.
 
 Decodes the file with the very code `inq_jax.export.load` runs
 (`export.inspect`), then checks every leaf, so "OK" means `load` returns
@@ -7,12 +7,28 @@ well-formed, every quantized code in its layer's codebook {0, +-2^k : n2 <= k
 <= n1}, every leaf of its declared shape and dtype, and every quantized leaf
 re-encoding to its stored codes.
 
-Prints one row per quantized layer: path, weights, bits, distinct values, n1 and
-n2 (min..max over channels for per-channel codebooks), fraction of zeros, layout,
-stored bytes, and whether every code lies in the codebook. Codes are checked as
-stored, so a file whose CRCs were recomputed after tampering with a code is
-still caught. Exit status 0 if the file loads and every weight is in its
-codebook, 1 otherwise (the reason goes to stderr).
+Prints one row per quantized layer: path, weights, bits (the layer's own
+width), distinct values, n1 and n2 (min..max over channels for per-channel
+codebooks), fraction of zeros, layout, stored bytes, and whether every code
+lies in the codebook; then the average code width over the quantized weights
+and the bits per weight they take on disk. Codes are checked as stored, so a
+code outside its codebook is caught even when the CRCs were recomputed after
+the edit.
+
+What this cannot tell: the CRCs and checks catch damage and malformed files,
+not a deliberate edit that keeps every field valid (a code changed to another
+value of its codebook, CRCs recomputed): that file is well-formed, and loads
+as a different model. `--sha256` detects it by comparing the file's SHA-256
+with the one published beside it (`export.save(..., sha256_file=True)` writes
+`FILE.sha256`); trust it only as far as you trust where that digest came from.
+
+    --sha256              check against FILE.sha256 (a sha256sum line)
+    --sha256 HEXDIGEST    check against this digest
+    --sha256 PATH         check against the line for FILE in this sha256sum file
+
+Exit status 0 if the file loads, every weight is in its codebook and (with
+--sha256) the digest matches; 1 otherwise (the reason goes to stderr); 2 for
+a usage error, such as a missing or malformed checksum file.
 
 Reference: Zhou et al., "Incremental Network Quantization", ICLR 2017,
 arXiv:1702.03044, Sec. 2.1 (the b-bit power-of-two codebook).
@@ -21,13 +37,22 @@ arXiv:1702.03044, Sec. 2.1 (the b-bit power-of-two codebook).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from inq_jax import _packing, export
 from inq_jax._codebook import ZERO_CODEBOOK, n2_from_n1
+from inq_jax._export_format import is_sha256_hex, parse_sha256_lines
+
+# --sha256 given without a value: the checksum file beside FILE.
+_BESIDE = object()
+
+
+class UsageError(ValueError):
+  """A command-line mistake (exit status 2), such as a missing checksum file."""
 
 
 class LayerReport(NamedTuple):
@@ -140,23 +165,82 @@ def verify_file(path: str) -> List[LayerReport]:
   return inspect(path)[1]
 
 
+def expected_sha256(file: str, source) -> Tuple[str, str]:
+  """(expected hex digest, where it came from) for `--sha256 [source]`.
+
+  `source` is a 64-digit hex digest, the path of a `sha256sum` file, or
+  `_BESIDE` for `FILE.sha256`. A checksum file must hold a line for FILE's
+  base name (or exactly one line, for a file renamed with its checksum).
+
+  Raises:
+    UsageError naming the checksum file and what is wrong with it.
+  """
+  if source is not _BESIDE and is_sha256_hex(source):
+    return source.lower(), "--sha256"
+  side = file + export.SHA256_SUFFIX if source is _BESIDE else source
+  try:
+    with open(side, encoding="utf-8") as f:
+      text = f.read(1 << 20)
+  except FileNotFoundError:
+    hint = (" (write it with export.save(..., sha256_file=True) or sha256sum)"
+            if source is _BESIDE else "; give a 64-digit hex digest or a sha256sum file")
+    raise UsageError(f"--sha256: {side} does not exist{hint}") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise UsageError(f"--sha256: cannot read {side} ({e})") from None
+  try:
+    lines = parse_sha256_lines(text)
+  except ValueError as e:
+    raise UsageError(f"--sha256: {side}: {e}") from None
+  name = os.path.basename(file)
+  found = [digest for digest, listed in lines if os.path.basename(listed) == name]
+  if not found and len(lines) == 1:
+    found = [lines[0][0]]
+  if len(set(found)) != 1:
+    listed = sorted({listed for _, listed in lines})
+    what = "no line" if not found else "different lines"
+    raise UsageError(f"--sha256: {side} has {what} for {name} (it lists {listed[:4]})")
+  return found[0], side
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-  """Command line entry point; returns the exit status (0 ok, 1 failed)."""
+  """Command line entry point; returns the exit status (0 ok, 1 failed, 2 usage error)."""
   parser = argparse.ArgumentParser(
       prog="python -m inq_jax.verify_file",
       description="Check that an exported INQ model (.inq) loads, that the file is "
                   "intact and that every weight lies in its layer's power-of-two "
-                  "codebook.")
+                  "codebook; with --sha256, that it is the very file whose SHA-256 "
+                  "was published.")
   parser.add_argument("file", metavar="FILE")
+  parser.add_argument("--sha256", nargs="?", const=_BESIDE, default=None,
+                      metavar="HEXDIGEST|PATH",
+                      help="check the file's SHA-256 against a hex digest or a sha256sum "
+                           "file (default: FILE.sha256)")
   args = parser.parse_args(argv)
+  if args.sha256 is not None:
+    try:
+      want, source = expected_sha256(args.file, args.sha256)
+      got = export.file_sha256(args.file)
+    except UsageError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    if got != want:
+      print(f"error: {args.file}: SHA-256 mismatch: the file's is {got}, {source} expects "
+            f"{want}; the file is not the one that was published (edited, damaged or "
+            "replaced)", file=sys.stderr)
+      return 1
   try:
     f, rows = inspect(args.file)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   header = f.header
-  print(f"{f.path}: inq_jax export v{header['version']}, {header['bits']}-bit, "
-        f"{f.size} bytes")
+  widths = sorted({r.bits for r in rows})
+  width = (f"{header['bits']}-bit" if widths in ([], [header["bits"]])
+           else "mixed " + "/".join(str(b) for b in reversed(widths)) + "-bit")
+  print(f"{f.path}: inq_jax export v{header['version']}, {width}, {f.size} bytes")
   print(format_table(rows))
   total = sum(int(np.prod(leaf.shape, dtype=np.int64)) for leaf in f.leaves
               if leaf.group == "params")
@@ -164,12 +248,19 @@ def main(argv: Optional[List[str]] = None) -> int:
   print(f"{len(rows)} quantized leaves ({quantized} weights), "
         f"{len(f.leaves) - len(rows)} raw leaves; float32 would take "
         f"{4 * total} bytes, {4 * total / f.size:.2f}x more")
+  if quantized:
+    mean_bits = sum(r.bits * r.weights for r in rows) / quantized
+    stored = 8 * sum(r.stored_bytes for r in rows) / quantized
+    print(f"average bits per quantized weight: {mean_bits:.3f} (code width), "
+          f"{stored:.3f} stored")
   bad = [r for r in rows if r.invalid]
   for r in bad:
     print(f"error: {f.path}: {r.path}: {r.invalid} of {r.weights} codes are outside the "
           f"{r.bits}-bit codebook (n1 {r.n1}), first {r.first_invalid}", file=sys.stderr)
   if bad:
     return 1
+  if args.sha256 is not None:
+    print(f"OK: SHA-256 {got} matches {source}")
   print("OK: the file loads and every quantized weight is in its codebook")
   return 0
 

@@ -137,7 +137,8 @@ def test_chosen_layout_is_near_the_smallest(zero_fraction):
   magnitudes = rng.geometric(0.45, 200_000).clip(1, 8)
   codes = (magnitudes | (rng.integers(0, 2, 200_000) << 4)).astype(np.uint8)
   codes[rng.random(200_000) < zero_fraction] = 0
-  every = _packing.encode_sections(codes, 5)
+  every = {name: _packing.encode_layout(codes, 5, name)
+           for name in _packing.QUANTIZED_LAYOUTS}
   layout, data = _packing.encode_best(codes, 5)
   assert len(data) <= 1.02 * min(len(v) for v in every.values()), (
       layout, {k: len(v) for k, v in every.items()})
@@ -293,6 +294,30 @@ def test_n1_outside_the_dtype_is_refused(saved, n1):
     export.load(saved)
 
 
+@pytest.mark.parametrize("extra", [1, -1])
+def test_read_header_refuses_a_packed_section_one_byte_off(saved, extra):
+  # A packed section is exactly ceil(n * b / 8) bytes; one byte more or less
+  # is refused by the header check itself, before any section is read.
+  header, data = split_file(saved)
+  entry = next(e for e in header["leaves"] if e["path"] == "dense/kernel")
+  assert entry["layout"] == "packed" and entry["length"] == 250  # 400 5-bit codes
+  end = entry["offset"] + entry["length"]
+  data[end:end] = b"\0" if extra > 0 else b""
+  if extra < 0:
+    del data[end - 1]
+  entry["length"] += extra
+  for e in header["leaves"]:
+    if e["offset"] > entry["offset"]:
+      e["offset"] += extra
+  write_file(saved, header, data)
+  want = (re.escape(f"{saved}: dense/kernel (leaf ") + r"\d+" +
+          re.escape(f"): a packed section of {250 + extra} bytes cannot hold 400 5-bit "
+                    "codes (shape (40, 10))"))
+  for read in (export.read_header, export.inspect, export.read_codes, export.load):
+    with pytest.raises(ValueError, match=want):
+      read(saved)
+
+
 def test_save_refuses_a_codebook_outside_the_dtype(tmp_path):
   params, state = quantized(make_params(jnp.float16), bits=5)
   # n2 = -17 lies below float16's smallest normal power, 2^-14.
@@ -376,7 +401,8 @@ def test_pack_and_sections_round_trip(bits, n, zero_frac, seed):
   packed = _packing.pack(codes, bits)
   assert len(packed) == _packing.packed_size(n, bits)
   np.testing.assert_array_equal(_packing.unpack(packed, n, bits), codes)
-  for layout, data in _packing.encode_sections(codes, bits).items():
+  for layout in _packing.QUANTIZED_LAYOUTS:
+    data = _packing.encode_layout(codes, bits, layout)
     np.testing.assert_array_equal(_packing.decode_section(data, layout, n, bits), codes)
 
 

@@ -344,7 +344,7 @@ edit("deflate_huge_declared_shape", _set_section(_Q, _DEFLATE_BOMB, layout="code
 def _recoded(layout, transform=lambda d: d, codes=None):
   def fn(h, s):
     c = base_codes(_Q) if codes is None else codes()
-    s[leaf_index(h, _Q)] = transform(_packing.encode_sections(c, 5, (layout,))[layout])
+    s[leaf_index(h, _Q)] = transform(_packing.encode_layout(c, 5, layout))
     entry(h, _Q)["layout"] = layout
   return fn
 

@@ -7,6 +7,7 @@ by bit in Python, codes from exact fractions, Huffman sizes by hand.
 
 import lzma
 import struct
+import tracemalloc
 import zlib
 from fractions import Fraction
 
@@ -225,11 +226,21 @@ def test_inflate_messages(codec):
   assert got.startswith(f"corrupt {codec} stream (") and got.endswith(")")
 
 
+def sparse_stream(flat) -> bytes:
+  """The sparse stream, built independently: the nonzero bitmap, then the nonzero codes."""
+  flat = np.asarray(flat, np.uint8).reshape(-1)
+  return np.packbits(flat != 0, bitorder="little").tobytes() + flat[flat != 0].tobytes()
+
+
+def every_layout(codes, bits):
+  return {layout: P.encode_layout(codes, bits, layout) for layout in P.QUANTIZED_LAYOUTS}
+
+
 def test_sparse_parts():
   flat = np.asarray([0, 3, 0, 0, 0, 0, 0, 0, 9, 0], np.uint8)
   bitmap, values = P.sparse_parts(flat)
   assert bitmap == bytes([0b00000010, 0b00000001]) and values == bytes([3, 9])
-  assert P.sparse_stream(flat) == bitmap + values
+  assert sparse_stream(flat) == bitmap + values
 
 
 def test_entropy_and_huffman_bits_by_hand():
@@ -245,19 +256,21 @@ def test_entropy_and_huffman_bits_by_hand():
   assert P.huffman_bits(np.asarray([[3, 3], [3, 3]])) == 24
 
 
-def test_encode_sections_only_what_is_asked():
+def test_encode_layout_makes_each_layout():
   codes = np.asarray([0, 1, 0, 2, 0, 0, 31, 0], np.uint8)
-  every = P.encode_sections(codes, 5)
-  assert sorted(every) == sorted(P.QUANTIZED_LAYOUTS)
+  every = every_layout(codes, 5)
   assert every[P.LAYOUT_PACKED] == reference_pack(codes, 5)
   assert lzma.decompress(every[P.LAYOUT_LZMA]) == every[P.LAYOUT_PACKED]
-  assert lzma.decompress(every[P.LAYOUT_SPARSE]) == P.sparse_stream(codes)
+  assert lzma.decompress(every[P.LAYOUT_SPARSE]) == sparse_stream(codes)
   inflate = zlib.decompressobj(-15).decompress
   assert inflate(every[P.LAYOUT_DEFLATE]) == codes.tobytes()
-  assert zlib.decompressobj(-15).decompress(every[P.LAYOUT_SPARSE_DEFLATE]) == P.sparse_stream(codes)
-  for layout in P.QUANTIZED_LAYOUTS:
-    assert list(P.encode_sections(codes, 5, (layout,))) == [layout]
-  assert list(P.encode_sections(codes, 5, ())) == []
+  assert zlib.decompressobj(-15).decompress(every[P.LAYOUT_SPARSE_DEFLATE]) == sparse_stream(codes)
+  # The sparse+deflate bitmap ends its own DEFLATE block, so its Huffman table
+  # fits the bitmap alone.
+  assert every[P.LAYOUT_SPARSE_DEFLATE] == P.deflate(*P.sparse_parts(codes))
+  want = ("unknown layout 'raw'; expected one of ('packed', 'codes+deflate', "
+          "'sparse+deflate', 'packed+lzma', 'sparse+lzma')")
+  assert message(ValueError, P.encode_layout, codes, 5, "raw") == want
 
 
 def test_sample_windows():
@@ -325,7 +338,7 @@ def test_min_section_bytes():
 
 def test_decode_section_messages():
   codes = np.asarray([0, 1, 0, 2, 0, 0, 31, 0, 0], np.uint8)
-  s = P.encode_sections(codes, 5)
+  s = every_layout(codes, 5)
   for layout, data in s.items():
     np.testing.assert_array_equal(P.decode_section(data, layout, 9, 5), codes)
     assert P.decode_section(data, layout, 9, 5).dtype == np.uint8
@@ -399,18 +412,18 @@ def test_encode_best_tries_lzma_only_where_it_can_pay(monkeypatch):
   # codes waste more than 10% over the entropy: sparse+lzma is tried, and wins.
   rng = np.random.default_rng(1)
   flat = np.where(rng.random(20000) < 0.9, 7, rng.integers(0, 32, 20000)).astype(np.uint8)
-  assert not P.repetitive(flat.tobytes()) and not P.repetitive(P.sparse_stream(flat))
+  assert not P.repetitive(flat.tobytes()) and not P.repetitive(sparse_stream(flat))
   layout, data = P.encode_best(flat, 5)
-  assert calls == [P.sparse_stream(flat)]
-  assert (layout, data) == (P.LAYOUT_SPARSE, P.compress(P.sparse_stream(flat)))
+  assert calls == [sparse_stream(flat)]
+  assert (layout, data) == (P.LAYOUT_SPARSE, P.compress(sparse_stream(flat)))
   calls.clear()
   # Runs of zeros: the dense stream repeats (the sparse one does not): both
   # LZMA layouts are tried.
   rng = np.random.default_rng(2)
   flat = np.where(rng.random(20000) < 0.95, 0, rng.integers(1, 32, 20000)).astype(np.uint8)
-  assert P.repetitive(flat.tobytes()) and not P.repetitive(P.sparse_stream(flat))
+  assert P.repetitive(flat.tobytes()) and not P.repetitive(sparse_stream(flat))
   P.encode_best(flat, 5)
-  assert calls == [P.pack(flat, 5), P.sparse_stream(flat)]
+  assert calls == [P.pack(flat, 5), sparse_stream(flat)]
 
 
 def _tie(zeros):
@@ -441,9 +454,9 @@ def test_encode_accepts_any_integer_codes_and_shapes():
   as_grid = flat.reshape(30, 100)
   for codes in (as_grid, flat.astype(np.int64), as_grid.astype(np.int32)):
     assert P.encode_best(codes, 5) == P.encode_best(flat, 5)
-    assert P.encode_sections(codes, 5) == P.encode_sections(flat, 5)
+    assert every_layout(codes, 5) == every_layout(flat, 5)
   assert P.encode_best(np.zeros(0, np.uint8), 5) == (P.LAYOUT_PACKED, b"")
-  empty = P.encode_sections(np.zeros((0, 3), np.uint8), 5)
+  empty = every_layout(np.zeros((0, 3), np.uint8), 5)
   for layout, data in empty.items():
     assert P.decode_section(data, layout, 0, 5).shape == (0,)
 
@@ -519,7 +532,7 @@ def test_decode_section_names_the_codec():
   codes = np.asarray([0, 1, 0, 2, 0, 0, 31, 0, 0], np.uint8)
   for layout, codec in ((P.LAYOUT_DEFLATE, "deflate"), (P.LAYOUT_SPARSE_DEFLATE, "deflate"),
                         (P.LAYOUT_LZMA, "lzma"), (P.LAYOUT_SPARSE, "lzma")):
-    data = P.encode_sections(codes, 5, (layout,))[layout]
+    data = P.encode_layout(codes, 5, layout)
     assert message(ValueError, P.decode_section, data + b"\x00", layout, 9, 5) == (
         f"1 bytes after the end of the {codec} stream")
     got = message(ValueError, P.decode_section, b"\xff" * 20, layout, 9, 5)
@@ -554,7 +567,6 @@ def test_inflate_stops_at_the_cap(codec):
   # inflating them whole to find out they exceed a 1 KB cap would take 64 MiB.
   # At most cap + 1 bytes are made: the peak is the decoder's own state (LZMA's
   # 8 MiB dictionary, zlib's copy of the unread input).
-  import tracemalloc  # pylint: disable=g-import-not-at-top
   data = bytes(64 << 20)
   blob = P.compress(data) if codec == "lzma" else P.deflate(data)
   del data

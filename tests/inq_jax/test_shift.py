@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
+from inq_jax import _packing, shift
 from inq_jax import quantize as inq
-from inq_jax import shift
 
 
 def random_codes(rng, shape, bits, n1, zero_frac=0.3):
@@ -192,3 +192,41 @@ def test_errors():
   zero = shift.to_codes(np.zeros((4, 2)), inq.ZERO_CODEBOOK, inq.ZERO_CODEBOOK - 7)
   y = shift.shift_dense(np.ones((1, 4), np.int64), zero, np.array([0.5, -1.25]), frac_bits=2)
   assert shift.dequantize(y, 2).tolist() == [[0.5, -1.25]]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_from_stored_matches_to_codes(bits, per_channel):
+  # The stored b-bit codes of a leaf (export's format) read straight into shift
+  # codes, without floats: the same as splitting the decoded weights.
+  rng = np.random.default_rng(bits)
+  n1 = np.array([3, -5, 0, inq.ZERO_CODEBOOK]) if per_channel else np.int64(-2)
+  shape = (6, 4)
+  w = np.zeros(shape)
+  for c in range(4):
+    top = int(np.broadcast_to(n1, (4,))[c])
+    if top != inq.ZERO_CODEBOOK:
+      w[:, c], _ = random_codes(rng, (6,), bits, top)
+  w[0, 0] = -0.0
+  stored, valid = _packing.encode(w, n1, bits)
+  assert valid.all()
+  got = shift.from_stored(stored, n1, bits)
+  want = shift.to_codes(w, n1, inq.n2_from_n1(n1, bits))
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  scalar = shift.from_stored(np.uint8(0b101 if bits == 3 else 1), 1, bits)
+  assert shift.from_codes(scalar) == (-2.0 if bits == 3 else 2.0)  # sign, m = 1: 2^n1
+  assert all(isinstance(a, np.ndarray) and a.shape == () for a in scalar)
+
+
+def test_from_stored_refuses_codes_outside_the_codebook():
+  with pytest.raises(ValueError, match=r"code 7 at index \(1,\) is not in the 3-bit codebook "
+                     "of n1 0"):
+    shift.from_stored(np.array([1, 7], np.uint8), 0, 3)  # m = 3 > 2^(3-2)
+  with pytest.raises(ValueError, match=r"code 1 at index \(0,\) is not in the 4-bit codebook"):
+    shift.from_stored(np.array([1], np.uint8), inq.ZERO_CODEBOOK, 4)
+  with pytest.raises(ValueError, match=r"integers in \[0, 7\] for 3 bits"):
+    shift.from_stored(np.array([8], np.uint8), 0, 3)
+  with pytest.raises(ValueError, match="does not fit codes of shape"):
+    shift.from_stored(np.zeros((2, 3), np.uint8), np.zeros(2, np.int64), 3)

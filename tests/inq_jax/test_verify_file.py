@@ -1,4 +1,4 @@
-"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged and tampered files."""
+"""python -m inq_jax.verify_file: the per-layer table, exit codes, damaged files, bad codes."""
 
 import json
 import os
@@ -97,15 +97,14 @@ def test_edited_float_leaf_is_flagged(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("compress", [False, True])
-def test_tampered_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress):
+def test_invalid_code_with_recomputed_crc_is_flagged(tmp_path, capsys, compress):
   export_model(tmp_path / "m.inq", bits=5, compress=compress)
 
   def edit(header, data):
     e = entry(header, "dense/kernel")
     codes = export.read_codes(tmp_path / "m.inq")["dense/kernel"].codes.reshape(-1).copy()
     codes[7] = 0b01100  # m = 12 > 2^(5-2) = 8: names no exponent of the codebook
-    sections = _packing.encode_sections(codes, 5, (e["layout"],))
-    new = sections[e["layout"]]
+    new = _packing.encode_layout(codes, 5, e["layout"])
     old_len = e["length"]
     data[e["offset"]:e["offset"] + old_len] = new
     for other in header["leaves"]:
@@ -163,3 +162,30 @@ def test_command_line(tmp_path):
   run = subprocess.run([sys.executable, "-m", "inq_jax.verify_file", str(tmp_path / "m.inq")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and "not an inq_jax export" in run.stderr
+
+
+@pytest.mark.parametrize("wrong", ["sign", "exponent", "dtype_rounding"])
+def test_a_decoder_that_returns_other_weights_is_caught(tmp_path, capsys, monkeypatch, wrong):
+  # With a correct decoder every valid code decodes and re-encodes to itself,
+  # so no file can show this: the decoder `load` uses is replaced by one that
+  # is wrong for a single weight, which only the re-encode comparison sees
+  # (the codes, the CRCs and the header stay valid).
+  export_model(tmp_path / "m.inq", bits=5)
+  real = _packing.decode_values
+
+  def decode_values(codes, n1, bits, dtype):
+    out = real(codes, n1, bits, dtype).copy()
+    if out.shape == (40, 10):
+      i = np.flatnonzero(out.reshape(-1) != 0)[0]
+      v = out.reshape(-1)[i]
+      out.reshape(-1)[i] = {"sign": -v, "exponent": v * 2, "dtype_rounding":
+                            np.nextafter(v, np.inf, dtype=out.dtype)}[wrong]
+    return out
+
+  monkeypatch.setattr(_packing, "decode_values", decode_values)
+  assert verify_file.main([str(tmp_path / "m.inq")]) == 1
+  err = capsys.readouterr().err
+  assert f"{tmp_path / 'm.inq'}: dense/kernel: the decoded weights do not encode back to the " \
+         "stored codes" in err
+  with pytest.raises(ValueError, match="dense/kernel: the decoded weights do not encode back"):
+    verify_file.inspect(str(tmp_path / "m.inq"))
