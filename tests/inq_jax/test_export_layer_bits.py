@@ -26,13 +26,7 @@ def lenet_like():
 
 
 def run_inq(params, config):
-  try:
-    state = inq.init(params, config)
-  except NotImplementedError as e:
-    # Until the core honours layer_bits: an expected failure, not a skip
-    # (skips fail the run under CI=true, tests/conftest.py); these tests run
-    # as soon as init takes layer_bits.
-    pytest.xfail(f"inq.init does not take layer_bits yet: {e}")
+  state = inq.init(params, config)
   for _ in state.config.portions:
     params, state = inq.advance(params, state)
   inq.verify(params, state)
