@@ -180,7 +180,7 @@ def _codebooks(live, per_leaf, top, n1s, config: INQConfig):
       c = int(np.argwhere(subnormal)[0][0])
       where = f" output channel {c}:" if channel else ""
       raise ValueError(
-          f"{path}:{where} every weight is 0 or subnormal (max |w| = {max_abs[c]!r} < "
+          f"{path}:{where} every weight is 0 or subnormal (max |w| = {float(max_abs[c])!r} < "
           f"{float(jnp.finfo(dtype).smallest_normal)!r}, the smallest normal {dtype}); "
           "its codebook would be {0} and every weight would be zeroed. Rescale the layer "
           "or exclude it from quantization")

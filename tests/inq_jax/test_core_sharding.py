@@ -111,7 +111,7 @@ FOREIGN = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from inq_jax import quantize as inq
-    from inq_jax._state import INQState
+    import dataclasses
 
     mesh = Mesh(np.array(jax.devices()), ("model",))
     w = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8)),
@@ -126,8 +126,8 @@ FOREIGN = textwrap.dedent("""
     # Masks that were moved to one device (e.g. restored by hand) are placed
     # where their weights are before anything is computed.
     one = jax.devices()[1]
-    moved = INQState(masks=jax.tree.map(lambda m: jax.device_put(m, one), state.masks),
-                     exponents=state.exponents, step=state.step, config=config)
+    moved = dataclasses.replace(
+        state, masks=jax.tree.map(lambda m: jax.device_put(m, one), state.masks))
     assert inq.verify(params, moved)["dense/kernel"].frozen == 64
     params, state = inq.advance(params, moved)
     assert state.masks["dense"]["kernel"].sharding == w.sharding

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from inq_jax import _checks
 from inq_jax import _packed
-from inq_jax import _state
 from inq_jax import quantize as inq
 from inq_jax._state import INQState
 
@@ -216,8 +216,8 @@ def test_state_type_and_tree_errors():
   assert message(ValueError, inq.advance, grown, state) == (
       "state: d/kernel: params have shape (3, 2) but the mask has shape (2, 2)")
   # A quantized leaf whose mask is a scalar placeholder.
-  scalar_mask = INQState(masks={"d": {"kernel": jnp.asarray(False), "bias": jnp.asarray(False)}},
-                         exponents=state.exponents, step=state.step, config=state.config)
+  scalar_mask = dataclasses.replace(
+      state, masks={"d": {"kernel": jnp.asarray(False), "bias": jnp.asarray(False)}})
   assert message(ValueError, inq.advance, params, scalar_mask) == (
       "d/kernel: params have shape (2, 2) but the state's mask has shape ()")
   extra = dataclasses.replace(state, exponents={**state.exponents, "e/kernel": jnp.int32(0)})
@@ -257,9 +257,8 @@ def test_frozen_count_messages():
   params = small()
   state = inq.init(params, cfg())
   params, state = inq.advance(params, state)
-  off = INQState(masks={"d": {"kernel": jnp.asarray([[True, True], [True, False]]),
-                              "bias": jnp.asarray(False)}},
-                 exponents=state.exponents, step=state.step, config=state.config)
+  off = dataclasses.replace(state, masks={"d": {"kernel": jnp.asarray([[True, True], [True, False]]),
+                                                "bias": jnp.asarray(False)}})
   assert message(ValueError, inq.advance, params, off) == (
       "d/kernel: the state's mask has 3 frozen weights, but after 1 of 4 portions there "
       "should be 2 (round(0.5 * 4)); the masks do not belong to this state (was it rebuilt "
@@ -267,21 +266,21 @@ def test_frozen_count_messages():
   # At step 0 the target is the pruned count; with pruned weights the message says so.
   p = pruned_params()
   st = inq.init(p, cfg(), pruned=keep_mask())
-  rebuilt = INQState(masks=st.masks, exponents=st.exponents, step=st.step, config=st.config)
+  # Rebuilt without its pruned counts: the seal (which binds them) refuses it first.
+  rebuilt = dataclasses.replace(st, pruned={})
   assert message(ValueError, inq.advance, p, rebuilt) == (
-      "a/kernel: the state's mask has 2 frozen weights, but after 0 of 4 portions there "
-      "should be 0 (round(0.0 * 6)); the masks do not belong to this state (was it rebuilt "
-      "or restored without its `pruned` counts?)")
-  lost = INQState(masks={**st.masks, "b": {"kernel": jnp.zeros((2, 2), bool).at[0, 0].set(True)}},
-                  exponents=st.exponents, step=st.step, config=st.config, pruned=st.pruned)
+      "this INQState's exponents (n1) or pruned counts are not the ones init computed for "
+      "it: they were edited, swapped between layers, or taken from another state. Restore "
+      "the state as it was saved, or start again with init")
+  lost = dataclasses.replace(
+      st, masks={**st.masks, "b": {"kernel": jnp.zeros((2, 2), bool).at[0, 0].set(True)}})
   assert message(ValueError, inq.advance, p, lost) == (
       "b/kernel: the state's mask has 1 frozen weights, but after 0 of 4 portions there "
       "should be 0 (round(0.0 * 4)); the masks do not belong to this state (was it rebuilt "
       "or restored without its `pruned` counts?)")
   p2, st2 = inq.advance(p, st)
-  moved = INQState(masks={**st2.masks, "a": {"kernel": jnp.ones((2, 3), bool),
-                                             "bias": jnp.asarray(False)}},
-                   exponents=st2.exponents, step=st2.step, config=st2.config, pruned=st2.pruned)
+  moved = dataclasses.replace(st2, masks={**st2.masks, "a": {"kernel": jnp.ones((2, 3), bool),
+                                                             "bias": jnp.asarray(False)}})
   assert message(ValueError, inq.advance, p2, moved) == (
       "a/kernel: the state's mask has 6 frozen weights, but after 1 of 4 portions there "
       "should be 4 (2 pruned + round(0.5 * 4)); the masks do not belong to this state (was "
@@ -297,12 +296,25 @@ def test_frozen_weight_outside_codebook_message():
   w[0, 1] = -0.75
   bad = {"d": {"kernel": jnp.asarray(w), "bias": params["d"]["bias"]}}
   want = ("d/kernel: frozen weight -0.75 at index (0, 1) is not in its 3-bit codebook "
-          "{0, +-2^k: -1 <= k <= 0} (1 such weights). If these params are an optimizer's "
-          "copy (EMA, schedule-free eval params, lookahead), elementwise_freeze does not "
-          "protect copies: round them with round_to_pow2 where state.masks is True, then "
-          "verify")
-  assert message(ValueError, inq.verify, bad, state) == want
-  assert message(ValueError, inq.advance, bad, state) == want
+          "{0, +-2^k: -1 <= k <= 0} (1 such weights). Frozen weights must not move between "
+          "init/advance and the next call. The usual causes: (1) "
+          "inq_jax.optim.elementwise_freeze is not the LAST transform of the optax chain")
+  assert message(ValueError, inq.verify, bad, state).startswith(want)
+  assert message(ValueError, inq.advance, bad, state).startswith(want)
+  # The message names the other causes too, the common ones first.
+  text = message(ValueError, inq.advance, bad, state)
+  causes = ["(2) the optimizer was not re-created after advance", "(3) the params and the "
+            "state come from different runs", "(4) these params are an optimizer's copy"]
+  assert all(c in text for c in causes)
+  assert [text.index(c) for c in causes] == sorted(text.index(c) for c in causes)
+  # Moved within the codebook (-0.5 -> +0.5): caught by the frozen checksum.
+  w[0, 1] = 0.5
+  moved = {"d": {"kernel": jnp.asarray(w), "bias": params["d"]["bias"]}}
+  for fn in (inq.verify, inq.advance):
+    assert message(ValueError, fn, moved, state).startswith(
+        "d/kernel: the frozen weights changed since the last init/advance (their checksum is ")
+  # ... unless verify is told these are a copy that need only be in the codebook.
+  inq.verify(moved, state, check_frozen_values=False)
   # An unfrozen weight may be anything.
   w[0, 1], w[1, 0] = -0.5, 0.77
   inq.verify({"d": {"kernel": jnp.asarray(w), "bias": params["d"]["bias"]}}, state)
@@ -354,7 +366,8 @@ def test_eager_only_messages_name_the_function():
   params = small()
   state = inq.init(params, cfg())
   want = ("{} runs eagerly (its input checks need concrete values); call it outside jax.jit, "
-          "jax.vmap and other transformations")
+          "jax.vmap and other transformations (also not from inside a jitted function on "
+          "closed-over arrays), once per phase, between the train steps")
   # A traced state alone (params concrete) is refused by the same check.
   assert message(TypeError, jax.jit(lambda s: inq.advance(params, s)), state) == (
       want.format("advance"))
@@ -381,8 +394,9 @@ def test_state_exponent_checked_against_the_leaf_dtype(dtype, bits, name, lo, hi
   shift = 2 ** (bits - 2) - 1  # n2 = n1 - shift
   for n1, ok in edges:
     edited = dataclasses.replace(state, exponents={"kernel": jnp.int32(n1)})
-    if ok:
-      inq.verify(params, edited)
+    if ok:  # a codebook the dtype holds, but not the one init made: the seal refuses it
+      assert message(ValueError, inq.verify, params, edited).startswith(
+          "this INQState's exponents (n1) or pruned counts are not the ones init computed")
       continue
     for fn in (inq.advance, inq.verify):
       assert message(ValueError, fn, params, edited) == (
@@ -468,22 +482,25 @@ def test_random_partition_draws_from_the_uint32_seed_and_step(seed):
   config = cfg(strategy="random", seed=seed)
   state = inq.init({"kernel": w}, config)
   _, state = inq.advance({"kernel": w}, state)
-  _, want, _ = _packed.advance([w], [jnp.zeros((6, 7), bool)], [state.exponents["kernel"]],
-                               np.asarray([21], np.int32), np.asarray([seed, 0], np.uint32),
-                               bits=5, strategy="random")
-  np.testing.assert_array_equal(np.asarray(state.masks["kernel"]), np.asarray(want[0]))
+
+  def draw(seed_step):
+    return np.asarray(_packed.advance(
+        [w], [jnp.zeros((6, 7), bool)], [state.exponents["kernel"]],
+        np.asarray([21], np.int32), np.asarray(seed_step, np.uint32), bits=(5,),
+        strategy="random")[1][0])
+
+  np.testing.assert_array_equal(np.asarray(state.masks["kernel"]), draw([seed, 0]))
   assert int(np.sum(np.asarray(state.masks["kernel"]))) == 21
+  assert not np.array_equal(draw([seed, 0]), draw([(seed + 2**31) % 2**32, 0]))
 
 
-def test_init_runs_the_per_leaf_subnormal_check_only_when_needed(monkeypatch):
-  # init measures every leaf in one program; the exact per-leaf check (a host
-  # round trip per leaf) runs only for a leaf whose top bit pattern is
-  # subnormal: not for normal leaves of any dtype, all-zero leaves, or a leaf
-  # whose largest |w| is exactly the smallest normal.
+def test_init_runs_no_per_leaf_check_for_normal_leaves(monkeypatch):
+  # init measures every leaf in one program; the per-leaf finite check (a host
+  # round trip per leaf) runs only for a leaf with a non-finite weight, and a
+  # leaf whose largest |w| is exactly the smallest normal is not subnormal.
   calls = []
-  real = _state._check_not_subnormal  # pylint: disable=protected-access
-  monkeypatch.setattr(_state, "_check_not_subnormal",
-                      lambda *a: (calls.append(a[0]), real(*a))[1])
+  real = _checks.check_finite
+  monkeypatch.setattr(_checks, "check_finite", lambda *a: (calls.append(a[0]), real(*a))[1])
   params = {"a": {"kernel": jnp.asarray([[1.0, -0.5], [0.25, 0.0]], jnp.float16)},
             "b": {"kernel": jnp.asarray([[3.0, 0.1]], jnp.bfloat16)},
             "c": {"kernel": jnp.asarray([0.7, -2.0], jnp.float32)},
@@ -494,9 +511,10 @@ def test_init_runs_the_per_leaf_subnormal_check_only_when_needed(monkeypatch):
   edge = {"kernel": jnp.asarray([2.0**-14, 0.0], jnp.float16)}  # max = smallest normal
   with pytest.raises(ValueError, match="needs exponents"):
     inq.init(edge, cfg(bits=2))
-  assert calls == []
   with pytest.raises(ValueError, match="subnormal"):
     inq.init({"kernel": jnp.asarray([2.0**-20, 0.0], jnp.float16)}, cfg())
+  with pytest.raises(ValueError, match="non-finite"):
+    inq.init({"kernel": jnp.asarray([1.0, np.nan], jnp.float32)}, cfg())
   assert calls == ["kernel"]
 
 
@@ -523,8 +541,7 @@ def test_missing_paths_message_lists_six():
   params = small()
   state = inq.init(params, cfg())
   extra = {f"x{i}/kernel": jnp.int32(0) for i in range(8)}
-  bad = INQState(masks=state.masks, exponents={**state.exponents, **extra}, step=state.step,
-                 config=state.config)
+  bad = dataclasses.replace(state, exponents={**state.exponents, **extra})
   assert message(ValueError, inq.verify, params, bad) == (
       "state quantizes ['x0/kernel', 'x1/kernel', 'x2/kernel', 'x3/kernel', 'x4/kernel', "
       "'x5/kernel'] which are not in params")

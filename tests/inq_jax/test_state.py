@@ -292,18 +292,18 @@ def test_advance_is_eager_only():
     jax.jit(inq.advance)(params, state)
 
 
-def test_unpruned_state_pytree_unchanged():
-  # No `pruned`: the state flattens to masks, exponents and step only (checkpoints
-  # written before `INQState.pruned` existed restore into it unchanged).
+def test_state_flattens_to_its_fields():
+  # No `pruned`: masks, exponents, step, the seal, and per quantized leaf its
+  # checksums and fit; a restore target from abstract_state has the same tree.
   params = plain_params()
   state = inq.init(params, inq.INQConfig())
   assert state.pruned == {}
-  assert len(jax.tree.leaves(state)) == (len(jax.tree.leaves(state.masks))
-                                         + len(state.exponents) + 1)
-  rebuilt = inq.INQState(masks=state.masks, exponents=state.exponents, step=state.step,
-                         config=state.config)
-  assert rebuilt.pruned == {} and rebuilt.pruned_count("head/kernel") == 0
-  assert rebuilt.frozen_target("head/kernel", 128, 2) == round(0.75 * 128)
+  quantized = len(state.exponents)
+  assert len(jax.tree.leaves(state)) == (len(jax.tree.leaves(state.masks)) + 3 * quantized + 2)
+  target = inq.abstract_state(params, inq.INQConfig())
+  assert jax.tree.structure(target) == jax.tree.structure(state)
+  for want, have in zip(jax.tree.leaves(target), jax.tree.leaves(state)):
+    assert (want.shape, want.dtype) == (have.shape, have.dtype)
 
 
 def test_advance_rejects_masks_off_the_schedule():
