@@ -171,6 +171,43 @@ def fmnist_data_dir(fmnist_idx_dir, tmp_path_factory):
   return str(path)
 
 
+def build_wheel(out_dir) -> str:
+  """Builds the inq_jax wheel from a copy of the source into `out_dir`; returns its path."""
+  import glob  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src = os.path.join(out_dir, "src")
+  os.makedirs(src)
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
+  for name in ("pyproject.toml", "setup.cfg", "setup.py", "MANIFEST.in", "LICENSE",
+               "README.md", "inq_jax", "experiments", "tests"):
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+      shutil.copytree(path, os.path.join(src, name), ignore=ignore)
+    elif os.path.isfile(path):
+      shutil.copy2(path, os.path.join(src, name))
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", out_dir, src],
+                        env=env, capture_output=True, text=True, timeout=600, check=False)
+  if proc.returncode:
+    pytest.fail(f"building the wheel failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+  (wheel,) = glob.glob(os.path.join(out_dir, "inq_jax-*.whl"))
+  return wheel
+
+
+@pytest.fixture(scope="session")
+def inq_wheel(tmp_path_factory):
+  """The wheel of this checkout, built once per test run (the xdist workers share it)."""
+  path = _shared_path(tmp_path_factory, "wheel")
+  with _exclusive(path):
+    found = sorted(path.glob("inq_jax-*.whl")) if path.exists() else []
+    if not found:
+      if path.exists():
+        shutil.rmtree(path)
+      path.mkdir(parents=True)
+      return build_wheel(str(path))
+  return str(found[0])
+
+
 @pytest.fixture(scope="session")
 def smoke_reference(fmnist_data_dir, tmp_path_factory):
   """The workdir of the stock smoke config run on 1 (fake CPU) device, once per test run.
