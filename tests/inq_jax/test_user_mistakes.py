@@ -41,7 +41,7 @@ def test_advance_inside_a_jitted_function_on_closed_over_params_is_refused():
     return x + new["d"]["kernel"].sum()
 
   with pytest.raises(TypeError, match=r"advance runs eagerly .*\(also not from inside a "
-                     "jitted function on closed-over arrays\)"):
+                     r"jitted function on closed-over arrays\)"):
     step(1.0)
   with pytest.raises(TypeError, match="verify runs eagerly"):
     jax.jit(lambda x: x + len(inq.verify(params, state)))(1.0)
