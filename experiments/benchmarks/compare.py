@@ -17,8 +17,12 @@ persistent compilation cache is switched off for both (JAX_COMPILATION_CACHE_DIR
 is removed from their environment) unless `--keep_cache`.
 
 REF defaults to the newest `v*` tag (version order), else `origin/main`; a
-clone with neither needs `--ref`. ARGS the reference's benchmark does not list
-in its `--help` are left out of its command line (and named in the output).
+clone with neither needs `--ref`. By default each tree runs its own benchmark
+script, so a benchmark whose measurement changed compares two measurements:
+`--script tree` runs the working tree's script in both (copied into the
+reference worktree; what it imports still comes from the reference), which
+isolates the code under test. ARGS the reference's own script does not list in
+its `--help` are left out of its command line (and named in the output).
 Relative paths among ARGS that exist are made absolute, so both trees read the
 same files.
 
@@ -308,8 +312,11 @@ def table(result):
           if len(set(f["tree_runs"] + f["ref_runs"])) == 1}
   fields = {k: f for k, f in result["fields"].items() if k not in same}
   width = max([len(k) for k in fields] + [5])
+  script = ("each tree's own benchmark script" if result["script"] == "ref" else
+            "the working tree's benchmark script in both")
   lines = [f"{result['benchmark']}: tree {result['tree']} vs ref {result['ref']} "
-           f"({result['ref_commit'][:10]}), {result['runs']} run(s) each, alternated",
+           f"({result['ref_commit'][:10]}), {result['runs']} run(s) each, alternated, "
+           f"{script}",
            f"{'field':<{width}}  {'tree':>10}  {'ref':>10}  {'ratio':>7}  pair ratios"]
   for key, f in fields.items():
     ratio = "-" if f["ratio"] is None else f"{f['ratio']:.3f}"
@@ -329,8 +336,15 @@ def table(result):
   return "\n".join(lines)
 
 
-def compare(repo, ref, module, args, runs, timeout=None, keep_cache=False, log=None):
-  """Runs `module` `runs` times on each tree, alternately: the result as a dict."""
+def compare(repo, ref, module, args, runs, timeout=None, keep_cache=False, script="ref",
+            log=None):
+  """Runs `module` `runs` times on each tree, alternately: the result as a dict.
+
+  `script`: "ref" runs the reference's own benchmark file there, "tree" the
+  working tree's (copied into the reference worktree).
+  """
+  if script not in ("ref", "tree"):
+    raise CompareError(f"script must be 'ref' or 'tree', got {script!r}", status=2)
   log = log or (lambda msg: print(f"[compare] {msg}", file=sys.stderr, flush=True))
   repo = repo_root(repo)
   ref_name = ref or default_ref(repo)
@@ -343,6 +357,11 @@ def compare(repo, ref, module, args, runs, timeout=None, keep_cache=False, log=N
   load_before = _load()
   start = time.perf_counter()
   with _terminate_as_interrupt(), ref_worktree(repo, commit) as ref_root:
+    if script == "tree":
+      if not os.path.isdir(os.path.dirname(module_file(ref_root, module))):
+        raise CompareError(f"the reference {ref_name} ({commit[:10]}) has no "
+                           f"{module.rsplit('.', 1)[0]} package", status=2)
+      shutil.copyfile(module_file(repo, module), module_file(ref_root, module))
     if not os.path.exists(module_file(ref_root, module)):
       raise CompareError(f"the reference {ref_name} ({commit[:10]}) has no {module}", status=2)
     roots = {"tree": repo, "ref": ref_root}
@@ -352,7 +371,7 @@ def compare(repo, ref, module, args, runs, timeout=None, keep_cache=False, log=N
       check_imports(root, envs[side])
     side_args = {"tree": args, "ref": args}
     dropped = []
-    if args:
+    if args and script == "ref":
       side_args["ref"], dropped = filter_args(args, supported_flags(ref_root, module,
                                                                     envs["ref"]))
       if dropped:
@@ -368,7 +387,7 @@ def compare(repo, ref, module, args, runs, timeout=None, keep_cache=False, log=N
   result = {"benchmark": module.rsplit(".", 1)[-1], "comparison": "tree/ref",
             "tree": f"{repo} at {head}" + (" with uncommitted changes" if dirty else ""),
             "tree_commit": head, "tree_dirty": dirty, "ref": ref_name, "ref_commit": commit,
-            "ref_worktree": ref_root, "runs": runs, "order": order,
+            "ref_worktree": ref_root, "script": script, "runs": runs, "order": order,
             "args": args, "ref_args": side_args["ref"], "ref_args_dropped": dropped,
             "compilation_cache": "kept" if keep_cache else "off",
             "load_average_before": load_before, "load_average_after": _load(),
@@ -392,6 +411,9 @@ def main(argv=None):
                       help="seconds one run may take (default: no limit)")
   parser.add_argument("--keep_cache", action="store_true",
                       help="keep JAX_COMPILATION_CACHE_DIR in the runs' environment")
+  parser.add_argument("--script", choices=("ref", "tree"), default="ref",
+                      help="whose benchmark file the reference runs: its own (default) or "
+                           "the working tree's (the same measurement on both)")
   parser.add_argument("benchmark", help="a module of experiments/benchmarks/, e.g. quantize_speed")
   parser.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own flags")
   opts = parser.parse_args(argv)
@@ -399,7 +421,7 @@ def main(argv=None):
     parser.error(f"--runs must be at least 1, got {opts.runs}")
   try:
     result = compare(opts.repo, opts.ref, module_name(opts.benchmark), opts.args, opts.runs,
-                     opts.timeout, opts.keep_cache)
+                     opts.timeout, opts.keep_cache, opts.script)
   except CompareError as e:
     print(f"compare: error: {e}", file=sys.stderr)
     return e.status

@@ -118,6 +118,20 @@ def test_runs_each_tree_alternately_and_reports_medians_and_ratios(fake_repo):
   assert len(_worktrees(fake_repo)) == 1
 
 
+def test_script_tree_runs_the_working_trees_benchmark_against_the_reference_library(fake_repo):
+  result = compare.compare(str(fake_repo), "HEAD", "experiments.benchmarks.fake", ["--scale=5"],
+                           runs=1, script="tree", log=lambda msg: None)
+  # The same script (the tree's: --scale taken, new_only printed) on both sides,
+  # each with its own inq_jax: 3.0 * 5 against 1.0 * 5.
+  assert result["script"] == "tree" and result["ref_args"] == ["--scale=5"]
+  assert result["ref_args_dropped"] == [] and result["only_tree"] == result["only_ref"] == []
+  assert result["fields"]["seconds"]["tree_runs"] == [15.0]
+  assert result["fields"]["seconds"]["ref_runs"] == [5.0]
+  assert not os.path.exists(result["ref_worktree"]) and len(_worktrees(fake_repo)) == 1
+  # The working tree's copy is untouched.
+  assert "--scale" in (fake_repo / "experiments" / "benchmarks" / "fake.py").read_text()
+
+
 def test_command_line_prints_json_then_table(fake_repo):
   out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.compare",
                         "--repo", str(fake_repo), "--ref", "HEAD", "--runs", "1", "fake"],
