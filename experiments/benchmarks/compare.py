@@ -30,7 +30,8 @@ Output, on stdout: one JSON line, then a table. For every numeric field both
 trees print (nested fields as `a.b`, list items as `a[0]`): the median of each
 tree's runs and `ratio` = tree median / ref median, so for a time a ratio above
 1 is a slip whatever the machine's speed (for a rate, e.g. images per second or
-a speedup, below 1 is). Fields only one tree prints are listed, not compared.
+a speedup, below 1 is). Fields only one tree prints are listed (with their
+medians in the JSON line), not compared.
 The JSON line also carries every run's value, the order the runs took, and the
 load average before and after (the figures of a shared machine are noisy).
 Progress goes to stderr. Exit status 0, or 1 when a run failed (its stderr
@@ -291,9 +292,12 @@ def summarize(tree_lines, ref_lines):
     fields[key] = {"tree": _round(t_med), "ref": _round(f_med),
                    "ratio": _round(t_med / f_med) if f_med else None,
                    "pair_ratios": pairs, "tree_runs": t, "ref_runs": f}
-  return {"fields": fields,
-          "only_tree": [k for k in tree_keys if k not in ref_set],
-          "only_ref": [k for k in ref_keys if k not in tree_set]}
+  median = lambda runs, key: _round(float(np.median([r[key] for r in runs if key in r])))
+  only_tree = [k for k in tree_keys if k not in ref_set]
+  only_ref = [k for k in ref_keys if k not in tree_set]
+  return {"fields": fields, "only_tree": only_tree, "only_ref": only_ref,
+          "only_tree_medians": {k: median(tree, k) for k in only_tree},
+          "only_ref_medians": {k: median(ref, k) for k in only_ref}}
 
 
 def _round(x, digits=6):

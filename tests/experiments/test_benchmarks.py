@@ -45,8 +45,15 @@ def test_quantize_speed_prints_first_call_and_steady_timings():
     assert len(line[key]) == 4 and all(isinstance(t, float) for t in line[key]), key
   assert line["first_advance_seconds_max"] == max(line["first_advance_seconds"])
   assert line["advance_seconds_max"] == max(line["advance_seconds"])
-  for key in ("first_init_seconds", "first_verify_seconds", "init_seconds", "verify_seconds"):
+  for key in ("first_init_seconds", "first_verify_seconds", "init_seconds", "verify_seconds",
+              "first_init_cpu_seconds", "first_verify_cpu_seconds", "init_cpu_seconds",
+              "verify_cpu_seconds", "later_advance_seconds_max", "advance_cpu_seconds_max"):
     assert isinstance(line[key], float), key
+  for key in ("first_advance_cpu_seconds", "advance_cpu_seconds"):
+    assert len(line[key]) == 4 and all(isinstance(t, float) for t in line[key]), key
+  # Later advances are the first pass's compiled calls (portions 1..3).
+  assert line["later_advance_seconds_max"] == max(line["first_advance_seconds"][1:])
+  assert line["advance_cpu_seconds_max"] == max(line["advance_cpu_seconds"])
   assert isinstance(line["device"], str) and isinstance(line["jax"], str)
   assert len(line["load_average"]) == 3
   # Compilations are counted: the whole tree compiles a few programs on the

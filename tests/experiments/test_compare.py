@@ -111,6 +111,8 @@ def test_runs_each_tree_alternately_and_reports_medians_and_ratios(fake_repo):
   assert result["fields"]["same"]["ratio"] == 1.0
   assert not {"flag", "name", "benchmark", "inq_jax"} & set(result["fields"])
   assert result["only_tree"] == ["new_only"] and result["only_ref"] == ["old_only"]
+  assert result["only_tree_medians"] == {"new_only": 2} and result["only_ref_medians"] == {
+      "old_only": 1.5}
   assert result["ref_commit"] == _git(fake_repo, "rev-parse", "HEAD").strip()
   assert result["tree_dirty"] and result["runs"] == 3
   # The temporary worktree is gone, from disk and from git's list.
