@@ -131,22 +131,45 @@ def _terminate_as_interrupt():
 
 
 @contextlib.contextmanager
+def _no_interrupts():
+  """Ctrl-C ignored inside (main thread only): cleanup must not stop half way."""
+  try:
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  except ValueError:  # not the main thread: signals go to the main thread anyway
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
 def ref_worktree(repo, commit):
-  """A detached `git worktree` of `commit` in a temporary folder, removed on exit."""
+  """A detached `git worktree` of `commit` in a temporary folder, removed on exit.
+
+  Only this worktree is removed (never `git worktree prune`, which would also
+  drop other worktrees whose folders happen to be missing).
+  """
   parent = tempfile.mkdtemp(prefix="inq_jax_compare_")
   path = os.path.join(parent, "ref")
+  admin = None
   try:
     _git(repo, "worktree", "add", "--detach", "--quiet", path, commit)
+    admin = _git(path, "rev-parse", "--absolute-git-dir").stdout.strip()
     yield path
   finally:
-    # A second Ctrl-C must not leave the worktree half removed.
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-      _git(repo, "worktree", "remove", "--force", "--force", path, check=False)
+    with _no_interrupts():
+      removed = not _git(repo, "worktree", "remove", "--force", "--force", path,
+                         check=False).returncode
       shutil.rmtree(parent, ignore_errors=True)
-      _git(repo, "worktree", "prune", check=False)
-    finally:
-      signal.signal(signal.SIGINT, old)
+      if not removed and admin and os.path.isdir(admin):
+        # git's record of this worktree (.git/worktrees/<name>), if the folder
+        # went first: only if it names our folder.
+        with contextlib.suppress(OSError):
+          with open(os.path.join(admin, "gitdir"), encoding="utf-8") as f:
+            if os.path.dirname(f.read().strip()) == path:
+              shutil.rmtree(admin, ignore_errors=True)
 
 
 def module_name(benchmark):

@@ -7,6 +7,7 @@ in the figures. No timing is asserted.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,6 +226,17 @@ def test_the_worktree_is_removed_when_interrupted(fake_repo, monkeypatch, sig):
     proc.kill()
   assert proc.returncode == 130 and "interrupted" in err, err
   assert len(_worktrees(fake_repo)) == 1 and not os.path.exists(ref_tree)
+
+
+def test_the_worktree_record_goes_even_if_its_folder_went_first(fake_repo):
+  other = fake_repo.parent / "other"
+  _git(fake_repo, "worktree", "add", "--detach", "--quiet", str(other), "HEAD")
+  with compare.ref_worktree(str(fake_repo), "HEAD") as path:
+    assert os.path.isfile(os.path.join(path, "inq_jax", "__init__.py"))
+    shutil.rmtree(path)
+    shutil.rmtree(other)  # another stale worktree: not ours to prune
+  listed = _worktrees(fake_repo)
+  assert len(listed) == 2 and listed[1] == f"worktree {other}"
 
 
 def test_arguments_the_reference_lacks_are_left_out():
