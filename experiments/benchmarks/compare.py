@@ -353,8 +353,11 @@ def table(result):
     lines.append(f"{key:<{width}}  {f['tree']:>10.5g}  {f['ref']:>10.5g}  {ratio:>7}  {spread}")
   if same:
     lines.append("equal in every run: " + ", ".join(f"{k}={f['tree']:g}" for k, f in same.items()))
-  lines.append("only in tree: " + (", ".join(result["only_tree"]) or "-"))
-  lines.append("only in ref: " + (", ".join(result["only_ref"]) or "-"))
+  for side in ("tree", "ref"):
+    keys = result["only_" + side]
+    names = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all, listed in the JSON line)"
+                                   if len(keys) > 8 else "")
+    lines.append(f"only in {side}: {names or '-'}")
   if result["ref_args_dropped"]:
     lines.append("left out of the ref's command line (its --help lacks them): "
                  + " ".join(result["ref_args_dropped"]))
