@@ -41,6 +41,7 @@ tail is shown), 2 for a bad command line or reference.
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -282,7 +283,7 @@ def flatten(value, prefix=""):
   if isinstance(value, bool):
     return {}
   if isinstance(value, (int, float)):
-    return {prefix: value} if np.isfinite(value) else {}
+    return {prefix: value} if math.isfinite(value) else {}
   items = []
   if isinstance(value, dict):
     items = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in value.items()]

@@ -250,6 +250,13 @@ def test_arguments_the_reference_lacks_are_left_out():
       "experiments.benchmarks.vs_pytorch")
 
 
+def test_flatten_keeps_finite_numbers_by_path():
+  line = {"a": 1, "b": {"c": [2.5, None, "x", {"d": 10**30}]}, "e": True, "f": float("nan"),
+          "g": "text", "h": [[1, 2]]}
+  assert compare.flatten(line) == {"a": 1, "b.c[0]": 2.5, "b.c[3].d": 10**30, "h[0][0]": 1,
+                                   "h[0][1]": 2}
+
+
 def test_relative_paths_that_exist_become_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "workdir").mkdir()
