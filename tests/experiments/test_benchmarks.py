@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -44,8 +45,15 @@ def test_quantize_speed_prints_first_call_and_steady_timings():
     assert len(line[key]) == 4 and all(isinstance(t, float) for t in line[key]), key
   assert line["first_advance_seconds_max"] == max(line["first_advance_seconds"])
   assert line["advance_seconds_max"] == max(line["advance_seconds"])
-  for key in ("first_init_seconds", "first_verify_seconds", "init_seconds", "verify_seconds"):
+  for key in ("first_init_seconds", "first_verify_seconds", "init_seconds", "verify_seconds",
+              "first_init_cpu_seconds", "first_verify_cpu_seconds", "init_cpu_seconds",
+              "verify_cpu_seconds", "later_advance_seconds_max", "advance_cpu_seconds_max"):
     assert isinstance(line[key], float), key
+  for key in ("first_advance_cpu_seconds", "advance_cpu_seconds"):
+    assert len(line[key]) == 4 and all(isinstance(t, float) for t in line[key]), key
+  # Later advances are the first pass's compiled calls (portions 1..3).
+  assert line["later_advance_seconds_max"] == max(line["first_advance_seconds"][1:])
+  assert line["advance_cpu_seconds_max"] == max(line["advance_cpu_seconds"])
   assert isinstance(line["device"], str) and isinstance(line["jax"], str)
   assert len(line["load_average"]) == 3
   # Compilations are counted: the whole tree compiles a few programs on the
@@ -65,21 +73,62 @@ def test_quantize_speed_prints_first_call_and_steady_timings():
                                 if p.endswith("kernel"))
 
 
-def test_vs_pytorch_prints_its_ratio():
+def test_vs_pytorch_prints_both_models_figures_and_their_parity():
   line = _json_line("experiments.benchmarks.vs_pytorch", "--steps=1", "--repeats=2",
-                    "--batch=16")
+                    "--batch=8", "--resnet_steps=1", "--resnet_repeats=2")
   assert line["benchmark"] == "vs_pytorch"
   pytest.importorskip("torch")
   assert "skipped" not in line and line["target"] == 1.0
+  assert line["models"] == ["lenet", "resnet20"]
+  # LeNet: the top-level keys (as before ResNet-20 was added, so that the
+  # comparison tool can set them against older commits).
   for key in ("ratio", "ratio_base", "ratio_q25", "ratio_q75", "matmul_conv_speedup",
               "jax_freeze_step_ms", "jax_base_step_ms", "jax_xla_conv_step_ms", "torch_step_ms"):
     assert isinstance(line[key], float) and line[key] > 0, key
-  # Both sides compute the same function from the same weights.
+  resnet = line["resnet20"]
+  for key in ("ratio", "ratio_base", "ratio_q25", "ratio_q75", "jax_freeze_step_ms",
+              "jax_base_step_ms", "torch_step_ms"):
+    assert isinstance(resnet[key], float) and resnet[key] > 0, key
+  assert resnet["target"] == 1.0
+  assert (resnet["steps_per_round"], resnet["repeats"]) == (1, 2)
+  # Both sides compute the same function from the same weights: LeNet's logits,
+  # ResNet-20's loss with BN on batch statistics, and its loss after one SGD
+  # update (gradients, weight decay, learning rate) agree to float32 rounding.
   assert line["max_logit_diff"] < 1e-3
+  assert resnet["loss"] > 0 and abs(resnet["loss"] - resnet["torch_loss"]) < 1e-4
+  assert resnet["loss_diff"] < 1e-4 and resnet["loss_after_step_diff"] < 1e-4
   assert line["threads"] == line["torch_threads"] == len(line["cpus"]) >= 1
-  assert (line["batch"], line["steps_per_round"], line["repeats"]) == (16, 1, 2)
+  assert (line["batch"], line["steps_per_round"], line["repeats"]) == (8, 1, 2)
   assert isinstance(line["jax"], str) and isinstance(line["torch"], str)
-  assert len(line["load_average"]) == 3
+  assert isinstance(line["cpu_model"], str) and len(line["load_average"]) == 3
+
+
+def test_vs_pytorch_resnet20_parity_catches_a_different_update(monkeypatch):
+  """The parity figures are not vacuous: a torch side with another learning rate shows."""
+  torch = pytest.importorskip("torch")
+  from experiments.benchmarks import vs_pytorch
+  monkeypatch.setattr(vs_pytorch, "_interleaved",
+                      lambda runners, *_: {name: np.ones(1) for name in runners})
+  args = types.SimpleNamespace(batch=4, resnet_steps=1, resnet_repeats=1)
+  real_runner = vs_pytorch._torch_runner  # pylint: disable=protected-access
+
+  def faster_torch(torch_, net, x, y, losses=None):
+    monkeypatch.setattr(vs_pytorch, "LR", 0.02)  # torch's SGD only: JAX's is built already
+    try:
+      return real_runner(torch_, net, x, y, losses)
+    finally:
+      monkeypatch.setattr(vs_pytorch, "LR", 0.01)
+  monkeypatch.setattr(vs_pytorch, "_torch_runner", faster_torch)
+  resnet20 = vs_pytorch._resnet20  # pylint: disable=protected-access
+  other = resnet20(args, torch, vs_pytorch.steps.Devices())
+  assert other["loss_diff"] < 1e-4  # same forward
+  assert other["loss_after_step_diff"] > 1e-3  # another update (same: below 1e-4, above)
+
+
+def test_vs_pytorch_rejects_an_unknown_model():
+  out = subprocess.run([sys.executable, "-m", "experiments.benchmarks.vs_pytorch",
+                        "--models=lenet,vgg"], capture_output=True, text=True, check=False)
+  assert out.returncode != 0 and "--models 'lenet,vgg': choose from lenet, resnet20" in out.stderr
 
 
 def test_vs_pytorch_rejects_more_threads_than_cpus():
