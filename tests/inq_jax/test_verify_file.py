@@ -163,3 +163,20 @@ def test_command_line(tmp_path):
   run = subprocess.run([sys.executable, "-m", "inq_jax.verify_file", str(tmp_path / "m.inq")],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
   assert run.returncode == 1 and "not an inq_jax export" in run.stderr
+
+
+def test_a_decoder_that_disagrees_with_the_codes_is_caught(tmp_path, monkeypatch, capsys):
+  """The re-encode check: decoded weights that are valid codebook values, but not the stored codes.
+
+  Every weight's sign flipped stays in the codebook, so only encoding the
+  decoded weights back and comparing with the stored codes can tell.
+  """
+  path = str(tmp_path / "m.inq")
+  export_model(path)
+  real = _packing.decode_values
+  monkeypatch.setattr(_packing, "decode_values",
+                      lambda codes, n1, bits, dtype: -real(codes, n1, bits, dtype))
+  assert verify_file.main([path]) == 1
+  err = capsys.readouterr().err
+  assert "the decoded weights do not encode back to the stored codes" in err
+  assert path in err

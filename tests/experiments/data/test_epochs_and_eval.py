@@ -295,6 +295,23 @@ def test_imagenet_every_batch_has_its_own_draw():
   assert all(np.array_equal(image, want) for image in plain[1]["image"])
 
 
+def test_imagenet_train_image_is_the_drawn_crop_mirrored_left_right():
+  """RandomResizedCrop's box from the example's seed, resized, then the drawn left-right flip."""
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+  flips = []
+  for seed in range(16):
+    rng = np.random.default_rng(seed)
+    x, y, w, h = imagenet.random_resized_crop_box(rng, 60, 40)
+    crop = np.asarray(PIL.Image.fromarray(image).resize((16, 16), PIL.Image.BILINEAR,
+                                                        box=(x, y, x + w, y + h)))
+    flips.append(rng.random() < 0.5)
+    want = crop[:, ::-1] if flips[-1] else crop
+    np.testing.assert_array_equal(imagenet.train_image(image, seed, 16), want,
+                                  err_msg=f"seed {seed}")
+  assert 0 < sum(flips) < len(flips)
+
+
 # ----------------------------------------------------------------- real data
 
 
