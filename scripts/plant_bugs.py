@@ -120,6 +120,11 @@ BUGS: Tuple[Bug, ...] = (
         "adaptive_avg_pool ends its bins at floor((i+1)H/out) instead of PyTorch's ceil: "
         "bins lose their last row, or are empty when the map is smaller than the output",
         (TEST_CNN, REFS)),
+    Bug("googlenet-dropout-inverted", CNN,
+        "x = nn.Dropout(0.4, deterministic=not train)(x)",
+        "x = nn.Dropout(0.4, deterministic=train)(x)",
+        "GoogLeNet's dropout is on in evaluation and off in training",
+        (TEST_CNN, REFS)),
     Bug("resnet-maxpool-same", CNN,
         "x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(1))  # pads with -inf, as PyTorch",
         'x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")',
@@ -138,7 +143,7 @@ BUGS: Tuple[Bug, ...] = (
         (REFS, TEST_CPU_CONV)),
     Bug("lenet-pool-tie-gradient", CNN,
         "for k in (2, 1, 0):", "for k in (0, 1, 2):",
-        "LeNet's 2x2 max pool sends the gradient of a tie to the last tap instead of the first "
+        "LeNet's 2x2 max pool sends the gradient of a tie to a later tap instead of the first "
         "(as nn.max_pool does)",
         (TEST_CPU_CONV,)),
     Bug("cpu-conv-kernel-transposed", "experiments/models/cpu_conv.py",
@@ -201,6 +206,11 @@ BUGS: Tuple[Bug, ...] = (
         '"mask": np.arange(b) < real}', '"mask": np.arange(b) <= real}',
         "the first padding example of the last eval batch is counted (an all-zero image "
         "labelled 0)",
+        (TEST_PIPELINE, TEST_EPOCHS)),
+    Bug("eval-augmented", PIPELINE,
+        "images, labels = self.test_source.load(indices, None, local)",
+        "images, labels = self.test_source.load(indices, np.random.default_rng(step), local)",
+        "the test split is evaluated on randomly cropped and flipped images",
         (TEST_PIPELINE, TEST_EPOCHS)),
     Bug("every-process-first-slice", PIPELINE,
         "return slice(index * b, (index + 1) * b)", "return slice(0, b)",
@@ -277,10 +287,11 @@ BUGS: Tuple[Bug, ...] = (
         '"tail": float(np.abs(w).max() / w.std())', '"tail": float(w.max() / w.std())',
         "codebook_report's max|w|/std ignores the negative weights",
         (T + "experiments/tools/test_codebook_report.py",)),
-    Bug("shift-check-counts-padding", "experiments/tools/shift_check.py",
-        'keep = np.flatnonzero(batch["mask"])[:left]',
-        'keep = np.arange(len(batch["mask"]))[:left]',
-        "shift_check compares the padding of the last test batch as if it were examples",
+    Bug("shift-check-nchw-flatten", "experiments/tools/shift_check.py",
+        "x = x.reshape(x.shape[0], -1)  # NHWC row-major, as LeNet's reshape",
+        "x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)",
+        "the integer LeNet flattens conv2's output channel-first (PyTorch's order), so fc1 "
+        "multiplies the wrong activations",
         (T + "experiments/tools/test_shift_check.py",)),
 )
 
@@ -546,8 +557,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="plant_baseline_") as copy:
       copy_tree(copy)
       base = run_pytest(copy, targets, args.timeout)
-    print(f"baseline (no bug planted): {base.status} in {base.seconds:.0f} s "
-          f"{base.failing}", flush=True)
+    status = "passed" if base.caught is False else f"FAILED ({base.status})"
+    print(f"baseline (no bug planted): {len(targets)} test files {status} in "
+          f"{base.seconds:.0f} s {base.failing}", flush=True)
     if base.caught is not False:
       print("plant_bugs: the listed test files fail without any bug planted", file=sys.stderr)
       return 2
