@@ -504,6 +504,17 @@ def write_between(path: str, which: str, body: str) -> None:
     f.write(f"{before}{start}\n{body}\n{end}{after}")
 
 
+def run_stamp(root: str = REPO) -> str:
+  """'Run on commit abc1234 (+ uncommitted changes), 2025-01-31, N CPUs.'"""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          check=False).stdout.strip()
+  commit = git("rev-parse", "--short", "HEAD") or "(no git)"
+  dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+  return (f"Run on commit {commit}{dirty}, {time.strftime('%Y-%m-%d')}, "
+          f"{os.cpu_count()} CPUs.")
+
+
 # ------------------------------------------------------------ main
 
 
@@ -574,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(text, flush=True)
     results.append(r)
 
-  table = results_table(results)
+  table = results_table(results, run_stamp())
   print()
   print(table)
   if args.json:
