@@ -222,8 +222,8 @@ def write_gz(path, data: bytes):
 
 @needs_files
 @pytest.mark.parametrize("kind,message", [
-    ("magic", "magic number"), ("truncated", "data bytes"), ("shape", "IDX shape"),
-    ("not_gzip", "cannot decompress"), ("label", "label 10")])
+    ("magic", "magic number"), ("truncated", "data bytes"), ("padded", "data bytes"),
+    ("shape", "IDX shape"), ("not_gzip", "cannot decompress"), ("label", "label 10")])
 def test_corrupt_idx_file_is_reported(tmp_path, kind, message):
   good = parse_idx(os.path.join(DEBIAN, "t10k-labels-idx1-ubyte.gz"))
   header, body = struct.pack(">II", 0x0801, 10000), good.tobytes()
@@ -233,6 +233,8 @@ def test_corrupt_idx_file_is_reported(tmp_path, kind, message):
     write_gz(path, struct.pack(">II", 0x0803, 10000) + body)
   elif kind == "truncated":
     write_gz(path, header + body[:-5])
+  elif kind == "padded":  # trailing bytes after the declared data
+    write_gz(path, header + body + bytes(3))
   elif kind == "shape":
     write_gz(path, struct.pack(">II", 0x0801, 9999) + body[:-1])
   elif kind == "not_gzip":

@@ -1,6 +1,7 @@
 """experiments.tools.codebook_report against a numpy reading of the paper's Eq. 4."""
 
 import numpy as np
+import pytest
 
 from experiments.tools import codebook_report
 
@@ -34,3 +35,12 @@ def test_rows_match_numpy():
   by = {(r["bits"], r["calibration"]): r for r in table}
   assert by[(3, "mse")]["relative_error"] < by[(3, "absmax")]["relative_error"]
   assert "| dense/kernel |" in codebook_report.markdown(table)
+
+
+def test_tail_is_max_abs_over_std_whatever_the_sign():
+  rng = np.random.default_rng(1)
+  w = (rng.standard_normal((200, 4)) * 0.02).astype(np.float32)
+  w[3, 1] = -0.4  # the heavy tail is negative
+  (row,) = codebook_report.rows({"fc": {"kernel": w}}, [4], calibrations=("absmax",))
+  assert row["tail"] == pytest.approx(0.4 / w.std(), rel=1e-5)
+  assert row["n1"] == int(np.floor(np.log2(4 * 0.4 / 3)))  # n1 from max |w| too

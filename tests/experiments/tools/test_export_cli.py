@@ -170,3 +170,21 @@ def test_evaluate_refuses_weights_of_another_model(fmnist_data_dir, tmp_path):
   export.save(tmp_path / "m.inq", params, state, extras={"batch_stats": batch_stats})
   with pytest.raises(ValueError, match=r"does not fit model 'lenet': missing params/conv1/"):
     evaluate.evaluate(lenet_config(fmnist_data_dir), str(tmp_path / "m.inq"))
+
+
+def test_evaluate_names_leaves_whose_shapes_do_not_fit(fmnist_data_dir, tmp_path):
+  # A LeNet exported with 7 classes, evaluated under a 10-class config: every
+  # path exists, only fc2's shapes differ.
+  model = models.get_model("lenet", 7)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, (1, 28, 28, 1),
+                                                        jax.random.key(0)))["params"]
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) * 0.05,
+                                              jnp.float32), shapes)
+  params, state = run_inq(params, inq.INQConfig(bits=5, portions=(1.0,)))
+  export.save(tmp_path / "m.inq", params, state, extras={"batch_stats": {}})
+  with pytest.raises(ValueError, match=r"does not fit model 'lenet': "
+                                       r"params/fc2/bias: \(\(7,\), 'float32'\) in the file, "
+                                       r"\(\(10,\), 'float32'\) in the model; "
+                                       r"params/fc2/kernel: \(\(500, 7\), 'float32'\)"):
+    evaluate.evaluate(lenet_config(fmnist_data_dir), str(tmp_path / "m.inq"))
