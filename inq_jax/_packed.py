@@ -159,14 +159,53 @@ def _bounds(n1s, bits, group: Group, seg):
   return n1, n1 + shift
 
 
-def _fit_counts(x, n1, n2, seg, n):
-  """Per leaf: (weights that round to 0, weights past the top bin, saturated to +-2^n1)."""
-  a = jnp.abs(x)
-  one = jnp.ones((), x.dtype)
+class _Codebook(NamedTuple):
+  """A packed group's codebook bounds as bit patterns of its compute dtype.
+
+  Non-negative floats order like their bit patterns, so with the magnitude's
+  bit pattern `a` of a weight every question below is an integer compare; the
+  bounds are made once per row (per weight with per-channel codebooks), the
+  only float arithmetic. Valid for codebooks `init` accepts, whose values and
+  bin edges are normal numbers.
+  """
+  lowest: jax.Array    # 2^n2
+  highest: jax.Array   # 2^n1
+  zero_below: jax.Array  # 2^(n2-1): smaller magnitudes round to 0
+  saturate_from: jax.Array  # 1.5 * 2^n1: larger ones round to 2^n1
+  real: jax.Array      # False for the codebook {0}
+
+
+def _codebook_bits(n1, n2, dtype) -> _Codebook:
+  one = jnp.ones((), dtype)
+  bits = lambda v: jax.lax.bitcast_convert_type(v.astype(dtype), _codebook.UINT[
+      jnp.dtype(dtype).itemsize])
   real = n1 != _codebook.ZERO_CODEBOOK
-  zero = ~real | (a < jnp.ldexp(one, n2 - 1))
-  saturated = real & (a >= jnp.asarray(1.5, x.dtype) * jnp.ldexp(one, n1))
-  return _count(zero, seg, n), _count(saturated, seg, n)
+  return _Codebook(bits(jnp.ldexp(one, n2)), bits(jnp.ldexp(one, n1)),
+                   bits(jnp.ldexp(one, n2 - 1)),
+                   bits(jnp.asarray(1.5, dtype) * jnp.ldexp(one, n1)), real)
+
+
+def _magnitude(x):
+  """The bit pattern of |x| (x in its compute dtype, float32 or float64)."""
+  itemsize = jnp.dtype(x.dtype).itemsize
+  bits = jax.lax.bitcast_convert_type(x, _codebook.UINT[itemsize])
+  return bits & jnp.asarray((1 << (8 * itemsize - 1)) - 1, bits.dtype)
+
+
+def _inf_bits(dtype):
+  return jax.lax.bitcast_convert_type(jnp.asarray(np.inf, dtype),
+                                      _codebook.UINT[jnp.dtype(dtype).itemsize])
+
+
+def _classify(a, book: _Codebook, dtype):
+  """(non-finite, in the codebook, rounds to 0, saturates): bool arrays from magnitudes `a`."""
+  inf = _inf_bits(dtype)
+  mantissa = jnp.asarray((1 << (jnp.finfo(dtype).nmant)) - 1, a.dtype)
+  power_of_two = (a & mantissa) == 0
+  member = (a == 0) | (power_of_two & book.real & (a >= book.lowest) & (a <= book.highest))
+  zero = (a <= inf) & (~book.real | (a < book.zero_below))
+  saturated = book.real & (a >= book.saturate_from) & (a <= inf)
+  return a >= inf, member, zero, saturated
 
 
 # --- checksums ------------------------------------------------------------------------
@@ -267,14 +306,15 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
         top[i], n1[i], codebooks[i] = tops[j:j + 1], best[j:j + 1], best[j]
     n1b, n2b = _bounds(codebooks, bits, group, seg)
     x = _compute(packed)
-    zeros, saturated = _fit_counts(x, n1b, n2b, seg, n)
+    nonfinite, _, zero, saturated = _classify(_magnitude(x), _codebook_bits(n1b, n2b, x.dtype),
+                                              x.dtype)
     pads = jnp.asarray(group.pads, jnp.int32)
     frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
                      group, False)
     h = _hash(packed, group, seg)
     valid = _valid(group, seg)
-    stats = (_count(~jnp.isfinite(x), seg, n), zeros - pads, saturated,
-             _as_int(_hash_sums(h, frozen_p, seg, n)),
+    stats = (_count(nonfinite, seg, n), _count(zero, seg, n) - pads,
+             _count(saturated, seg, n), _as_int(_hash_sums(h, frozen_p, seg, n)),
              _as_int(_hash_sums(h, ~frozen_p & valid, seg, n)))
     stats = jnp.stack(stats, axis=1)
     for j, i in enumerate(group.index):
@@ -373,15 +413,17 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
     x = _compute(w)
     pads = jnp.asarray(group.pads, jnp.int32)
     valid = _valid(group, seg)
-    member = _codebook.codebook_exponents(x, n1, n2, xp=jnp)[1]
-    zeros, saturated = _fit_counts(x, n1, n2, seg, n)
+    a = _magnitude(x)
+    nonfinite, member, zero, saturated = _classify(a, _codebook_bits(n1, n2, x.dtype), x.dtype)
     h = _hash(w, group, seg)
-    stats = (_count(~jnp.isfinite(x), seg, n), _count(frozen, seg, n) - pads,
-             _count(frozen & ~member, seg, n), zeros - pads, saturated,
+    stats = (_count(nonfinite, seg, n), _count(frozen, seg, n) - pads,
+             _count(frozen & ~member, seg, n), _count(zero, seg, n) - pads,
+             _count(saturated, seg, n),
              _as_int(_hash_sums(h, frozen & valid, seg, n)),
              _as_int(_hash_sums(h, ~frozen, seg, n)))
-    if strategy == "magnitude":
-      keys = jax.lax.bitcast_convert_type(jnp.abs(x).astype(jnp.float32), jnp.int32)
+    if strategy == "magnitude":  # |w| as float32, whose bit patterns order like it
+      keys = (a if x.dtype == jnp.float32 else _magnitude(jnp.abs(x).astype(jnp.float32))
+              ).astype(jnp.int32)
     else:
       keys = _random_keys(group, seg, np.asarray(group.index, np.uint32), seed_step)
     keys = jnp.where(frozen, FROZEN_KEY, keys)
@@ -430,8 +472,10 @@ def value_ids(leaves, masks, n1s, *, bits):
     w = _compute(raw)
     frozen = _pack([masks[i].astype(bool) for i in group.index], group, False)
     n1, n2 = _bounds(n1s, bits, group, seg)
-    k, member = _codebook.codebook_exponents(w, n1, n2, xp=jnp)
-    value = jnp.where(w == 0, 0, jnp.sign(w).astype(jnp.int32) * (k.astype(jnp.int32) + 2048))
+    a = _magnitude(w)
+    _, member, _, _ = _classify(a, _codebook_bits(n1, n2, w.dtype), w.dtype)
+    k = (a >> jnp.finfo(w.dtype).nmant).astype(jnp.int32) - (jnp.finfo(w.dtype).maxexp - 1)
+    value = jnp.where(w == 0, 0, jnp.sign(w).astype(jnp.int32) * (k + 2048))
     ids.append(jnp.where(frozen & member, value + _ZERO_ID, 0))
     frozen &= _valid(group, seg)
     per_leaf = jnp.stack((_count(frozen & ~member, seg, n),
