@@ -3,11 +3,12 @@
 XLA compiles one program per distinct input signature, so per-leaf kernels mean
 dozens of compilations for a ResNet-50, and a program holding one fusion per
 leaf is no better: its compile time grows with the number of leaves. Here the
-leaves of one dtype are flattened, each padded to a multiple of `ROW` and
-stacked into one `[rows, ROW]` array, so `init`, `advance` and `verify` are a
-handful of fusions over that array whatever the model: row r belongs to leaf
-`seg[r]`, per-leaf quantities (the partition's k, n1, the bit width) are
-gathered per row, and per-leaf results are segment sums over rows.
+leaves of one dtype are flattened, each padded to a multiple of `BLOCK` and
+stacked into one `[blocks, SUB, LANES]` array, so `init`, `advance` and
+`verify` are a handful of fusions over that array whatever the model: block b
+belongs to leaf `seg[b]`, per-leaf quantities (the partition's k, n1, the bit
+width) are gathered per block, and per-leaf results are segment sums over
+blocks (see `_partition.count` for why blocks are SUB x LANES).
 
 Padding is weight 0 and frozen: the selection takes it first (its key is the
 frozen key), so each leaf's k grows by its padding, and rounding never touches it.
@@ -15,17 +16,20 @@ frozen key), so each leaf's k grows by its padding, and rounding never touches i
 The partition's threshold search reads its keys ~31 times. Over a whole model
 the keys do not fit in any cache and every pass would stream them from memory,
 so the search runs bin by bin: a bin is a run of whole leaves of at most
-`BIN_ROWS` rows, searched in a loop over one fixed-size window (one compiled
+`BIN_BLOCKS` blocks, searched in a loop over one fixed-size window (one compiled
 body for every bin, so compile time does not grow with the model), and only
 leaves larger than a bin are searched in place. Everything else reads the
 weights once or twice.
 
-Checksums: every quantized leaf carries two uint32 sums, over its frozen and
-over its still-float weights, of a hash of (bit pattern, index in the leaf).
-Sums modulo 2^32 do not depend on the order of addition, so they are the same
-on any device count and sharding; +0.0 and -0.0 hash alike (a frozen zero plus
-a zero update may change its sign bit). `inq_jax._state` compares them with the
-state's to notice frozen weights that moved and params that were not retrained.
+Checksums: every quantized leaf carries two uint32 sums of a hash of (bit
+pattern, index in the leaf): over all its frozen weights, and over the
+still-float weights among the first LANES of each block (a sample, one
+sixteenth of the weights: enough to tell retrained params from untouched
+ones, which is all it is for). Sums modulo 2^32 do not depend on the order of
+addition, so they are the same on any device count and sharding; +0.0 and
+-0.0 hash alike (a frozen zero plus a zero update may change its sign bit).
+`inq_jax._state` compares them with the state's to notice frozen weights that
+moved and params that were not retrained.
 
 Reference: arXiv:1702.03044, Sec. 2 (the algorithm is unchanged; this is layout).
 """
@@ -42,12 +46,13 @@ import numpy as np
 from inq_jax import _codebook
 from inq_jax import _partition
 from inq_jax._partition import count as _count
-from inq_jax._partition import per_row as _per_row
+from inq_jax._partition import counts as _counts
+from inq_jax._partition import per_block as _per_block
 from inq_jax._partition import seg_sum as _seg_sum
 
-ROW = _partition.ROW
-# Rows of one cache-resident search window: 2^21 weights, 8 MB of int32 keys.
-BIN_ROWS = 1 << 14
+SUB, LANES, BLOCK = _partition.SUB, _partition.LANES, _partition.BLOCK
+# Blocks of one cache-resident search window: 2^21 weights, 8 MB of int32 keys.
+BIN_BLOCKS = (1 << 21) // BLOCK
 FROZEN_KEY = _partition.FROZEN_KEY
 
 # Stats `advance` measures before the step, one int per leaf each (see `advance`).
@@ -57,26 +62,26 @@ BEFORE = ("nonfinite", "frozen", "outside", "zeros", "saturated", "frozen_sum", 
 class Group(NamedTuple):
   """Static layout of the leaves of one dtype (their positions in the leaf list).
 
-  Leaves are packed in `index` order: leaves of at most `BIN_ROWS` rows first,
-  in bins of whole leaves, then the larger ones.
+  Leaves are packed in `index` order: leaves of at most `BIN_BLOCKS` blocks
+  first, in bins of whole leaves, then the larger ones.
   """
   index: Tuple[int, ...]
   shapes: Tuple[Tuple[int, ...], ...]
-  rows: Tuple[int, ...]
-  bins: Tuple[Tuple[int, int], ...]  # (first row, end row) of each bin
-  big_start: int                     # first row of the leaves larger than a bin
+  blocks: Tuple[int, ...]            # blocks of each leaf
+  bins: Tuple[Tuple[int, int], ...]  # (first block, end block) of each bin
+  big_start: int                     # first block of the leaves larger than a bin
 
   @property
   def pads(self):
-    return tuple(r * ROW - int(np.prod(s)) for r, s in zip(self.rows, self.shapes))
+    return tuple(b * BLOCK - int(np.prod(s)) for b, s in zip(self.blocks, self.shapes))
 
   @property
   def starts(self):
-    return tuple(int(s) for s in np.cumsum((0,) + self.rows[:-1]))
+    return tuple(int(s) for s in np.cumsum((0,) + self.blocks[:-1]))
 
   @property
-  def total_rows(self) -> int:
-    return sum(self.rows)
+  def total_blocks(self) -> int:
+    return sum(self.blocks)
 
 
 def groups(leaves) -> List[Group]:
@@ -87,58 +92,60 @@ def groups(leaves) -> List[Group]:
   return [_layout(leaves, index) for index in by_dtype.values()]
 
 
-def _rows(shape) -> int:
-  return -(-int(np.prod(shape)) // ROW)
+def _blocks(shape) -> int:
+  return -(-int(np.prod(shape)) // BLOCK)
 
 
 def _layout(leaves, index) -> Group:
-  small = [i for i in index if _rows(leaves[i].shape) <= BIN_ROWS]
-  big = [i for i in index if _rows(leaves[i].shape) > BIN_ROWS]
+  small = [i for i in index if _blocks(leaves[i].shape) <= BIN_BLOCKS]
+  big = [i for i in index if _blocks(leaves[i].shape) > BIN_BLOCKS]
   bins, start, end = [], 0, 0
   for i in small:
-    r = _rows(leaves[i].shape)
-    if end + r - start > BIN_ROWS:
+    b = _blocks(leaves[i].shape)
+    if end + b - start > BIN_BLOCKS:
       bins.append((start, end))
       start = end
-    end += r
+    end += b
   if end > start:
     bins.append((start, end))
   order = tuple(small + big)
   shapes = tuple(tuple(leaves[i].shape) for i in order)
-  return Group(order, shapes, tuple(_rows(s) for s in shapes), tuple(bins), end)
+  return Group(order, shapes, tuple(_blocks(s) for s in shapes), tuple(bins), end)
 
 
 def _pack(arrays, group: Group, fill):
   flat = [jnp.pad(jnp.ravel(a), (0, pad), constant_values=fill)
           for a, pad in zip(arrays, group.pads)]
-  return jnp.concatenate(flat).reshape(-1, ROW)
+  return jnp.concatenate(flat).reshape(-1, SUB, LANES)
 
 
 def _unpack(packed, group: Group):
   """The per-leaf arrays of a packed group (jax arrays in a program, numpy views on the host)."""
   flat, out = packed.reshape(-1), []
   for shape, start in zip(group.shapes, group.starts):
-    out.append(flat[start * ROW:start * ROW + int(np.prod(shape))].reshape(shape))
+    out.append(flat[start * BLOCK:start * BLOCK + int(np.prod(shape))].reshape(shape))
   return out
 
 
 def _segments(group: Group):
-  """int32 [rows]: which leaf of the group (its position in `group.index`) each row is.
+  """int32 [blocks]: which leaf of the group (its position in `group.index`) each block is.
 
-  Computed in the program (a search of each row among the leaves' first rows)
-  rather than embedded as a constant of one int per row.
+  Computed in the program (a search of each block among the leaves' first
+  blocks) rather than embedded as a constant of one int per block.
   """
-  row = jax.lax.iota(jnp.int32, group.total_rows)
-  return jnp.searchsorted(jnp.asarray(group.starts, jnp.int32), row, side="right",
+  block = jax.lax.iota(jnp.int32, group.total_blocks)
+  return jnp.searchsorted(jnp.asarray(group.starts, jnp.int32), block, side="right",
                           method="compare_all" if len(group.index) <= 8 else "scan") - 1
 
 
-def _local_index(group: Group, seg):
-  """uint32 [rows, ROW]: each weight's flat index in its own leaf."""
-  shape = (group.total_rows, ROW)
-  row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-  lane = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-  return (row - _per_row(np.asarray(group.starts, np.uint32), seg)) * jnp.uint32(ROW) + lane
+def _local_index(group: Group, seg, rows=SUB):
+  """uint32 [blocks, rows, LANES]: each weight's flat index in its own leaf."""
+  shape = (group.total_blocks, rows, LANES)
+  block = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+  within = (jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * jnp.uint32(LANES)
+            + jax.lax.broadcasted_iota(jnp.uint32, shape, 2))
+  first = _per_block(np.asarray(group.starts, np.uint32), seg)
+  return (block - first) * jnp.uint32(BLOCK) + within
 
 
 def _compute(w):
@@ -146,12 +153,12 @@ def _compute(w):
 
 
 def _bounds(n1s, bits, group: Group, seg):
-  """(n1, n2) broadcastable against the packed group: per row, or per weight."""
+  """(n1, n2) broadcastable against the packed group: per block, or per weight."""
   n1s = [n1s[i] for i in group.index]
-  shift = _per_row(np.asarray([1 - _codebook.num_exponents(bits[i]) for i in group.index],
-                              np.int32), seg)
+  shift = _per_block(np.asarray([1 - _codebook.num_exponents(bits[i]) for i in group.index],
+                                np.int32), seg)
   if all(jnp.ndim(n) == 0 for n in n1s):
-    n1 = _per_row(jnp.stack(n1s).astype(jnp.int32), seg)
+    n1 = _per_block(jnp.stack(n1s).astype(jnp.int32), seg)
   else:  # one codebook per output channel: broadcast along each leaf
     n1 = _pack([jnp.broadcast_to(n, s).astype(jnp.int32) for n, s in zip(n1s, group.shapes)],
                group, 0)
@@ -164,7 +171,7 @@ class _Codebook(NamedTuple):
 
   Non-negative floats order like their bit patterns, so with the magnitude's
   bit pattern `a` of a weight every question below is an integer compare; the
-  bounds are made once per row (per weight with per-channel codebooks), the
+  bounds are made once per block (per weight with per-channel codebooks), the
   only float arithmetic. Valid for codebooks `init` accepts, whose values and
   bin edges are normal numbers.
   """
@@ -208,32 +215,66 @@ def _classify(a, book: _Codebook, dtype):
   return a >= inf, member, zero, saturated
 
 
+def _round(x, a, book: _Codebook):
+  """`_codebook.round_to_pow2` of x (compute dtype, magnitudes `a`) in integer arithmetic.
+
+  The nearest power of two, ties up, is 2^e (e from the exponent field) when
+  the mantissa is below 1.5, else 2^(e+1): the exponent field plus the top
+  mantissa bit. Clipped to the codebook, zero below 2^(n2-1); NaN stays NaN.
+  """
+  nmant = jnp.finfo(x.dtype).nmant
+  exponent = (a >> nmant) + ((a >> (nmant - 1)) & 1)
+  exponent = jnp.clip(exponent, book.lowest >> nmant, book.highest >> nmant)
+  magnitude = jnp.where(book.real & (a >= book.zero_below), exponent << nmant, 0)
+  sign = jax.lax.bitcast_convert_type(x, a.dtype) & ~jnp.asarray(
+      (1 << (8 * jnp.dtype(x.dtype).itemsize - 1)) - 1, a.dtype)
+  q = jax.lax.bitcast_convert_type(jnp.where(magnitude == 0, 0, magnitude | sign), x.dtype)
+  return jnp.where(a > _inf_bits(x.dtype), x, q)
+
+
 # --- checksums ------------------------------------------------------------------------
 
 _MIX = (np.uint32(0x9E3779B1), np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
 
 
-def _hash(w, group: Group, seg):
-  """uint32 [rows, ROW]: a hash of each weight's bit pattern and its index in its leaf."""
+def _hash(w, group: Group, seg, rows=SUB):
+  """uint32, shaped like `w`: a hash of each weight's bit pattern and its index in its leaf.
+
+  `w` is [blocks, rows, LANES]: the packed group, or its first `rows` rows of each block.
+  """
   itemsize = jnp.dtype(w.dtype).itemsize
   bits = jax.lax.bitcast_convert_type(w, _codebook.UINT[itemsize])
   if itemsize == 8:
     bits = (bits ^ (bits >> 32)).astype(jnp.uint32)
   bits = jnp.where(w == 0, jnp.uint32(0), bits.astype(jnp.uint32))  # +0.0 and -0.0 alike
-  index = _local_index(group, seg)
+  index = _local_index(group, seg, rows)
   h = (bits ^ (index * _MIX[0])) * _MIX[1]
   return (h ^ (h >> 15)) * _MIX[2]
 
 
 def _hash_sums(h, where, seg, n):
-  per_row = jnp.sum(jnp.where(where, h, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
-  return _seg_sum(per_row, seg, n)
+  lanes = jnp.sum(jnp.where(where, h, jnp.uint32(0)), axis=1, dtype=jnp.uint32)
+  return _seg_sum(jnp.sum(lanes, axis=1, dtype=jnp.uint32), seg, n)
 
 
-def checksum_reference(w: np.ndarray, where: np.ndarray) -> int:
-  """numpy: the checksum `_hash_sums` computes for one leaf (for tests and messages)."""
+def _checksums(w, frozen, valid, group: Group, seg, n):
+  """int32 [n, 2] (uint32 bit patterns): hash sums of the frozen and of the sampled float weights."""
+  full = _hash_sums(_hash(w, group, seg), frozen & valid, seg, n)
+  head = lambda a: a[:, :1]  # the first LANES of each block
+  h = _hash(head(w), group, seg, rows=1)
+  sample = _hash_sums(h, head(~frozen & valid), seg, n)
+  return jnp.stack([_as_int(full), _as_int(sample)], axis=1)
+
+
+def checksum_reference(w: np.ndarray, where: np.ndarray, sampled: bool = False) -> int:
+  """numpy: the checksum `_checksums` computes for one leaf (for tests and messages).
+
+  `sampled`: only the weights at flat indices i with i % BLOCK < LANES count.
+  """
   w = np.asarray(w)
   where = np.broadcast_to(np.asarray(where, bool), w.shape).ravel()
+  if sampled:
+    where = where & (np.arange(where.size) % BLOCK < LANES)
   w = w.ravel()
   bits = w.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[w.dtype.itemsize])
   if w.dtype.itemsize == 8:
@@ -286,7 +327,7 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
     ws = [leaves[i] for i in group.index]
     packed = _pack(ws, group, 0)
     if channel:
-      # Per-channel reductions stay per leaf (a channel is strided in the packed rows).
+      # Per-channel reductions stay per leaf (a channel is strided in the packed blocks).
       for j, (i, w) in enumerate(zip(group.index, ws)):
         axes = tuple(range(w.ndim - 1))
         top[i] = jnp.max(_top_bits(w), axis=axes)
@@ -294,14 +335,14 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
             _codebook.mse_exponent_bounds(w, bits[i], axes)[0] if mse else
             _codebook.top_exponent(_compute(_from_bits(top[i], w.dtype))))
     else:
-      tops = jax.ops.segment_max(jnp.max(_top_bits(packed), axis=1), seg, n,
+      tops = jax.ops.segment_max(jnp.max(_top_bits(packed), axis=(1, 2)), seg, n,
                                  indices_are_sorted=True)
       n1_max = _codebook.top_exponent(_compute(_from_bits(tops, packed.dtype)))
-      shift = _per_row(np.asarray([1 - _codebook.num_exponents(bits[i])
-                                   for i in group.index], np.int32), seg)
+      shift = _per_block(np.asarray([1 - _codebook.num_exponents(bits[i])
+                                     for i in group.index], np.int32), seg)
       best = n1_max if not mse else _codebook.mse_search(
-          _compute(packed), n1_max, shift, lambda v: _per_row(v, seg),
-          lambda err: _seg_sum(jnp.sum(err, axis=1), seg, n))
+          _compute(packed), n1_max, shift, lambda v: _per_block(v, seg),
+          lambda err: _seg_sum(jnp.sum(err, axis=(1, 2)), seg, n))
       for j, i in enumerate(group.index):
         top[i], n1[i], codebooks[i] = tops[j:j + 1], best[j:j + 1], best[j]
     n1b, n2b = _bounds(codebooks, bits, group, seg)
@@ -311,20 +352,18 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
     pads = jnp.asarray(group.pads, jnp.int32)
     frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
                      group, False)
-    h = _hash(packed, group, seg)
-    valid = _valid(group, seg)
-    stats = (_count(nonfinite, seg, n), _count(zero, seg, n) - pads,
-             _count(saturated, seg, n), _as_int(_hash_sums(h, frozen_p, seg, n)),
-             _as_int(_hash_sums(h, ~frozen_p & valid, seg, n)))
-    stats = jnp.stack(stats, axis=1)
+    counts = _counts([nonfinite, zero, saturated], seg, n)
+    stats = jnp.concatenate([counts - jnp.stack([0 * pads, pads, 0 * pads], axis=1),
+                             _checksums(packed, frozen_p, _valid(group, seg), group, seg, n)],
+                            axis=1)
     for j, i in enumerate(group.index):
       per_leaf[i] = stats[j:j + 1]
   return tuple(jnp.concatenate(x) for x in (per_leaf, top, n1))
 
 
 def _valid(group: Group, seg):
-  """bool [rows, ROW]: True for weights, False for the padding after each leaf."""
-  return _local_index(group, seg) < _per_row(
+  """bool [blocks, SUB, LANES]: True for weights, False for the padding after each leaf."""
+  return _local_index(group, seg) < _per_block(
       np.asarray([int(np.prod(s)) for s in group.shapes], np.uint32), seg)
 
 
@@ -336,10 +375,14 @@ def _as_int(u):
 
 
 def _thresholds(keys, ks, seg, group: Group):
-  """Per leaf: the k-th largest key (k = ks[leaf]), bin by bin (see the module doc)."""
+  """Per leaf: the k-th largest key (k = ks[leaf]) and its `_partition.tally`, bin by bin.
+
+  See the module doc; the tally is counted while a bin's keys are in cache.
+  """
   n = len(group.index)
   lo, hi = jnp.zeros(n, jnp.int32), jnp.full(n, FROZEN_KEY, jnp.int32)
-  small = sum(r <= BIN_ROWS for r in group.rows)  # leaves packed into bins come first
+  tallied = jnp.zeros((n, 2), jnp.int32)
+  small = sum(b <= BIN_BLOCKS for b in group.blocks)  # leaves packed into bins come first
   if group.bins:
     window = max(end - start for start, end in group.bins)
     firsts = jnp.asarray(np.asarray([s for s, _ in group.bins], np.int32))
@@ -349,19 +392,25 @@ def _thresholds(keys, ks, seg, group: Group):
       leaf_bin[(starts >= start) & (starts < end)] = b
     leaf_bin = jnp.asarray(leaf_bin)
 
-    def one_bin(b, lo_hi):
+    def one_bin(b, carry):
       # dynamic_slice clamps a window that would run past the end to end there:
-      # it still covers the bin, and rows of other leaves in it are inactive.
+      # it still covers the bin, and blocks of other leaves in it are inactive.
+      lo, hi, tallied = carry
       first = firsts[b]
-      k = jax.lax.dynamic_slice(keys, (first, 0), (window, ROW))
+      k = jax.lax.dynamic_slice(keys, (first, 0, 0), (window, SUB, LANES))
       s = jax.lax.dynamic_slice(seg, (first,), (window,))
-      return _partition.search(k, ks, s, n, leaf_bin == b, *lo_hi)
+      active = leaf_bin == b
+      lo, hi = _partition.search(k, ks, s, n, active, lo, hi)
+      here = _partition.tally(k, lo, s, n)
+      return lo, hi, jnp.where(active[:, None], here, tallied)
 
-    lo, hi = jax.lax.fori_loop(0, len(group.bins), one_bin, (lo, hi))
-  if group.big_start < group.total_rows:
+    lo, hi, tallied = jax.lax.fori_loop(0, len(group.bins), one_bin, (lo, hi, tallied))
+  if group.big_start < group.total_blocks:
     big = jnp.asarray(np.arange(n) >= small)
-    lo, hi = _partition.search(keys[group.big_start:], ks, seg[group.big_start:], n, big, lo, hi)
-  return lo
+    k, s = keys[group.big_start:], seg[group.big_start:]
+    lo, hi = _partition.search(k, ks, s, n, big, lo, hi)
+    tallied = jnp.where(big[:, None], _partition.tally(k, lo, s, n), tallied)
+  return lo, tallied
 
 
 def _random_keys(group: Group, seg, leaf_ids, seed_step):
@@ -371,7 +420,7 @@ def _random_keys(group: Group, seg, leaf_ids, seed_step):
   """
   index = _local_index(group, seg)
   salt = seed_step[0] * _MIX[2] ^ seed_step[1] * _MIX[1]
-  x = index ^ (_per_row(leaf_ids, seg) * _MIX[0]) ^ salt
+  x = index ^ (_per_block(leaf_ids, seg) * _MIX[0]) ^ salt
   for mult in (np.uint32(0x7FEB352D), np.uint32(0x846CA68B)):  # a 32-bit finalizer
     x = (x ^ (x >> 16)) * mult
   x = x ^ (x >> 16)
@@ -414,13 +463,11 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
     pads = jnp.asarray(group.pads, jnp.int32)
     valid = _valid(group, seg)
     a = _magnitude(x)
-    nonfinite, member, zero, saturated = _classify(a, _codebook_bits(n1, n2, x.dtype), x.dtype)
-    h = _hash(w, group, seg)
-    stats = (_count(nonfinite, seg, n), _count(frozen, seg, n) - pads,
-             _count(frozen & ~member, seg, n), _count(zero, seg, n) - pads,
-             _count(saturated, seg, n),
-             _as_int(_hash_sums(h, frozen & valid, seg, n)),
-             _as_int(_hash_sums(h, ~frozen, seg, n)))
+    book = _codebook_bits(n1, n2, x.dtype)
+    nonfinite, member, zero, saturated = _classify(a, book, x.dtype)
+    counts = _counts([nonfinite, frozen, frozen & ~member, zero, saturated], seg, n)
+    stats = jnp.concatenate([counts - jnp.stack([0 * pads, pads, 0 * pads, pads, 0 * pads], 1),
+                             _checksums(w, frozen, valid, group, seg, n)], axis=1)
     if strategy == "magnitude":  # |w| as float32, whose bit patterns order like it
       keys = (a if x.dtype == jnp.float32 else _magnitude(jnp.abs(x).astype(jnp.float32))
               ).astype(jnp.int32)
@@ -428,13 +475,12 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
       keys = _random_keys(group, seg, np.asarray(group.index, np.uint32), seed_step)
     keys = jnp.where(frozen, FROZEN_KEY, keys)
     k = ks[np.asarray(group.index)] + pads
-    selected = _partition.take(keys, _thresholds(keys, k, seg, group), k, seg, n)
+    threshold, tallied = _thresholds(keys, k, seg, group)
+    selected = _partition.take(keys, threshold, k, tallied, seg, n)
     # Earlier frozen weights pass through bit-identical; only new ones are rounded.
     new = selected | frozen
-    w = jnp.where(new & ~frozen, _codebook.round_to_pow2(w, n1, n2), w)
-    h = _hash(w, group, seg)
-    done = (_as_int(_hash_sums(h, new & valid, seg, n)), _as_int(_hash_sums(h, ~new, seg, n)))
-    stats, done = jnp.stack(stats, axis=1), jnp.stack(done, axis=1)
+    w = jnp.where(new & ~frozen, _round(x, a, book).astype(w.dtype), w)
+    done = _checksums(w, new, valid, group, seg, n)
     for j, i in enumerate(group.index):
       before[i], after[i] = stats[j:j + 1], done[j:j + 1]
     if not unpack:
@@ -477,9 +523,9 @@ def value_ids(leaves, masks, n1s, *, bits):
     k = (a >> jnp.finfo(w.dtype).nmant).astype(jnp.int32) - (jnp.finfo(w.dtype).maxexp - 1)
     value = jnp.where(w == 0, 0, jnp.sign(w).astype(jnp.int32) * (k + 2048))
     ids.append(jnp.where(frozen & member, value + _ZERO_ID, 0))
-    frozen &= _valid(group, seg)
-    per_leaf = jnp.stack((_count(frozen & ~member, seg, n),
-                          _as_int(_hash_sums(_hash(raw, group, seg), frozen, seg, n))), axis=1)
+    valid = _valid(group, seg)
+    per_leaf = jnp.concatenate([_counts([frozen & ~member], seg, n),
+                                _checksums(raw, frozen, valid, group, seg, n)[:, :1]], axis=1)
     for j, i in enumerate(group.index):
       stats[i] = per_leaf[j:j + 1]
   return ids, jnp.concatenate(stats)

@@ -74,7 +74,7 @@ def reference_largest(keys, k):
 
 
 def test_search_and_take_every_k_with_ties_match_a_stable_sort():
-  # Two leaves (200 and 50 keys, padded to 2 rows and 1 row with the frozen key,
+  # Two leaves (200 and 50 keys, each padded to one block with the frozen key,
   # as `advance` pads them) of small int keys with many ties; for every k of each
   # leaf the mask is the stable-sort reference. The binary search over int32 bit
   # patterns passes through every small threshold, and through each of them from
@@ -83,26 +83,27 @@ def test_search_and_take_every_k_with_ties_match_a_stable_sort():
   sizes = (200, 50)
   rng = np.random.default_rng(0)
   leaves = [rng.integers(0, 9, s).astype(np.int32) for s in sizes]
-  keys = np.full((3, _packed.ROW), _packed.FROZEN_KEY, np.int32)
-  keys[:2].reshape(-1)[:200] = leaves[0]
-  keys[2, :50] = leaves[1]
-  seg = jnp.asarray([0, 0, 1], np.int32)
-  pads = np.asarray([256 - 200, 128 - 50], np.int32)
+  keys = np.full((2, _packed.BLOCK), _packed.FROZEN_KEY, np.int32)
+  keys[0, :200] = leaves[0]
+  keys[1, :50] = leaves[1]
+  keys = keys.reshape(2, _packed.SUB, _packed.LANES)
+  seg = jnp.asarray([0, 1], np.int32)
+  pads = np.asarray([_packed.BLOCK - 200, _packed.BLOCK - 50], np.int32)
 
   @jax.jit
   def select(keys, ks):
     every = jnp.ones(2, bool)
     t, _ = _partition.search(keys, ks, seg, 2, every, jnp.zeros(2, jnp.int32),
                              jnp.full(2, _packed.FROZEN_KEY, jnp.int32))
-    return _partition.take(keys, t, ks, seg, 2)
+    return _partition.take(keys, t, ks, _partition.tally(keys, t, seg, 2), seg, 2)
 
   for k0 in range(sizes[0] + 1):
     k1 = k0 % (sizes[1] + 1)
     mask = np.asarray(select(jnp.asarray(keys), jnp.asarray([k0, k1], np.int32) + pads))
-    got = [mask[:2].reshape(-1)[:200], mask[2, :50]]
-    for leaf, k, g in zip(leaves, (k0, k1), got):
+    mask = mask.reshape(2, -1)
+    for leaf, k, g in zip(leaves, (k0, k1), (mask[0, :200], mask[1, :50])):
       np.testing.assert_array_equal(g, reference_largest(leaf, k), err_msg=f"k={k}")
-    assert mask[1, 200 - 128:].all() and mask[2, 50:].all()  # padding: always selected
+    assert mask[0, 200:].all() and mask[1, 50:].all()  # padding: always selected
 
 
 def test_counts_stay_exact_in_a_leaf_of_more_than_2_to_the_24_weights():

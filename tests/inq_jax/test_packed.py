@@ -67,9 +67,11 @@ def check_advance_against_reference(leaves, masks, n1s, bits):
       np.testing.assert_array_equal(np.asarray(new_w[i]), expect, err_msg=f"leaf {i}")
       # The checksums before and after the step, against numpy.
       assert _packed.unsigned(stats["frozen_sum"][i]) == _packed.checksum_reference(w, m)
-      assert _packed.unsigned(stats["float_sum"][i]) == _packed.checksum_reference(w, ~m)
+      assert _packed.unsigned(stats["float_sum"][i]) == _packed.checksum_reference(
+          w, ~m, sampled=True)
       assert _packed.unsigned(after[i][0]) == _packed.checksum_reference(new_w[i], new_m[i])
-      assert _packed.unsigned(after[i][1]) == _packed.checksum_reference(new_w[i], ~new_m[i])
+      assert _packed.unsigned(after[i][1]) == _packed.checksum_reference(
+          new_w[i], ~new_m[i], sampled=True)
     leaves, masks = new_w, new_m
 
 
@@ -87,7 +89,7 @@ def test_advance_matches_per_leaf_reference(dtypes, ties):
 @pytest.fixture
 def tiny_bins(monkeypatch, request):
   """Search bins of a few rows, so that small trees have several bins and big leaves."""
-  monkeypatch.setattr(_packed, "BIN_ROWS", request.param)
+  monkeypatch.setattr(_packed, "BIN_BLOCKS", request.param)
   jax.clear_caches()  # programs traced with the default bins must not be reused
   yield request.param
   jax.clear_caches()
@@ -95,10 +97,10 @@ def tiny_bins(monkeypatch, request):
 
 @pytest.mark.parametrize("tiny_bins", [1, 2, 3], indirect=True)
 def test_search_bin_by_bin_matches_the_reference(tiny_bins):
-  # Leaves of 1..4 rows: with bins of 1-3 rows some share a bin, some are larger
-  # than a bin (searched in place, packed last), and the last bins' windows run
-  # past the end of the bins (dynamic_slice moves them back).
-  shapes = [(128,), (3, 100), (1,), (2, 2, 3, 5), (129,), (4, 128), (5,), (127,)]
+  # Leaves of 1..4 blocks: with bins of 1-3 blocks some share a bin, some are
+  # larger than a bin (searched in place, packed last), and the last bins'
+  # windows run past the end of the bins (dynamic_slice moves them back).
+  shapes = [(2048,), (3, 100), (1,), (2, 2, 3, 5), (2049,), (4, 2000), (5,), (6000,)]
   rng = np.random.default_rng(5)
   leaves, masks, n1s = make_tree(rng, (jnp.float32, jnp.bfloat16), (0.25, 0.5, 1.0, 2.0),
                                  shapes=shapes)
@@ -108,11 +110,12 @@ def test_search_bin_by_bin_matches_the_reference(tiny_bins):
 
 
 def test_groups_put_leaves_larger_than_a_bin_last(monkeypatch):
-  monkeypatch.setattr(_packed, "BIN_ROWS", 2)
-  leaves = [jnp.zeros(s) for s in [(300,), (10,), (129,), (1000,), (5,)]]
+  monkeypatch.setattr(_packed, "BIN_BLOCKS", 2)
+  block = _packed.BLOCK
+  leaves = [jnp.zeros(s) for s in [(2 * block + 1,), (10,), (block + 1,), (8 * block,), (5,)]]
   (group,) = _packed.groups(leaves)
-  assert group.index == (1, 2, 4, 0, 3)  # 3 rows and 8 rows are larger than a bin
-  assert group.rows == (1, 2, 1, 3, 8)
+  assert group.index == (1, 2, 4, 0, 3)  # 3 blocks and 8 blocks are larger than a bin
+  assert group.blocks == (1, 2, 1, 3, 8)
   assert group.bins == ((0, 1), (1, 3), (3, 4)) and group.big_start == 4
 
 
