@@ -93,11 +93,12 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   live = [(path, leaf) for path, leaf in chosen if jnp.size(leaf)]
   stats = _packed.init_stats(
       [jnp.asarray(leaf) for _, leaf in live],
+      None if pruned_masks is None else
       [frozen.get(path, jnp.zeros((), bool)) for path, _ in live],
       bits=tuple(config.bits_for(path) for path, _ in live),
       channel=config.granularity == "channel",
       mse=config.calibration == "mse") if live else None
-  per_leaf, top, n1s = jax.device_get(stats) if live else (np.zeros((0, 5)), (), ())
+  per_leaf, top, n1s = jax.device_get(stats) if live else (np.zeros((0, 4)), (), ())
   found = _codebooks(live, per_leaf, top, n1s, config)
   exponents, checksums, fit, counts = {}, {}, {}, {}
   for path, leaf in chosen:
@@ -105,10 +106,11 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
     if path in found:
       n1, row = found[path]
     else:  # an empty leaf: the codebook {0}
-      n1, row = np.full(shape, _codebook.ZERO_CODEBOOK, np.int64), np.zeros(5, np.int64)
+      n1, row = np.full(shape, _codebook.ZERO_CODEBOOK, np.int64), np.zeros(4, np.int64)
     size = max(int(np.prod(jnp.shape(leaf))), 1)
     exponents[path] = n1.astype(np.int32)
-    checksums[path] = _packed.unsigned(row[3:5])
+    # The float weights' checksum is first compared after the first advance.
+    checksums[path] = _packed.unsigned([row[3], 0])
     fit[path] = np.asarray([row[1] / size, row[2] / size], np.float32)
     if pruned_masks is not None:
       counts[path] = np.int32(np.sum(np.asarray(frozen[path]))) if path in frozen else \

@@ -114,9 +114,12 @@ def _layout(leaves, index) -> Group:
 
 
 def _pack(arrays, group: Group, fill):
-  flat = [jnp.pad(jnp.ravel(a), (0, pad), constant_values=fill)
-          for a, pad in zip(arrays, group.pads)]
-  return jnp.concatenate(flat).reshape(-1, SUB, LANES)
+  parts = []
+  for a, pad in zip(arrays, group.pads):
+    parts.append(jax.lax.reshape(a, (a.size,)))
+    if pad:
+      parts.append(jax.lax.full((pad,), fill, a.dtype))
+  return jax.lax.concatenate(parts, 0).reshape(-1, SUB, LANES)
 
 
 def _unpack(packed, group: Group):
@@ -134,8 +137,11 @@ def _segments(group: Group):
   blocks) rather than embedded as a constant of one int per block.
   """
   block = jax.lax.iota(jnp.int32, group.total_blocks)
-  return jnp.searchsorted(jnp.asarray(group.starts, jnp.int32), block, side="right",
-                          method="compare_all" if len(group.index) <= 8 else "scan") - 1
+  firsts = np.asarray(group.starts[1:], np.int32)
+  if firsts.size * group.total_blocks > (1 << 24):  # too many for one compare each
+    return jnp.searchsorted(jnp.asarray(group.starts, jnp.int32), block, side="right",
+                            method="scan") - 1
+  return jnp.sum(block[:, None] >= firsts[None, :], axis=1, dtype=jnp.int32)
 
 
 def _local_index(group: Group, seg, rows=SUB):
@@ -183,13 +189,15 @@ class _Codebook(NamedTuple):
 
 
 def _codebook_bits(n1, n2, dtype) -> _Codebook:
-  one = jnp.ones((), dtype)
-  bits = lambda v: jax.lax.bitcast_convert_type(v.astype(dtype), _codebook.UINT[
-      jnp.dtype(dtype).itemsize])
+  """The bounds' bit patterns: 2^k is the biased exponent k + bias in the exponent field."""
+  info = jnp.finfo(dtype)
+  uint = _codebook.UINT[jnp.dtype(dtype).itemsize]
+  bias, nmant = int(info.maxexp) - 1, int(info.nmant)
+  # Clipped so that the {0} codebook's marker gives harmless patterns (`real` masks them).
+  power = lambda k: jnp.clip(k + bias, 0, 2 * bias + 1).astype(uint) << nmant
   real = n1 != _codebook.ZERO_CODEBOOK
-  return _Codebook(bits(jnp.ldexp(one, n2)), bits(jnp.ldexp(one, n1)),
-                   bits(jnp.ldexp(one, n2 - 1)),
-                   bits(jnp.asarray(1.5, dtype) * jnp.ldexp(one, n1)), real)
+  return _Codebook(power(n2), power(n1), power(n2 - 1),
+                   power(n1) | jnp.asarray(1 << (nmant - 1), uint), real)
 
 
 def _magnitude(x):
@@ -307,18 +315,18 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
 
   Args:
     leaves: the quantized (non-empty) leaves.
-    frozen: per leaf, a bool mask of its pruned weights (or a scalar False).
+    frozen: None, or per leaf a bool mask of its pruned weights (or a scalar False).
     bits: per leaf, its codebook's bit width (static).
     channel: one codebook per output channel instead of one per leaf.
     mse: calibration "mse" instead of "absmax".
 
   Returns:
-    (per_leaf, top, n1): per_leaf is int64-safe int32 [leaves, 5]: non-finite
-    weights, weights the codebook rounds to 0, weights it saturates, and the
-    checksums of the frozen (pruned) and the other weights (as int32 bit
-    patterns of the uint32 sums); top (the largest |w| as a bit pattern, one
-    unsigned type) and n1 have one entry per codebook, i.e. per leaf or, with
-    `channel`, per output channel, leaf after leaf.
+    (per_leaf, top, n1): per_leaf is int32 [leaves, 4]: non-finite weights,
+    weights the codebook rounds to 0, weights it saturates, and the checksum of
+    the frozen (pruned) weights (the uint32 sum's bit pattern; 0 without
+    `frozen`); top (the largest |w| as a bit pattern, one unsigned type) and
+    n1 have one entry per codebook, i.e. per leaf or, with `channel`, per
+    output channel, leaf after leaf.
   """
   per_leaf, top, n1 = ([None] * len(leaves) for _ in range(3))
   codebooks = [None] * len(leaves)  # n1 per leaf: a scalar, or one per output channel
@@ -350,11 +358,14 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
     nonfinite, _, zero, saturated = _classify(_magnitude(x), _codebook_bits(n1b, n2b, x.dtype),
                                               x.dtype)
     pads = jnp.asarray(group.pads, jnp.int32)
-    frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
-                     group, False)
     counts = _counts([nonfinite, zero, saturated], seg, n)
-    stats = jnp.concatenate([counts - jnp.stack([0 * pads, pads, 0 * pads], axis=1),
-                             _checksums(packed, frozen_p, _valid(group, seg), group, seg, n)],
+    if frozen is None:  # nothing pruned: nothing frozen to sum
+      sums = jnp.zeros((n, 1), jnp.int32)
+    else:
+      frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
+                       group, False)
+      sums = _checksums(packed, frozen_p, _valid(group, seg), group, seg, n)[:, :1]
+    stats = jnp.concatenate([counts - jnp.stack([0 * pads, pads, 0 * pads], axis=1), sums],
                             axis=1)
     for j, i in enumerate(group.index):
       per_leaf[i] = stats[j:j + 1]

@@ -86,8 +86,9 @@ def counts(flags, seg, n):
   """
   code = sum(f.astype(jnp.uint32) << (5 * i) for i, f in enumerate(flags))
   lanes = jnp.sum(code, axis=1, dtype=jnp.uint32)
-  return jnp.stack([seg_sum(jnp.sum((lanes >> (5 * i)) & 31, axis=1, dtype=jnp.int32), seg, n)
-                    for i in range(len(flags))], axis=1)
+  shifts = jnp.asarray(5 * np.arange(len(flags)), jnp.uint32)
+  fields = (lanes[:, :, None] >> shifts) & jnp.uint32(31)
+  return seg_sum(jnp.sum(fields, axis=1, dtype=jnp.int32), seg, n)
 
 
 def search(keys, ks, seg, n, active, lo, hi):
