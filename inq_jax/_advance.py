@@ -133,27 +133,36 @@ def advance(params, state: INQState):
         "training, or inq_jax.nnx.advance(model, state), which reads the model itself); if "
         "skipping retraining is intended, ignore this StaleParamsWarning",
         _state.StaleParamsWarning, stacklevel=2)
-  new_leaves = [leaf for _, leaf, _ in leaves]
-  new_masks = [None if i in live_set else _state.mask_like(leaf, mask is not None)
-               for i, (_, leaf, mask) in enumerate(leaves)]
   if on_host:
     host_w, host_m = jax.device_get((new_w, new_m))
     new_w, new_m = [None] * len(arrays), [None] * len(arrays)
     for group, w, m in zip(_packed.groups(arrays), host_w, host_m):
       for j, a, b in zip(group.index, _packed.split(w, group), _packed.split(m, group)):
         new_w[j], new_m[j] = a, b
-  for i, w, m in zip(live, new_w, new_m):
-    new_leaves[i] = _checks.put_like(w, leaves[i][1])
-    new_masks[i] = _checks.put_like(m, leaves[i][1])
+  # Every new array in as few transfers as possible: the quantized leaves and
+  # their masks, the other leaves' fresh masks, the checksums and the step.
+  others = [i for i, (_, _, mask) in enumerate(leaves) if i not in live_set]
+  likes = [leaves[i][1] for i in live]
+  placed = _checks.put_all(
+      list(new_w) + list(new_m) + [np.zeros(jnp.shape(leaves[i][1]) if leaves[i][2] is not None
+                                            else (), bool) for i in others],
+      likes + likes + [leaves[i][1] for i in others])
+  small = _checks.put_all([_packed.unsigned(row) for row in after] +
+                          [np.asarray(step + 1, np.int32)], likes + [state.step], replicate=True)
+  new_leaves = [leaf for _, leaf, _ in leaves]
+  new_masks = [None] * len(leaves)
+  for j, i in enumerate(live):
+    new_leaves[i], new_masks[i] = placed[j], placed[len(live) + j]
+  for j, i in enumerate(others):
+    new_masks[i] = placed[2 * len(live) + j]
   for i in copied:
     new_leaves[i] = _checks.fresh_copy(leaves[i][1])
   checksums = dict(state.checksums)
-  for i, row in zip(live, after):
-    checksums[leaves[i][0]] = _state.per_leaf(_packed.unsigned(row), leaves[i][1])
+  checksums.update({leaves[i][0]: x for i, x in zip(live, small)})
   new_params = jax.tree_util.tree_unflatten(treedef, new_leaves)
   new_state = dataclasses.replace(
       state, masks=jax.tree_util.tree_unflatten(treedef, new_masks), checksums=checksums,
-      step=_state.per_leaf(np.asarray(step + 1, np.int32), state.step))
+      step=small[-1])
   return new_params, new_state
 
 

@@ -10,6 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:  # private, but the only check that costs nothing (see `check_eager`)
+  from jax._src import core as _jax_core
+  _EvalTrace = _jax_core.EvalTrace
+except (ImportError, AttributeError):  # pragma: no cover (another jax)
+  _jax_core = None
+
 
 def show(x) -> str:
   return np.array2string(np.asarray(x), threshold=8)
@@ -34,11 +40,20 @@ def check_eager(name: str, *trees) -> None:
   are concrete arrays closed over by a function being traced.
   """
   traced = any(is_tracer(x) for tree in trees for x in jax.tree.leaves(tree))
-  if traced or is_tracer(jnp.zeros((), bool)):  # an op is staged out only under a trace
+  if traced or _tracing():
     raise TypeError(f"{name} runs eagerly (its input checks need concrete values); "
                     "call it outside jax.jit, jax.vmap and other transformations (also "
                     "not from inside a jitted function on closed-over arrays), once per "
                     "phase, between the train steps")
+
+
+def _tracing() -> bool:
+  """Whether a function is being traced (jit, vmap, grad...) right now."""
+  try:
+    return not isinstance(_jax_core.trace_ctx.trace, _EvalTrace)
+  except AttributeError:  # another jax: an op is staged out only under a trace, though
+    # compiling it costs ~50 ms on a process's first call
+    return is_tracer(jnp.zeros((), bool))
 
 
 def check_float_leaf(path: str, leaf, verb: str):
@@ -119,6 +134,34 @@ def place_like(x, leaf, *, replicate=False):
   if replicate or (jnp.ndim(x) == 0 and jnp.ndim(leaf) != 0):
     return jax.device_put(x, replicated(leaf.sharding))
   return jax.device_put(x, leaf.sharding)
+
+
+def put_all(values, likes, *, replicate=False) -> list:
+  """`put_like(x, like)` for each pair, as a few batched transfers (one per kind of target).
+
+  Host values bound for uncommitted (or non-jax) leaves go to the default device
+  uncommitted; the others are placed like `place_like` places them. Batching
+  matters on the host side of `init` and `advance`: a transfer per leaf costs
+  more than the copying itself for the small per-leaf arrays.
+  """
+  out = list(values)
+  placed, shardings, plain = [], [], []
+  for i, (x, like) in enumerate(zip(values, likes)):
+    if is_tracer(x) or (isinstance(like, jax.Array) and is_tracer(like)):
+      continue
+    if isinstance(like, jax.Array) and like.committed:
+      scalar = jnp.ndim(x) == 0 and jnp.ndim(like) != 0
+      placed.append(i)
+      shardings.append(replicated(like.sharding) if replicate or scalar else like.sharding)
+    elif not isinstance(x, jax.Array):
+      plain.append(i)
+  if placed:
+    for i, y in zip(placed, jax.device_put([values[i] for i in placed], shardings)):
+      out[i] = y
+  if plain:
+    for i, y in zip(plain, jax.device_put([values[i] for i in plain])):
+      out[i] = y
+  return out
 
 
 def on_cpu(x) -> bool:

@@ -120,20 +120,23 @@ def init(params, config: INQConfig, *, pruned=None) -> INQState:
   _warn_mostly_zero(config, fit)
   chosen_paths = {p for p, _ in chosen}
   leaf_of = dict(chosen)
-
-  def mask(p, leaf):
-    path = tree.path_str(p)
-    if path in frozen:
-      return _checks.place_like(frozen[path], leaf)
-    return _state.mask_like(leaf, path in chosen_paths)
-
-  place = lambda d: {p: _state.per_leaf(v, leaf_of[p]) for p, v in d.items()}
+  flat, treedef = tree.leaves_with_paths(params)
+  # All-False masks from host zeros (jnp.zeros would compile a program per
+  # shape), pruned masks as they are; placed like their leaves.
+  masks = _checks.put_all(
+      [frozen[p] if p in frozen else np.zeros(jnp.shape(leaf) if p in chosen_paths else (), bool)
+       for p, leaf in flat], [leaf for _, leaf in flat])
+  small = {"exponents": exponents, "checksums": checksums, "fit": fit, "pruned": counts}
+  keys = [(field, p) for field, d in small.items() for p in d]
   anchor = chosen[0][1]
-  return INQState(masks=jax.tree_util.tree_map_with_path(mask, params),
-                  exponents=place(exponents),
-                  step=_state.per_leaf(np.zeros((), np.int32), anchor), config=config,
-                  seal=_state.per_leaf(seal, anchor), checksums=place(checksums),
-                  fit=place(fit), pruned=place(counts))
+  placed = _checks.put_all(
+      [small[f][p] for f, p in keys] + [np.zeros((), np.int32), seal],
+      [leaf_of[p] for _, p in keys] + [anchor, anchor], replicate=True)
+  fields = {f: {} for f in small}
+  for (f, p), x in zip(keys, placed):
+    fields[f][p] = x
+  return INQState(masks=jax.tree_util.tree_unflatten(treedef, masks), step=placed[-2],
+                  seal=placed[-1], config=config, **fields)
 
 
 def _check_not_variables(params) -> None:

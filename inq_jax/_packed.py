@@ -159,15 +159,22 @@ def _compute(w):
 
 
 def _bounds(n1s, bits, group: Group, seg):
-  """(n1, n2) broadcastable against the packed group: per block, or per weight."""
-  n1s = [n1s[i] for i in group.index]
+  """(n1, n2) broadcastable against the packed group: per block, or per weight.
+
+  `n1s`: per leaf of the leaf list, its n1 (a scalar, or one per output
+  channel); or an int32 [leaves of the group] array, in group order.
+  """
   shift = _per_block(np.asarray([1 - _codebook.num_exponents(bits[i]) for i in group.index],
                                 np.int32), seg)
-  if all(jnp.ndim(n) == 0 for n in n1s):
-    n1 = _per_block(jnp.stack(n1s).astype(jnp.int32), seg)
-  else:  # one codebook per output channel: broadcast along each leaf
-    n1 = _pack([jnp.broadcast_to(n, s).astype(jnp.int32) for n, s in zip(n1s, group.shapes)],
-               group, 0)
+  if isinstance(n1s, jax.Array):
+    n1 = _per_block(n1s.astype(jnp.int32), seg)
+  else:
+    n1s = [n1s[i] for i in group.index]
+    if all(jnp.ndim(n) == 0 for n in n1s):
+      n1 = _per_block(jnp.stack(n1s).astype(jnp.int32), seg)
+    else:  # one codebook per output channel: broadcast along each leaf
+      n1 = _pack([jnp.broadcast_to(n, s).astype(jnp.int32)
+                  for n, s in zip(n1s, group.shapes)], group, 0)
   # The empty codebook keeps its marker; its n2 is never used (nothing rounds into it).
   return n1, n1 + shift
 
@@ -328,9 +335,11 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
     n1 have one entry per codebook, i.e. per leaf or, with `channel`, per
     output channel, leaf after leaf.
   """
-  per_leaf, top, n1 = ([None] * len(leaves) for _ in range(3))
-  codebooks = [None] * len(leaves)  # n1 per leaf: a scalar, or one per output channel
-  for group in groups(leaves):
+  top, n1 = [None] * len(leaves), [None] * len(leaves)  # per channel: per leaf
+  per_group, tops_g, n1_g = [], [], []
+  group_list = groups(leaves)
+  for group in group_list:
+    codebooks = [None] * len(leaves)  # n1 per leaf: a scalar, or one per output channel
     seg, n = _segments(group), len(group.index)
     ws = [leaves[i] for i in group.index]
     packed = _pack(ws, group, 0)
@@ -351,8 +360,9 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
       best = n1_max if not mse else _codebook.mse_search(
           _compute(packed), n1_max, shift, lambda v: _per_block(v, seg),
           lambda err: _seg_sum(jnp.sum(err, axis=(1, 2)), seg, n))
-      for j, i in enumerate(group.index):
-        top[i], n1[i], codebooks[i] = tops[j:j + 1], best[j:j + 1], best[j]
+      tops_g.append(tops)
+      n1_g.append(best)
+      codebooks = best
     n1b, n2b = _bounds(codebooks, bits, group, seg)
     x = _compute(packed)
     nonfinite, _, zero, saturated = _classify(_magnitude(x), _codebook_bits(n1b, n2b, x.dtype),
@@ -365,11 +375,19 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
       frozen_p = _pack([jnp.broadcast_to(frozen[i], leaves[i].shape) for i in group.index],
                        group, False)
       sums = _checksums(packed, frozen_p, _valid(group, seg), group, seg, n)[:, :1]
-    stats = jnp.concatenate([counts - jnp.stack([0 * pads, pads, 0 * pads], axis=1), sums],
-                            axis=1)
-    for j, i in enumerate(group.index):
-      per_leaf[i] = stats[j:j + 1]
-  return tuple(jnp.concatenate(x) for x in (per_leaf, top, n1))
+    per_group.append(jnp.concatenate(
+        [counts - jnp.stack([0 * pads, pads, 0 * pads], axis=1), sums], axis=1))
+  per_leaf = _in_leaf_order(per_group, group_list)
+  if channel:
+    return per_leaf, jnp.concatenate(top), jnp.concatenate(n1)
+  return per_leaf, _in_leaf_order(tops_g, group_list), _in_leaf_order(n1_g, group_list)
+
+
+def _in_leaf_order(per_group, group_list):
+  """Rows of per-group [leaves of the group, ...] arrays, in the order of the leaf list."""
+  order = np.argsort(np.concatenate([g.index for g in group_list]), kind="stable")
+  stacked = jnp.concatenate(per_group) if len(per_group) > 1 else per_group[0]
+  return stacked if np.array_equal(order, np.arange(order.size)) else stacked[order]
 
 
 def _valid(group: Group, seg):
@@ -464,7 +482,7 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
   """
   new_leaves, new_masks = [None] * len(leaves), [None] * len(leaves)
   packed_w, packed_m = [], []
-  before, after = [None] * len(leaves), [None] * len(leaves)
+  before, after = [], []
   for group in groups(leaves):
     seg, n = _segments(group), len(group.index)
     w = _pack([leaves[i] for i in group.index], group, 0)
@@ -492,8 +510,8 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
     new = selected | frozen
     w = jnp.where(new & ~frozen, _round(x, a, book).astype(w.dtype), w)
     done = _checksums(w, new, valid, group, seg, n)
-    for j, i in enumerate(group.index):
-      before[i], after[i] = stats[j:j + 1], done[j:j + 1]
+    before.append(stats)
+    after.append(done)
     if not unpack:
       packed_w.append(w)
       packed_m.append(new)
@@ -502,7 +520,9 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
       new_leaves[i], new_masks[i] = a, m
   if not unpack:
     new_leaves, new_masks = packed_w, packed_m
-  return new_leaves, new_masks, jnp.concatenate(before), jnp.concatenate(after)
+  group_list = groups(leaves)
+  return (new_leaves, new_masks, _in_leaf_order(before, group_list),
+          _in_leaf_order(after, group_list))
 
 
 # --- verify ---------------------------------------------------------------------------
@@ -522,7 +542,7 @@ def value_ids(leaves, masks, n1s, *, bits):
   second result holds, per leaf, its frozen weights outside the codebook and
   the checksum of its frozen weights.
   """
-  ids, stats = [], [None] * len(leaves)
+  ids, stats = [], []
   for group in groups(leaves):
     seg, n = _segments(group), len(group.index)
     raw = _pack([leaves[i] for i in group.index], group, 0)
@@ -537,9 +557,8 @@ def value_ids(leaves, masks, n1s, *, bits):
     valid = _valid(group, seg)
     per_leaf = jnp.concatenate([_counts([frozen & ~member], seg, n),
                                 _checksums(raw, frozen, valid, group, seg, n)[:, :1]], axis=1)
-    for j, i in enumerate(group.index):
-      stats[i] = per_leaf[j:j + 1]
-  return ids, jnp.concatenate(stats)
+    stats.append(per_leaf)
+  return ids, _in_leaf_order(stats, groups(leaves))
 
 
 def split(packed, group: Group):

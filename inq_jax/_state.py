@@ -339,17 +339,3 @@ def check_frozen_checksum(path: str, have: int, want: int) -> None:
         f"{path}: the frozen weights changed since the last init/advance (their checksum "
         f"is {have:#010x}, the state recorded {want:#010x}); they may still be in the "
         "codebook, but they are not the values INQ froze. " + frozen_causes())
-
-
-def mask_like(leaf, selected: bool):
-  """A fresh all-False mask for `leaf` (scalar if not `selected`), placed like it.
-
-  From host zeros: jnp.zeros would compile a program per shape.
-  """
-  return _checks.place_like(
-      jax.device_put(np.zeros(jnp.shape(leaf) if selected else (), bool)), leaf)
-
-
-def per_leaf(values: np.ndarray, leaf):
-  """A small host array (n1, checksums, shares) placed replicated on `leaf`'s devices."""
-  return _checks.place_like(jax.device_put(values), leaf, replicate=True)
