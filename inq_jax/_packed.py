@@ -352,8 +352,7 @@ def init_stats(leaves, frozen, *, bits, channel, mse):
             _codebook.mse_exponent_bounds(w, bits[i], axes)[0] if mse else
             _codebook.top_exponent(_compute(_from_bits(top[i], w.dtype))))
     else:
-      tops = jax.ops.segment_max(jnp.max(_top_bits(packed), axis=(1, 2)), seg, n,
-                                 indices_are_sorted=True)
+      tops = _partition.seg_max(_partition.block_max(_top_bits(packed)), seg, n)
       n1_max = _codebook.top_exponent(_compute(_from_bits(tops, packed.dtype)))
       shift = _per_block(np.asarray([1 - _codebook.num_exponents(bits[i])
                                      for i in group.index], np.int32), seg)
@@ -409,8 +408,7 @@ def _thresholds(keys, ks, seg, group: Group):
   See the module doc; the tally is counted while a bin's keys are in cache.
   """
   n = len(group.index)
-  lo, hi = jnp.zeros(n, jnp.int32), jnp.full(n, FROZEN_KEY, jnp.int32)
-  tallied = jnp.zeros((n, 2), jnp.int32)
+  threshold, tallied = jnp.zeros(n, jnp.int32), jnp.zeros((n, 2), jnp.int32)
   small = sum(b <= BIN_BLOCKS for b in group.blocks)  # leaves packed into bins come first
   if group.bins:
     window = max(end - start for start, end in group.bins)
@@ -424,22 +422,23 @@ def _thresholds(keys, ks, seg, group: Group):
     def one_bin(b, carry):
       # dynamic_slice clamps a window that would run past the end to end there:
       # it still covers the bin, and blocks of other leaves in it are inactive.
-      lo, hi, tallied = carry
+      threshold, tallied = carry
       first = firsts[b]
       k = jax.lax.dynamic_slice(keys, (first, 0, 0), (window, SUB, LANES))
       s = jax.lax.dynamic_slice(seg, (first,), (window,))
       active = leaf_bin == b
-      lo, hi = _partition.search(k, ks, s, n, active, lo, hi)
-      here = _partition.tally(k, lo, s, n)
-      return lo, hi, jnp.where(active[:, None], here, tallied)
+      t = _partition.search(k, ks, s, n, active)
+      return (jnp.where(active, t, threshold),
+              jnp.where(active[:, None], _partition.tally(k, t, s, n), tallied))
 
-    lo, hi, tallied = jax.lax.fori_loop(0, len(group.bins), one_bin, (lo, hi, tallied))
+    threshold, tallied = jax.lax.fori_loop(0, len(group.bins), one_bin, (threshold, tallied))
   if group.big_start < group.total_blocks:
     big = jnp.asarray(np.arange(n) >= small)
     k, s = keys[group.big_start:], seg[group.big_start:]
-    lo, hi = _partition.search(k, ks, s, n, big, lo, hi)
-    tallied = jnp.where(big[:, None], _partition.tally(k, lo, s, n), tallied)
-  return lo, tallied
+    t = _partition.search(k, ks, s, n, big)
+    threshold = jnp.where(big, t, threshold)
+    tallied = jnp.where(big[:, None], _partition.tally(k, t, s, n), tallied)
+  return threshold, tallied
 
 
 def _random_keys(group: Group, seg, leaf_ids, seed_step):

@@ -92,9 +92,7 @@ def test_search_and_take_every_k_with_ties_match_a_stable_sort():
 
   @jax.jit
   def select(keys, ks):
-    every = jnp.ones(2, bool)
-    t, _ = _partition.search(keys, ks, seg, 2, every, jnp.zeros(2, jnp.int32),
-                             jnp.full(2, _packed.FROZEN_KEY, jnp.int32))
+    t = _partition.search(keys, ks, seg, 2, jnp.ones(2, bool))
     return _partition.take(keys, t, ks, _partition.tally(keys, t, seg, 2), seg, 2)
 
   for k0 in range(sizes[0] + 1):
