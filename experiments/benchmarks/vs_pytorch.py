@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import models, steps
+from experiments import models, optimizer, steps
+from experiments.mesh import Devices
+from experiments.train_state import INQ, TrainState
 from experiments.configs import fashion_mnist_lenet
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -89,9 +91,9 @@ def _torch_lenet(torch, params):
 
 
 def _state(devices, params, tx, inq_state):
-  return devices.replicate(steps.TrainState(
+  return devices.replicate(TrainState(
       step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
-      opt_state=tx.init(params), inq=inq_state, keep=None, stage=jnp.int32(steps.INQ),
+      opt_state=tx.init(params), inq_state=inq_state, keep=None, stage=jnp.int32(INQ),
       phase=jnp.int32(0), epoch=jnp.int32(0)))
 
 
@@ -127,12 +129,12 @@ def main():
   config = fashion_mnist_lenet.get_config()
   config.weight_decay, config.momentum, config.nesterov = WEIGHT_DECAY, MOMENTUM, False
   config.optimizer = "sgd"
-  devices = steps.Devices()
-  model = models.get_model("lenet", 10)
+  devices = Devices()
+  model = models.from_config(config, 10)  # the default job's LeNet, its CPU options included
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
-  inq_state = inq.init(params, inq.INQConfig(bits=5, portions=(0.5, 1.0)))
-  params, inq_state = inq.advance(params, inq_state)  # half of every kernel frozen
-  schedule = steps.learning_rate(config.inq, 469, 1)  # cosine from 0.01: one scalar op
+  inq_state = quantize.init(params, quantize.INQConfig(bits=5, portions=(0.5, 1.0)))
+  params, inq_state = quantize.advance(params, inq_state)  # half of every kernel frozen
+  schedule = optimizer.learning_rate(config.inq, 469, 1)  # cosine from 0.01: one scalar op
   rng = np.random.default_rng(0)
   images = rng.standard_normal((args.batch, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, args.batch).astype(np.int32)
@@ -140,8 +142,8 @@ def main():
 
   runners = {}
   for name in ("jax_freeze", "jax_base", "jax_xla_conv"):
-    tx = (steps.base_optimizer(config, schedule) if name == "jax_base"
-          else steps.make_optimizer(config, schedule, inq_state.masks))
+    tx = (optimizer.base_optimizer(config, schedule) if name == "jax_base"
+          else optimizer.make_optimizer(config, schedule))
     ts = _state(devices, jax.tree.map(jnp.copy, params), tx, jax.tree.map(jnp.copy, inq_state))
     net = model.clone(cpu_matmul_conv=False) if name == "jax_xla_conv" else model
     step = steps.make_train_step(net, tx, devices, seed=0).lower(ts, batch).compile()

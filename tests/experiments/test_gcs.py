@@ -48,7 +48,7 @@ BUCKET = "inq-test"
 # 4 phase 2 quantized (portion 1: nothing left to retrain), 5 done.
 OVERRIDES = {"dataset.train_split": "train[:1024]", "dataset.test_split": "test[:300]",
              "batch_size": 64, "eval_batch_size": 100, "baseline.epochs": 1,
-             "inq.portions": (0.5, 1.0), "inq.epochs_per_phase": 1}
+             "inq.portions": (0.5, 1.0), "inq.epochs": 1}
 KILL_AT_SAVE = 3
 
 

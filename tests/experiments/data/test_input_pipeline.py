@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
 from experiments import steps
+from experiments.data import builders
 from experiments.data import fashion_mnist_idx
 from experiments.data import imagenet
 from experiments.data import synthetic_imagenet
@@ -267,7 +268,7 @@ def _no_network(*args, **kwargs):
 
 @pytest.mark.parametrize("tensorflow", [False, True])
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch, tensorflow):
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: tensorflow)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: tensorflow)
   monkeypatch.setattr(urllib.request, "urlopen", _no_network)
   # With TensorFlow, TFDS's own builder would download: make that fail too.
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_network)
@@ -311,7 +312,7 @@ def test_missing_imagenet_tars_are_named(tmp_path):
 
 @pytest.mark.parametrize("tensorflow", [False, True])
 def test_unprepared_cifar10_error(tmp_path, monkeypatch, tensorflow):
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: tensorflow)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: tensorflow)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_network)
   with pytest.raises(ip.DatasetNotFoundError, match="network" if tensorflow else "TensorFlow"):
     ip.get_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
@@ -335,7 +336,7 @@ def mock_tfds(monkeypatch):
   monkeypatch.setattr(mocking, "_getitems",
                       lambda keys, generator, serialized=False: [generator[k] for k in keys])
   # The mocked download_and_prepare is a no-op; let the official builders reach it.
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: True)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: True)
 
   def mock(num_examples):
     return tfds.testing.mock_data(num_examples=num_examples)

@@ -19,7 +19,7 @@ def tiny_config(data_dir, **overrides):
   e.dataset.test_split = "test[:500]"
   e.batch_size = 64
   e.baseline.epochs = 1.0
-  e.inq.epochs_per_phase = 0.5
+  e.inq.epochs = 0.5
   sc.seeds = (0, 1)
   sc.inq_bits = (2,)
   sc.random_bits = (2,)
@@ -49,7 +49,7 @@ def test_cells_and_configs(tmp_path):
   ptq = sweep.cell_config(sc, sweep.Cell(0, "ptq", 2), str(tmp_path))
   assert tuple(ptq.inq.portions) == (1.0,) and ptq.inq.final_finetune_epochs == 0
   rnd = sweep.cell_config(sc, sweep.Cell(0, "random", 5), str(tmp_path))
-  assert rnd.inq.strategy == "random" and rnd.inq.epochs_per_phase == 0.5
+  assert rnd.inq.strategy == "random" and rnd.inq.epochs == 0.5
   assert rnd.inq.calibration == "absmax"
   mse = sweep.cell_config(sc, sweep.Cell(2, "inq_mse", 3), str(tmp_path))
   assert mse.inq.calibration == "mse" and mse.inq.granularity == "layer"
@@ -74,7 +74,7 @@ def test_last_step_cells():
   assert tuple(tail.inq.portions)[-4:] == (0.95, 0.975, 0.99, 1.0)
   assert tuple(tail_mse.inq.portions) == tuple(sc.tail_portions.b2)
   assert tail.inq.calibration == "absmax" and tail_mse.inq.calibration == "mse"
-  assert tail.inq.final_finetune_epochs == 2.0 and tail.inq.epochs_per_phase == 0.5
+  assert tail.inq.final_finetune_epochs == 2.0 and tail.inq.epochs == 0.5
 
 
 @pytest.mark.parametrize("key,value,match", [
@@ -193,11 +193,11 @@ def test_target_checks():
 
 @pytest.mark.parametrize("study,stock,budget", [
     ("sweep_fashion_mnist", "fashion_mnist_lenet",
-     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 6.0, "inq.epochs": 0.5, "max_checkpoints_to_keep": 1}),
     ("sweep_fashion_mnist_lowbit", "fashion_mnist_lenet",
-     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 6.0, "inq.epochs": 0.5, "max_checkpoints_to_keep": 1}),
     ("sweep_fashion_mnist_resnet20", "fashion_mnist_resnet20",
-     {"baseline.epochs": 1.5, "inq.epochs_per_phase": 0.05, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 1.5, "inq.epochs": 0.05, "max_checkpoints_to_keep": 1}),
 ])
 def test_a_study_measures_its_stock_config_on_a_smaller_budget(study, stock, budget):
   """What a study reports is the stock config's recipe; only the epochs differ."""
