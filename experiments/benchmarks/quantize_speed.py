@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 
 def resnet50_shapes(width_divisor=1):
@@ -120,7 +120,7 @@ def main():
     shapes = resnet50_shapes(args.width_divisor)
   except ValueError as e:
     parser.error(str(e))
-  config = inq.INQConfig(bits=args.bits, strategy=args.strategy, granularity=args.granularity)
+  config = quantize.INQConfig(bits=args.bits, strategy=args.strategy, granularity=args.granularity)
   params = make_params(width_divisor=args.width_divisor)
   jax.block_until_ready(params)
   weights = sum(int(np.prod(s)) for p, s in shapes.items() if config.selects(p))
@@ -128,32 +128,32 @@ def main():
   # come from a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, as the
   # test suite sets for its subprocesses), and every compilation is counted.
   jax.config.update("jax_enable_compilation_cache", False)
-  # A user's process has compiled its model before `inq.init`: XLA's one-time
+  # A user's process has compiled its model before `quantize.init`: XLA's one-time
   # start-up (the first compilation in a process) is not INQ's to count.
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))
   jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
   # First calls, compilation included: nothing of inq_jax has run in this process.
-  state, first_init, init_compiles = _timed_compiles(lambda: inq.init(params, config))
+  state, first_init, init_compiles = _timed_compiles(lambda: quantize.init(params, config))
   p, s = params, state
   first_advance, advance_compiles = [], []
   for _ in config.portions:
-    (p, s), dt, n = _timed_compiles(lambda: inq.advance(p, s))
+    (p, s), dt, n = _timed_compiles(lambda: quantize.advance(p, s))
     first_advance.append(round(dt, 4))
     advance_compiles.append(n)
-  _, first_verify, verify_compiles = _timed_compiles(lambda: inq.verify(p, s))
+  _, first_verify, verify_compiles = _timed_compiles(lambda: quantize.verify(p, s))
 
   # Steady state: the same calls again, all compiled, `--repeats` times.
   init_s, advance_s, verify_s = [], [[] for _ in config.portions], []
   compiles_before = _compiles[0]
   for _ in range(args.repeats):
-    s, dt = _timed(lambda: inq.init(params, config))
+    s, dt = _timed(lambda: quantize.init(params, config))
     init_s.append(dt)
     p = params
     for i, _ in enumerate(config.portions):
-      (p, s), dt = _timed(lambda: inq.advance(p, s))
+      (p, s), dt = _timed(lambda: quantize.advance(p, s))
       advance_s[i].append(dt)
-    _, dt = _timed(lambda: inq.verify(p, s))
+    _, dt = _timed(lambda: quantize.verify(p, s))
     verify_s.append(dt)
   steady_compiles = _compiles[0] - compiles_before
   advance_med = [round(float(np.median(a)), 4) for a in advance_s]

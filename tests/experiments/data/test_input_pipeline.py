@@ -484,3 +484,13 @@ def test_jpeg_bytes_decode_like_arrays():
                                 imagenet.train_image(image, 5, 64))
   np.testing.assert_array_equal(imagenet.eval_image(buf.getvalue(), 64),
                                 imagenet.eval_image(image, 64))
+
+
+def test_steps_per_epoch_reads_the_metadata_not_the_examples(fm_dir, monkeypatch):
+  """What the sweep counts its steps with: the Dataset's own count, without loading a split."""
+  config = make_config(name="fashion_mnist", data_dir=fm_dir, train_split="train[:1000]",
+                       test_split="test[:10]")
+  want = ip.get_dataset(config).steps_per_epoch(64)
+  monkeypatch.setattr(ip, "_load_split", lambda *args: pytest.fail("loaded a split"))
+  assert ip.steps_per_epoch(config, 64) == want == 1000 // 64
+  assert ip.steps_per_epoch(make_config(name="fashion_mnist", data_dir=fm_dir), 128) == 468

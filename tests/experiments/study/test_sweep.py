@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from experiments import optimizer, recipe
 from experiments.study import report as sweep_report
 from experiments.study import sweep
 from experiments.configs import sweep_fashion_mnist
@@ -59,6 +60,20 @@ def test_cells_and_configs(tmp_path):
   assert mse.inq.final_finetune_epochs == 0 == c.inq.final_finetune_epochs
 
 
+def test_cell_steps_count_every_segment_of_the_trainers_plan():
+  """The progress bar's count is the trainer's own plan, not arithmetic of its own."""
+  sc = tiny_config("unused")
+  fp32 = sweep.cell_config(sc, sweep.Cell(0, "fp32", 0), "w")
+  inq2 = sweep.cell_config(sc, sweep.Cell(0, "inq", 2), "w")  # from the baseline: no training
+  ft2 = sweep.cell_config(sc, sweep.Cell(0, "inq_ft", 2), "w")
+  per_epoch = 16  # 1024 examples in batches of 64
+  assert sweep.cell_steps(fp32, per_epoch) == 16  # 1 baseline epoch, portion 1: nothing
+  assert sweep.cell_steps(inq2, per_epoch) == 8   # portions (0.5, 1): 0.5 epochs, then none
+  assert sweep.cell_steps(ft2, per_epoch) == 8 + 2 * 16  # and a 2-epoch finetune
+  assert sweep.cell_steps(ft2, per_epoch) == sum(
+      sum(optimizer.epoch_steps(s.epochs, per_epoch)) for s in recipe.plan(ft2))
+
+
 def test_last_step_cells():
   sc = sweep_fashion_mnist_lowbit.get_config()
   names = [c.name for c in sweep.cells(sc)]
@@ -79,7 +94,7 @@ def test_last_step_cells():
 
 @pytest.mark.parametrize("key,value,match", [
     ("seeds", (0, 0), "distinct"),
-    ("inq_bits", (9,), "2..8"),
+    ("inq_bits", (9,), r"inq_bits: bits must be in \[2, 8\], got 9"),
     ("channel_bits", (6,), "b6"),
     ("tail_bits", (4,), "tail_portions has no schedule 'b4'"),
     ("finetune_epochs", 0.0, "finetune_epochs must be a number > 0"),
