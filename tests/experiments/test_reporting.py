@@ -5,7 +5,6 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
 from experiments import reporting
 
