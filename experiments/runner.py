@@ -40,7 +40,7 @@ class Progress(NamedTuple):
   """What a checkpoint keeps beside the TrainState (as JSON).
 
   results: results.json's entries of every finished stage, pruning step and phase.
-  seconds: wall time of the pruning step or phase in progress, earlier sessions included.
+  seconds: wall time of the stage, pruning step or phase in progress, all sessions.
   entry: what the phase in progress has produced so far (its portion, the accuracy
     right after quantizing, a finetune's per-epoch test accuracies).
   """

@@ -9,11 +9,11 @@
 
 Data flows one way: each stage (the baseline, a pruning step, an INQ phase,
 the final model) takes the state and returns it with what it produced, and
-`_train_and_evaluate` assembles results.json from those (`runner.Run` trains
-one segment of the plan, `recipe.plan`). The whole run is one
+`_train_and_evaluate` assembles results.json from those. `recipe.plan` lists
+the segments a run trains; `runner.Run.train` trains one. The whole run is one
 pytree, `train_state.TrainState`, checkpointed after every epoch and every
-quantization step with a `Progress` (the results so far); rerunning the command
-resumes from the newest checkpoint. Data order, augmentation and dropout are
+quantization step with a `runner.Progress` (the results so far); rerunning the
+command resumes from the newest checkpoint. Data order, augmentation and dropout are
 pure functions of (seed, stage, epoch, step), so a killed run ends with
 bit-identical params.
 """
@@ -36,6 +36,7 @@ from experiments.train_state import BASELINE, DONE, INQ, PRUNE, STAGE_NAMES, Tra
 from inq_jax import prune
 from inq_jax import quantize
 from inq_jax import tree
+
 PLOT_FILE = "inq_start_layer.npz"  # the plotted layer's pretrained weights, for weights.png
 
 

@@ -13,6 +13,18 @@ import jax.numpy as jnp
 from experiments.models import layers
 
 
+def _two_convs(x, features: int, stride: int, dtype, train: bool):
+  """The residual branch of both basic blocks: 3x3 conv (stride), BN, ReLU, 3x3 conv, BN.
+
+  Called inside a block's compact `__call__`, so its layers (conv1, bn1, conv2,
+  bn2) are the block's own.
+  """
+  y = layers.conv(features, 3, stride, dtype, "conv1")(x)
+  y = nn.relu(layers.batch_norm(train, dtype, "bn1")(y))
+  y = layers.conv(features, 3, 1, dtype, "conv2")(y)
+  return layers.batch_norm(train, dtype, "bn2")(y)
+
+
 class CifarBasicBlock(nn.Module):
   """3x3-3x3 basic block with the parameter-free option-A shortcut."""
 
@@ -22,10 +34,7 @@ class CifarBasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = layers.conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
-    y = nn.relu(layers.batch_norm(train, self.dtype, "bn1")(y))
-    y = layers.conv(self.features, 3, 1, self.dtype, "conv2")(y)
-    y = layers.batch_norm(train, self.dtype, "bn2")(y)
+    y = _two_convs(x, self.features, self.stride, self.dtype, train)
     if self.stride != 1 or x.shape[-1] != self.features:
       # Option A (He et al. 2016, Sec. 4.2): subsample, zero-pad the new
       # channels. Same subsampling grid as the stride-s conv with padding 1.
@@ -73,10 +82,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    y = layers.conv(self.planes, 3, self.stride, self.dtype, "conv1")(x)
-    y = nn.relu(layers.batch_norm(train, self.dtype, "bn1")(y))
-    y = layers.conv(self.planes, 3, 1, self.dtype, "conv2")(y)
-    y = layers.batch_norm(train, self.dtype, "bn2")(y)
+    y = _two_convs(x, self.planes, self.stride, self.dtype, train)
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = layers.conv(self.planes, 1, self.stride, self.dtype, "downsample_conv")(x)
       x = layers.batch_norm(train, self.dtype, "downsample_bn")(x)
