@@ -26,7 +26,7 @@ def train_epoch(state: TrainState, train_step, batches, *, num_steps: int, devic
 
   Metrics are fetched from the device in groups of 20 steps, not every step.
   """
-  bar = reporting.progress(num_steps, desc)
+  bar = reporting.progress_bar(num_steps, desc)
   sums, n, pending = {"loss": 0.0, "accuracy": 0.0}, 0, []
 
   def drain():

@@ -200,7 +200,7 @@ def pyplot():
   return plt
 
 
-def progress(total: int, desc: str):
+def progress_bar(total: int, desc: str):
   """A tqdm bar on a terminal; nothing (plain log lines instead) otherwise."""
   return tqdm.tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
                    disable=not sys.stderr.isatty() or jax.process_index() != 0)

@@ -2,9 +2,10 @@
 
     python -m experiments.benchmarks.step_overhead [--batch 128] [--repeats 15]
 
-The default job's LeNet train step (SGD momentum + weight decay) with
-`optax.chain(base, freeze(masks))`, half of every kernel frozen, against the
-same step with `base` alone: same batch, same jitted step builder, both
+The default job's LeNet train step (SGD momentum + weight decay) with the
+trainer's optimizer (`optimizer.make_optimizer`: base, then the freeze, which
+takes the state's masks with every update), half of every kernel frozen,
+against the same step with `base` alone: same batch, same jitted step builder, both
 compiled first, then `--repeats` interleaved rounds of `--steps` steps each.
 Prints one JSON line; `ratio` is the median of the per-round time ratios
 (freeze / base). Target: ratio <= 1.02.

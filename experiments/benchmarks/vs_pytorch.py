@@ -8,7 +8,7 @@ batch (128 random 28x28x1 images, already in memory on both sides), the same
 optimizer (SGD lr 0.01, momentum 0.9, weight decay 5e-4 added to the gradient)
 and the same thread count, timed in one process in interleaved rounds:
 
-* `jax_freeze`: `experiments.steps.make_train_step` with `make_optimizer`
+* `jax_freeze`: `experiments.steps.make_train_step` with `optimizer.make_optimizer`
   (base SGD chained with INQ's `elementwise_freeze`, half of every kernel
   frozen), compiled ahead of time, state donated, as training runs it;
 * `jax_base`: the same step with the base optimizer alone (no freeze);
@@ -112,7 +112,7 @@ def main():
   parser.add_argument("--profile", action="store_true",
                       help="also time forward and forward+backward alone on each side")
   args = parser.parse_args()
-  try:
+  try:  # torch is optional: without it the benchmark says it skipped
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     print(json.dumps({"benchmark": "vs_pytorch", "skipped": "torch is not installed"}))

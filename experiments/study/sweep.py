@@ -176,7 +176,7 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
   book_path = os.path.join(workdir, CELLS_FILE)
   book = _load_json(book_path, {})
   done = {cell for cell in all_cells if _results(os.path.join(workdir, cell.name))}
-  bar = reporting.progress(sum(counts.values()), "sweep")
+  bar = reporting.progress_bar(sum(counts.values()), "sweep")
   bar.update(sum(counts[c] for c in done))
   start_all = last_report = time.perf_counter()
 

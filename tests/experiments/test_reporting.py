@@ -111,7 +111,7 @@ def test_plots(tmp_path):
 
 
 def test_progress_bar_is_silent_off_a_terminal():
-  bar = reporting.progress(10, "x")
+  bar = reporting.progress_bar(10, "x")
   assert bar.disable
   bar.close()
 
