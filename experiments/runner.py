@@ -118,8 +118,10 @@ class Run:
     """The run's start, and the template every checkpoint restores into."""
     params = self.initial["params"]
     # Nothing pruned yet, in the layout of the pruning's masks (whether or not
-    # the run prunes): an array for every weight INQ selects, so the train step
-    # gets the frozen masks as arrays from the first step on.
+    # the run prunes): an array for every weight INQ selects. So the freeze
+    # selects with masks the step receives as arguments from the first step on,
+    # as in every later stage; an all-False constant would let XLA drop the
+    # select and fuse the update otherwise, which changes its float rounding.
     keep = jax.tree_util.tree_map_with_path(
         lambda p, x: np.ones(np.shape(x) if self.inq_cfg.selects(tree.path_str(p)) else (),
                              bool), params)
