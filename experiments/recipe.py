@@ -73,7 +73,7 @@ def check_config(config: ml_collections.ConfigDict):
 
 
 class Segment(NamedTuple):
-  """One stretch of training with its own optimizer: the baseline, a pruning step or an INQ phase."""
+  """One stretch of training with one optimizer: the baseline, a pruning step or an INQ phase."""
   stage: int       # BASELINE, PRUNE or INQ
   index: int       # the pruning step or the INQ phase, from 1 (0 for the baseline)
   epochs: float

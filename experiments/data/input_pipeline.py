@@ -40,7 +40,8 @@ from absl import logging
 
 from experiments.data import builders
 from experiments.data import imagenet
-from experiments.data.builders import DatasetNotFoundError, IMAGENET_TARS  # noqa: F401  (raised, and named in errors)
+# Raised by get_dataset, and named in its errors: this module's names too.
+from experiments.data.builders import DatasetNotFoundError, IMAGENET_TARS  # noqa: F401
 
 # (mean, std) per channel, of images scaled to [0, 1].
 NORMALIZATION = {

@@ -49,7 +49,8 @@ class AlexNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), (s, s), padding=layers.pad(p), dtype=self.dtype,
+    conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), (s, s), padding=layers.pad(p),
+                                            dtype=self.dtype,
                                             kernel_init=layers.conv_init, name=name)
     x = jnp.asarray(x, self.dtype)
     x = nn.max_pool(nn.relu(conv(64, 11, 4, 2, "conv1")(x)), (3, 3), (2, 2))

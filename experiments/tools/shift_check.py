@@ -176,7 +176,7 @@ def float_params(layers: Dict[str, Layer]) -> dict:
 
 
 def _pool(x):
-  """2x2 max pool, stride 2, NHWC (as LeNet's `nn.max_pool` or `lenet.select_max_pool_2x2`), any dtype."""
+  """2x2 max pool, stride 2, NHWC, any dtype (LeNet's, `lenet.select_max_pool_2x2`)."""
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
