@@ -7,35 +7,27 @@ remote (`gs://bucket/...`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Tuple
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from experiments import reporting
 from inq_jax import export as inq_export
-from inq_jax import quantize as inq
+from inq_jax import quantize
+from inq_jax.tree import leaves_with_paths
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 BASELINE_DIR = "baseline_variables"  # the fp32 model, reusable as config.init_checkpoint
 FINAL_DIR = "final"
 EXPORT_FILE = "model.inq"
-# The layout of what a run checkpoints (steps.TrainState plus JSON meta). A
-# workdir written with another layout is refused rather than misread.
-RUN_FORMAT = 2
+# The layout of what a run checkpoints (train_state.TrainState plus JSON meta).
+# A workdir written with another layout is refused rather than misread.
+RUN_FORMAT = 3
 _FINAL_VERSION = 2
-
-
-def path(p) -> epath.Path:
-  """`p` as an absolute epath (orbax needs absolute paths; gs:// ones already are)."""
-  p = str(p)
-  return epath.Path(p if "://" in p else os.path.abspath(p))
 
 
 def config_dict(config: ml_collections.ConfigDict) -> dict:
@@ -53,34 +45,46 @@ def config_diff(old, new, prefix="") -> list:
   return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def write_text_atomic(target: epath.Path, text: str) -> None:
-  """Writes `target` so that it is never seen half-written (`reporting.atomic_write`)."""
-  reporting.atomic_write(target, text)
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict, *, what: str = "run",
+                  may_change: Iterable[str] = ()) -> None:
+  """Writes config.json, or checks that what `workdir` already holds has this config.
 
-
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json, or checks that the run already in `workdir` has this config.
+  Args:
+    workdir: the run's (or the study's) directory.
+    config: its config.
+    what: what the workdir holds, for the error ("run", "study").
+    may_change: top-level keys that may differ from the stored config (a study's
+      lists of cells may grow); config.json is then rewritten with the new ones.
 
   Raises:
-    ValueError listing every differing key if `workdir` holds another run.
+    ValueError listing every differing key if `workdir` holds another config.
   """
-  file = path(workdir) / CONFIG_FILE
+  file = reporting.abs_path(workdir) / CONFIG_FILE
   new = config_dict(config)
   if file.exists():
-    diff = config_diff(json.loads(file.read_text()), new)
+    old = json.loads(file.read_text())
+    fixed = lambda d: {k: v for k, v in d.items() if k not in may_change}
+    diff = config_diff(fixed(old), fixed(new))
     if diff:
       raise ValueError(
-          f"{workdir} holds a run with a different config; refusing to mix them. "
+          f"{workdir} holds a {what} with a different config; refusing to mix them. "
           f"Use a new --workdir, or rerun with the old config. Differences "
           f"(old -> new): " + "; ".join(diff[:10]))
-    return
+    if old == new:
+      return
   if jax.process_index() == 0:
     file.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(file, json.dumps(new, indent=2, sort_keys=True))
+    reporting.atomic_write(file, json.dumps(new, indent=2, sort_keys=True))
+
+
+def _tree(metadata):
+  """The tree of shapes and dtypes inside orbax's metadata of one saved item."""
+  tree = getattr(metadata, "item_metadata", metadata)
+  return getattr(tree, "tree", tree)
 
 
 class RunCheckpoints:
-  """The run's checkpoints: a `steps.TrainState` plus JSON meta per save.
+  """The run's checkpoints: a `train_state.TrainState` plus JSON meta per save.
 
   Saves are numbered 1, 2, ...; the newest intact one is the resume point.
   Orbax writes each into a temporary directory and renames it when complete,
@@ -90,30 +94,44 @@ class RunCheckpoints:
   def __init__(self, workdir: str, max_to_keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            cleanup_tmp_directories=True)
-    self._dir = path(workdir) / CHECKPOINT_DIR
-    self._manager = ocp.CheckpointManager(self._dir, options=options,
-                                          item_names=("state", "meta"))
+    self._dir = reporting.abs_path(workdir) / CHECKPOINT_DIR
+    # The handlers named up front, so that a fresh session can read a
+    # checkpoint's metadata (`restore`'s `complete`) before saving anything.
+    self._manager = ocp.CheckpointManager(self._dir, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
-  def restore(self, template: Any) -> Optional[Tuple[Any, dict]]:
+  def restore(self, template: Any, complete: Optional[Callable[[Any, Any], Any]] = None
+              ) -> Optional[Tuple[Any, dict]]:
     """(state, meta) of the newest intact checkpoint, or None if there is none.
 
     A damaged newer checkpoint (a disk error, a partial copy) is skipped with a
     warning naming it, and deleted so that it cannot push the intact one out.
 
+    Args:
+      template: a state of the layout to restore (its arrays give the shapes,
+        dtypes and shardings).
+      complete: optional `complete(abstract, saved)`: the abstract state to
+        restore into, from the template's (`abstract`) and the checkpoint's own
+        tree of shapes and dtypes (`saved`), for the parts whose layout only the
+        checkpoint knows.
+
     Raises:
       ValueError if checkpoints exist but none can be read with this layout.
     """
-    steps = sorted(self._manager.all_steps(), reverse=True)
+    numbers = sorted(self._manager.all_steps(), reverse=True)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     errors = []
-    for step in steps:
+    for number in numbers:
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        target = abstract
+        if complete is not None:
+          target = complete(abstract, _tree(self._manager.item_metadata(number)["state"]))
+        restored = self._manager.restore(number, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except  (any damage: try an older one)
-        errors.append(f"{self._dir / str(step)}: {type(e).__name__}: {str(e)[:300]}")
+        errors.append(f"{self._dir / str(number)}: {type(e).__name__}: {str(e)[:300]}")
         logging.warning("checkpoint %s is unreadable (%s); trying an older one",
-                        self._dir / str(step), e)
+                        self._dir / str(number), e)
         continue
       meta = restored.meta
       if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
@@ -121,7 +139,7 @@ class RunCheckpoints:
             f"{self._dir} was written by another version of this trainer (format "
             f"{meta.get('format') if isinstance(meta, dict) else None!r}, this one writes "
             f"{RUN_FORMAT}); start a new --workdir")
-      for bad in steps[:steps.index(step)]:
+      for bad in numbers[:numbers.index(number)]:
         logging.warning("deleting unreadable checkpoint %s", self._dir / str(bad))
         self._manager.delete(bad)
       return restored.state, meta
@@ -132,8 +150,8 @@ class RunCheckpoints:
     return None
 
   def save(self, state: Any, meta: dict) -> None:
-    step = (self._manager.latest_step() or 0) + 1
-    self._manager.save(step, args=ocp.args.Composite(
+    number = (self._manager.latest_step() or 0) + 1
+    self._manager.save(number, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         meta=ocp.args.JsonSave({**meta, "format": RUN_FORMAT})))
     # Wait, so that a kill right after this line loses nothing already reported.
@@ -144,17 +162,32 @@ class RunCheckpoints:
     self._manager.close()
 
 
+# --------------------------------------------------------------- variables
+
+
 def save_variables(target: str, variables: Any) -> None:
   """Saves model variables ({'params', 'batch_stats'}) for `config.init_checkpoint`."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path(target), variables, force=True)
+  checkpointer.save(reporting.abs_path(target), variables, force=True)
   checkpointer.wait_until_finished()
 
 
-def _saved_tree(checkpointer, directory):
-  meta = checkpointer.metadata(directory)
-  tree = getattr(meta, "item_metadata", meta)
-  return getattr(tree, "tree", tree)
+def layout_problems(want: Any, have: Any, *, dtypes: bool = False) -> list:
+  """['missing P', 'unexpected P', 'P: <have's> vs <want's>'] by '/'-joined path.
+
+  Compares two trees leaf by leaf: their paths, and each leaf's shape ('()'
+  for a leaf without one) and, with `dtypes`, its dtype. [] when they agree.
+  """
+  def layout(t):
+    return {p: (tuple(getattr(x, "shape", ())),) + ((str(getattr(x, "dtype", None)),)
+                                                   if dtypes else ())
+            for p, x in leaves_with_paths(t)[0]}
+  w, h = layout(want), layout(have)
+  show = lambda v: v[0] if len(v) == 1 else v
+  return ([f"missing {p}" for p in sorted(set(w) - set(h))]
+          + [f"unexpected {p}" for p in sorted(set(h) - set(w))]
+          + [f"{p}: {show(h[p])} vs {show(w[p])}" for p in sorted(set(w) & set(h))
+             if h[p] != w[p]])
 
 
 def load_variables(source: str, template: Any) -> Any:
@@ -166,12 +199,12 @@ def load_variables(source: str, template: Any) -> Any:
     FileNotFoundError if `source` is missing; ValueError naming the mismatch if
     the checkpoint's tree or shapes are not the model's.
   """
-  directory = path(source)
+  directory = reporting.abs_path(source)
   if not directory.exists():
     raise FileNotFoundError(f"init_checkpoint {source} does not exist")
   checkpointer = ocp.StandardCheckpointer()
   try:
-    tree = _saved_tree(checkpointer, directory)
+    tree = _tree(checkpointer.metadata(directory))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f"init_checkpoint {source} is not an orbax checkpoint of "
                      f"{{'params', 'batch_stats'}} (experiments.checkpoints.save_variables): "
@@ -182,22 +215,16 @@ def load_variables(source: str, template: Any) -> Any:
   elif "batch_stats" not in tree:
     raise ValueError(f"init_checkpoint {source} has no batch_stats but the model has "
                      "BatchNorm: save {'params': ..., 'batch_stats': ...}")
-  flat = lambda t: {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
-                    for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
-  want, have = flat(template), flat(tree)
-  if set(want) != set(have):
-    raise ValueError(f"init_checkpoint {source} does not fit the model: missing "
-                     f"{sorted(set(want) - set(have))[:5]}, unexpected "
-                     f"{sorted(set(have) - set(want))[:5]}")
-  bad = [f"{k}: {have[k]} vs model {want[k]}" for k in want if have[k] != want[k]]
-  if bad:
-    raise ValueError(f"init_checkpoint {source} has wrong shapes: {bad[:5]}")
+  problems = layout_problems(template, tree)
+  if problems:
+    raise ValueError(f"init_checkpoint {source} does not fit the model: "
+                     + "; ".join(problems[:8]) + " (shapes: checkpoint vs model)")
   restored = checkpointer.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                           template))
   return {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
 
 
-# ------------------------------------------------------------- final model
+# -------------------------------------------------------------- INQ state
 
 
 def _plain(tree):
@@ -207,21 +234,46 @@ def _plain(tree):
   return tree
 
 
-def save_final(workdir: str, variables: Any, inq_state: inq.INQState) -> None:
+def inq_state_tree(inq_state: quantize.INQState) -> dict:
+  """The arrays of an `INQState` as plain dicts: {"masks", "exponents", "step", "pruned"}."""
+  return {"masks": _plain(inq_state.masks), "exponents": dict(inq_state.exponents),
+          "step": inq_state.step, "pruned": dict(inq_state.pruned)}
+
+
+def inq_state_from_tree(tree: dict, config: quantize.INQConfig) -> quantize.INQState:
+  """The `INQState` of `config` whose arrays (or abstract arrays) are `tree`.
+
+  The inverse of `inq_state_tree`, and of how a run checkpoint stores the
+  state's fields; the one place this package builds an INQState itself.
+  """
+  # TODO(lead): INQState fields
+  return quantize.INQState(masks=tree["masks"], exponents=dict(tree["exponents"]),
+                           step=tree["step"], config=config,
+                           pruned=dict(tree.get("pruned", {})))
+
+
+def abstract_inq_state(saved: Any, config: quantize.INQConfig, sharding) -> quantize.INQState:
+  """The INQState to restore a checkpoint's saved one into (shapes from its metadata)."""
+  return inq_state_from_tree(jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), saved),
+      config)
+
+
+# ------------------------------------------------------------- final model
+
+
+def save_final(workdir: str, variables: Any, inq_state: quantize.INQState) -> None:
   """Saves the finished model and its INQ state as one orbax checkpoint, `workdir/final/`.
 
-  The checkpoint holds {"variables", "inq": {"masks", "exponents", "step",
-  "pruned"}} and, as JSON beside it, the INQConfig, so `load_final` needs no
-  model code.
+  The checkpoint holds {"variables", "inq": `inq_state_tree`} and, as JSON
+  beside it, the INQConfig, so `load_final` needs no model code.
   """
-  tree = {"variables": _plain(variables),
-          "inq": {"masks": _plain(inq_state.masks), "exponents": dict(inq_state.exponents),
-                  "step": inq_state.step, "pruned": dict(inq_state.pruned)}}
+  tree = {"variables": _plain(variables), "inq": inq_state_tree(inq_state)}
   meta = {"version": _FINAL_VERSION, "inq_config": inq_state.config.to_dict()}
   # A new step, then the old one goes (max_to_keep=1): a save killed half-way
   # leaves the previous final model in place, never a mix.
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-  with ocp.CheckpointManager(path(workdir) / FINAL_DIR, item_names=("tree", "meta"),
+  with ocp.CheckpointManager(reporting.abs_path(workdir) / FINAL_DIR, item_names=("tree", "meta"),
                              options=options) as mgr:
     mgr.save((mgr.latest_step() or 0) + 1, args=ocp.args.Composite(
         tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
@@ -234,50 +286,51 @@ def load_final(workdir: str):
   Raises:
     FileNotFoundError if `workdir` holds no finished model.
   """
-  directory = path(workdir) / FINAL_DIR
+  directory = reporting.abs_path(workdir) / FINAL_DIR
   with ocp.CheckpointManager(directory, item_names=("tree", "meta"),
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
-    step = mgr.latest_step()
-    if step is None:
+    number = mgr.latest_step()
+    if number is None:
       raise FileNotFoundError(f"{workdir} holds no finished model ({directory} is missing "
                               "or incomplete): it is written at the end of a run")
-    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = mgr.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     if meta.get("version") != _FINAL_VERSION:
       raise ValueError(f"{directory}: version {meta.get('version')!r}, expected "
                        f"{_FINAL_VERSION}")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
-        mgr.item_metadata(step).tree)
-    tree = mgr.restore(step, args=ocp.args.Composite(
+        _tree(mgr.item_metadata(number)["tree"]))
+    tree = mgr.restore(number, args=ocp.args.Composite(
         tree=ocp.args.StandardRestore(abstract))).tree
-  cfg = dict(meta["inq_config"], portions=tuple(meta["inq_config"]["portions"]))
-  state = inq.INQState(masks=tree["inq"]["masks"], exponents=dict(tree["inq"]["exponents"]),
-                       step=tree["inq"]["step"], config=inq.INQConfig(**cfg),
-                       pruned=dict(tree["inq"].get("pruned", {})))
-  return tree["variables"], state
+  config = quantize.INQConfig.from_dict(meta["inq_config"])
+  return tree["variables"], inq_state_from_tree(tree["inq"], config)
 
 
-def export_run(workdir: str, output: Optional[str] = None) -> Optional[dict]:
-  """Exports a finished run to a `.inq` file (`inq_jax.export`), `workdir/model.inq` by default.
+def export_path(workdir: str) -> str:
+  """Where a run's `.inq` file goes: WORKDIR/model.inq."""
+  return str(reporting.abs_path(workdir) / EXPORT_FILE)
+
+
+def export_model(output: str, variables: Any, inq_state: quantize.INQState
+                 ) -> Optional[dict]:
+  """Writes the finished model as a `.inq` file (`inq_jax.export`) to `output`.
 
   The file holds the params (every quantized kernel as b-bit codes) and the
-  batch statistics as `extras["batch_stats"]`.
+  batch statistics as `extras["batch_stats"]`. The arrays may be the
+  trainer's own (replicated over the mesh) or `load_final`'s.
 
   Returns:
     `inq_jax.export.save`'s stats plus {"file": output} on process 0; None on
     the other processes of a multi-host run (only process 0 writes).
   """
-  variables, state = load_final(workdir)
   if jax.process_index() != 0:
     return None
-  output = str(output or path(workdir) / EXPORT_FILE)
+  # This process's own copy of each (replicated) array: the writer computes on
+  # it alone, with no collective the other processes would have to join.
+  variables, inq_state = jax.tree.map(
+      lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, (variables, inq_state))
   extras = {"batch_stats": variables.get("batch_stats", {})}
-  if "://" in output:  # the file format writes locally; copy the finished file over
-    with tempfile.TemporaryDirectory() as tmp:
-      local = os.path.join(tmp, EXPORT_FILE)
-      stats = inq_export.save(local, variables["params"], state, extras=extras)
-      epath.Path(output).write_bytes(epath.Path(local).read_bytes())
-  else:
-    stats = inq_export.save(output, variables["params"], state, extras=extras)
+  with reporting.written_locally(output, EXPORT_FILE) as local:
+    stats = inq_export.save(local, variables["params"], inq_state, extras=extras)
   return {**stats, "file": output}

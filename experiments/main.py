@@ -21,7 +21,6 @@ JAX_PROCESS_ID in the environment work too.
 """
 
 import logging as pylogging
-import os
 
 from absl import app
 from absl import flags
@@ -47,50 +46,6 @@ def define_flags():
   flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _env_int(name):
-  value = os.environ.get(name)
-  return int(value) if value not in (None, "") else None
-
-
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
-  """`jax.distributed.initialize`, before any JAX computation; unset values from the env.
-
-  Anything still unset is left to JAX, which detects it on Cloud TPU VMs, Slurm
-  and Open MPI. Cross-process collectives on CPU go over gloo (on GPU and TPU
-  this setting is unused).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
-  if num_processes is None:
-    num_processes = _env_int("JAX_NUM_PROCESSES")
-  if process_id is None:
-    process_id = _env_int("JAX_PROCESS_ID")
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
-  if jax.default_backend() == "cpu" and jax.process_count() > 1:
-    _connect_cpu_collectives()
-
-
-def _connect_cpu_collectives():
-  """One all-reduce over every device, right after `initialize` while the processes are in step.
-
-  Gloo connects a set of devices on its first collective and gives up if one
-  process comes more than 30 s after another (a fixed limit in XLA), e.g.
-  when one host is still compiling the train step. Once connected, a
-  collective waits for late processes.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
-  mesh = Mesh(np.array(jax.devices()), ("data",))  # the mesh of steps.Devices
-  ones = jax.make_array_from_process_local_data(
-      NamedSharding(mesh, PartitionSpec("data")), np.ones(jax.local_device_count(), np.int32))
-  total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(ones)
-  if int(total) != jax.device_count():
-    raise RuntimeError(f"all-reduce over {jax.device_count()} devices gave {int(total)}")
-
-
 FLAGS = flags.FLAGS
 
 
@@ -101,12 +56,13 @@ def main(argv):
   # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= pylogging.WARNING or "/orbax/" not in r.pathname)
-  # Imported here so that --help stays fast and flag errors come first.
+  # Imported here, not at the top, so that --help and flag errors come at once:
+  # jax and the trainer take seconds to import (measured).
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import reporting, train  # pylint: disable=g-import-not-at-top
+  from experiments import distributed, reporting, train  # pylint: disable=g-import-not-at-top
   cluster = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")}
   if FLAGS.config.get("distributed", False):
-    initialize_distributed(**cluster)  # multi-host slice / cluster; before any JAX call
+    distributed.initialize(**cluster)  # multi-host slice / cluster; before any JAX call
   elif any(v is not None for v in cluster.values()):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
                          "--config.distributed=True")

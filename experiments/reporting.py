@@ -1,7 +1,12 @@
-"""What a run leaves in its workdir: results.json, metrics, TensorBoard, plots."""
+"""What a run leaves in its workdir: results.json, metrics, TensorBoard, plots.
+
+Also where every workdir path is resolved (`path`, `is_remote`) and written
+(`atomic_write`, `written_locally`), local or remote (gs://) alike.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,26 +14,28 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
+from tqdm import auto as tqdm
 
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def _path(workdir) -> epath.Path:
-  workdir = str(workdir)
-  return epath.Path(workdir if is_remote(workdir) else os.path.abspath(workdir))
-
-
 def is_remote(p) -> bool:
   """Whether `p` names a remote store (gs://...) rather than a local path."""
   return "://" in str(p)
+
+
+def abs_path(p) -> epath.Path:
+  """`p` as an absolute epath (orbax needs absolute paths; gs:// ones already are)."""
+  p = str(p)
+  return epath.Path(p if is_remote(p) else os.path.abspath(p))
 
 
 def atomic_write(target, text: str) -> None:
@@ -51,15 +58,43 @@ def atomic_write_json(target, data) -> None:
   atomic_write(target, json.dumps(data, indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def written_locally(target: str, name: str) -> Iterator[str]:
+  """A local path for a writer that only writes local files; its file ends up at `target`.
+
+  `target` itself when it is local; for a remote one a temporary file called
+  `name`, copied to `target` once the writer is done.
+  """
+  if not is_remote(target):
+    yield target
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, name)
+    yield local
+    epath.Path(target).write_bytes(epath.Path(local).read_bytes())
+
+
+@contextlib.contextmanager
+def read_locally(source: str) -> Iterator[str]:
+  """A local path holding `source`'s bytes, for a reader of local files only."""
+  if not is_remote(source):
+    yield source
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, os.path.basename(source))
+    epath.Path(local).write_bytes(epath.Path(source).read_bytes())
+    yield local
+
+
 def write_results(workdir: str, results: dict) -> None:
   """results.json (the contract in the README), written atomically on host 0."""
   if jax.process_index() == 0:
-    atomic_write_json(_path(workdir) / RESULTS_FILE, results)
+    atomic_write_json(abs_path(workdir) / RESULTS_FILE, results)
 
 
 def read_metrics(workdir: str) -> list:
   """Every record of metrics.jsonl ([] if there is none yet)."""
-  file = _path(workdir) / METRICS_FILE
+  file = abs_path(workdir) / METRICS_FILE
   if not file.exists():
     return []
   return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
@@ -69,9 +104,10 @@ def _tensorboardx_writer():
   """tensorboardX's SummaryWriter class, imported without importing torch.
 
   tensorboardX imports torch whenever it is installed, only to accept torch
-  tensors; that import took 5-6 s of every run's start on a 2-core CPU. The
-  writer is given Python floats, so torch is hidden while tensorboardX loads
-  (`import torch` raises ImportError for that moment) unless it is loaded already.
+  tensors, and importing torch takes seconds at every run's start. The writer
+  is given Python floats, so torch is hidden while tensorboardX loads (`import
+  torch` raises ImportError for that moment) unless it is loaded already.
+  Imported here, not at the top, because of that hiding.
   """
   if "torch" in sys.modules:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -100,9 +136,9 @@ class MetricWriter:
     self._tb = self._tb_local = None
     if not self._enabled:
       return
-    self._file = _path(workdir) / METRICS_FILE
+    self._file = abs_path(workdir) / METRICS_FILE
     self._lines = (self._file.read_text().splitlines() if self._file.exists() else [])
-    self._tb_dir = _path(workdir) / "tensorboard"
+    self._tb_dir = abs_path(workdir) / "tensorboard"
     try:
       summary_writer = _tensorboardx_writer()
     except ImportError:  # TensorBoard events are a convenience, not the record
@@ -151,18 +187,28 @@ def _save_figure(fig, target: epath.Path) -> str:
   return str(target)
 
 
-def progress(total: int, desc: str):
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (files only, no display).
+
+  Imported on first use, not at the top: pyplot takes about a second to
+  import (measured), which only the plots at the end of a run need, and the
+  backend is then chosen only by code that draws.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def progress_bar(total: int, desc: str):
   """A tqdm bar on a terminal; nothing (plain log lines instead) otherwise."""
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
   return tqdm.tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
                    disable=not sys.stderr.isatty() or jax.process_index() != 0)
 
 
 def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   """accuracy.png: test accuracy after the baseline and every INQ phase, before and after retraining."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   labels = ["fp32"] + [f"{p['portion']:g}" for p in results["phases"]]
   acc = [results["baseline"]["test_accuracy"]] + [p["test_accuracy"] for p in results["phases"]]
   fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -181,7 +227,7 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   ax.grid(alpha=0.3)
   ax.legend(loc="best", fontsize=8)
   fig.subplots_adjust(left=0.11, right=0.98, bottom=0.15, top=0.9)  # not tight_layout: slow
-  out = _save_figure(fig, _path(workdir) / "accuracy.png")
+  out = _save_figure(fig, abs_path(workdir) / "accuracy.png")
   plt.close(fig)
   return out
 
@@ -189,14 +235,12 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
 def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
                  n1, n2) -> str:
   """weights.png: one layer's weights before and after INQ, codebook marked."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   before, after = np.ravel(before), np.ravel(after)
   fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
   lim = float(np.abs(before).max()) * 1.1 or 1.0
   # One filled outline, not 200 bar patches, and fixed margins instead of
-  # tight_layout: every run draws this figure, and both made it 3x slower.
+  # tight_layout: every run draws this figure, and both take several times longer.
   counts, edges = np.histogram(before, bins=200, range=(-lim, lim))
   axes[0].stairs(counts, edges, fill=True, color="tab:blue")
   axes[0].set_title(f"{name}: pretrained float weights ({before.size} weights)")
@@ -211,7 +255,7 @@ def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
   axes[1].set_yscale("log")
   axes[1].set_xlabel("weight value")
   fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93, hspace=0.3)
-  out = _save_figure(fig, _path(workdir) / "weights.png")
+  out = _save_figure(fig, abs_path(workdir) / "weights.png")
   plt.close(fig)
   return out
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,13 @@ class ElementwiseFreezeState(NamedTuple):
   masks: Any
 
 
-def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
+class MasklessFreezeState(NamedTuple):
+  """The state of `elementwise_freeze()` without masks: none; they come with each update."""
+
+
+def elementwise_freeze(
+    frozen_masks=None,
+) -> Union[optax.GradientTransformation, optax.GradientTransformationExtraArgs]:
   """Zeroes the update of every frozen weight; put it last in `optax.chain`.
 
   INQ retrains only the still-float weights: W <- W - lr * dE/dW * T with T = 0
@@ -29,12 +35,24 @@ def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
   weights get exactly 0 and so stay bit-identical (`p + 0.0 == p`). The inner
   optimizer's moments still see those gradients; that moves nothing frozen.
 
-  The masks live in this transform's state, so a jitted step receives them as an
-  argument instead of baking megabytes of bool constants into the executable.
+  Two ways to hand it the masks, so that a jitted step receives them as an
+  argument instead of baking megabytes of bool constants into the executable:
+
+  - `elementwise_freeze(masks)`: the masks live in this transform's state
+    (`ElementwiseFreezeState`). Each mask is copied onto its parameter's
+    devices (sharded like it, or a scalar replicated there), so in_shardings
+    taken from the optimizer state (`jax.tree.map(lambda x: x.sharding,
+    opt_state)`) agree with the params'. A new set of masks means a new
+    optimizer state (or a replaced `ElementwiseFreezeState`).
+  - `elementwise_freeze()`: an `optax.GradientTransformationExtraArgs` with an
+    empty state (`MasklessFreezeState`) whose `update` takes the masks as the
+    keyword argument `frozen_masks` on every call, so they are kept in one
+    place (e.g. `INQState.masks` inside a train state) and not copied into the
+    optimizer state. `optax.chain` and `optax.named_chain` pass extra keyword
+    arguments on to it: `tx.update(grads, opt_state, params,
+    frozen_masks=state.masks)`.
+
   `jnp.where` (not a multiply) keeps the zero exact even for NaN/Inf updates.
-  Each mask is copied onto its parameter's devices (sharded like it, or a
-  scalar replicated there), so in_shardings taken from the optimizer state
-  (`jax.tree.map(lambda x: x.sharding, opt_state)`) agree with the params'.
 
   How it differs from `optax.freeze`: `optax.freeze(mask)` takes a static
   per-leaf bool (a whole parameter is frozen or not) and wraps an inner
@@ -53,18 +71,26 @@ def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
   Args:
     frozen_masks: a pytree shaped like the params: a bool array (True = frozen)
       per leaf, or a Python `False` / all-False array (a scalar is fine) for leaves
-      never frozen. `INQState.masks` is exactly this.
+      never frozen. `INQState.masks` is exactly this. None: the masks come with
+      every `update` call instead (`frozen_masks=`, the same kind of pytree).
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformation` holding `frozen_masks`; without them an
+    `optax.GradientTransformationExtraArgs` whose `update` raises ValueError if
+    `frozen_masks` is missing or its tree does not match the updates'.
 
   Example:
     >>> tx = optax.chain(optax.add_decayed_weights(5e-4),
     ...                  optax.sgd(1e-3, momentum=0.9),
     ...                  inq_jax.optim.elementwise_freeze(state.masks))
+    >>> # or, the masks passed with each update:
+    >>> tx = optax.chain(optax.sgd(1e-3, momentum=0.9), inq_jax.optim.elementwise_freeze())
+    >>> updates, opt_state = tx.update(grads, opt_state, params, frozen_masks=state.masks)
 
   Reference: arXiv:1702.03044, Eq. 6.
   """
+  if frozen_masks is None:
+    return _freeze_by_argument()
 
   def init_fn(params):
     leaves, treedef = tree.aligned(params, frozen_masks, what="elementwise_freeze",
@@ -77,11 +103,34 @@ def elementwise_freeze(frozen_masks) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    updates = jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros((), u.dtype), u),
-                           updates, state.masks)
-    return updates, state
+    return _zero_frozen(updates, state.masks), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-__all__ = ["ElementwiseFreezeState", "elementwise_freeze"]
+def _freeze_by_argument() -> optax.GradientTransformationExtraArgs:
+  """`elementwise_freeze()`: the masks are the `frozen_masks` argument of every update."""
+
+  def init_fn(params):
+    del params
+    return MasklessFreezeState()
+
+  def update_fn(updates, state, params=None, *, frozen_masks: Optional[Any] = None,
+                **extra_args):
+    del params, extra_args  # a chain hands every transform all of its extra arguments
+    if frozen_masks is None:
+      raise ValueError("elementwise_freeze() was built without masks, so every update "
+                       "needs them: tx.update(updates, opt_state, params, "
+                       "frozen_masks=masks)")
+    # The structure and shapes are static: checked once, when the step is traced.
+    tree.aligned(updates, frozen_masks, what="elementwise_freeze", noun="mask")
+    return _zero_frozen(updates, frozen_masks), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _zero_frozen(updates, masks):
+  return jax.tree.map(lambda u, m: jnp.where(m, jnp.zeros((), u.dtype), u), updates, masks)
+
+
+__all__ = ["ElementwiseFreezeState", "MasklessFreezeState", "elementwise_freeze"]

@@ -50,7 +50,7 @@ if [ "$QUICK" = 1 ]; then
   # The train split must hold one eval batch (500): the last, quantize-only phase
   # reports its loss on the train split.
   TRAIN_ARGS=(--config.dataset.train_split="train[:960]" --config.dataset.test_split="test[:200]"
-              --config.baseline.epochs=1 --config.inq.epochs_per_phase=0.5)
+              --config.baseline.epochs=1 --config.inq.epochs=0.5)
 else
   STEP_ARGS=()
   QUANTIZE_ARGS=(--width_divisor=1)

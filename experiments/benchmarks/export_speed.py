@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.benchmarks import quantize_speed
 from inq_jax import export
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 
 def quantized_model(width_divisor: int, bits: int, zero_fraction: float, seed: int = 0):
@@ -46,8 +46,8 @@ def quantized_model(width_divisor: int, bits: int, zero_fraction: float, seed: i
       cut = np.quantile(np.abs(w), zero_fraction)
       return np.where(np.abs(w) < cut, 0, w).astype(w.dtype)
     params = jax.tree_util.tree_map_with_path(prune, params)
-  state = inq.init(params, inq.INQConfig(bits=bits, portions=(1.0,)))
-  params, state = inq.advance(params, state)
+  state = quantize.init(params, quantize.INQConfig(bits=bits, portions=(1.0,)))
+  params, state = quantize.advance(params, state)
   return params, state
 
 

@@ -38,6 +38,7 @@ from typing import Iterator
 
 import numpy as np
 import PIL.Image
+from absl import flags
 
 from experiments.data import imagenet
 from experiments.data import input_pipeline
@@ -235,11 +236,10 @@ def _loader_overhead(batch: int, size: int, steps: int = 24) -> dict:
 
   out = {"pool": {str(w): rate(lambda w=w: imagenet.iterate(_Blank(steps, batch, size), w))
                   for w in (1, 2)}, "grain": None}
-  try:
+  try:  # grain is optional: the loader it measures is not the project's
     import grain.python as grain  # pylint: disable=g-import-not-at-top
   except ImportError:
     return out
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain's workers read its absl flags
 

@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 
 def resnet50_shapes(width_divisor=1):
@@ -169,7 +169,7 @@ def main():
     shapes = resnet50_shapes(args.width_divisor)
   except ValueError as e:
     parser.error(str(e))
-  config = inq.INQConfig(bits=args.bits, strategy=args.strategy, granularity=args.granularity)
+  config = quantize.INQConfig(bits=args.bits, strategy=args.strategy, granularity=args.granularity)
   params = make_params(width_divisor=args.width_divisor)
   jax.block_until_ready(params)
   weights = sum(int(np.prod(s)) for p, s in shapes.items() if config.selects(p))
@@ -177,38 +177,38 @@ def main():
   # come from a persistent compilation cache (JAX_COMPILATION_CACHE_DIR, as the
   # test suite sets for its subprocesses), and every compilation is counted.
   jax.config.update("jax_enable_compilation_cache", False)
-  # A user's process has compiled its model before `inq.init`: XLA's one-time
+  # A user's process has compiled its model before `quantize.init`: XLA's one-time
   # start-up (the first compilation in a process) is not INQ's to count.
   jax.block_until_ready(jax.jit(lambda x: x + 1)(jnp.ones(())))
   jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
   # First calls, compilation included: nothing of inq_jax has run in this process.
   state, first_init, first_init_cpu, init_compiles = _timed_compiles(
-      lambda: inq.init(params, config))
+      lambda: quantize.init(params, config))
   p, s = params, state
   first_advance, first_advance_cpu, advance_compiles = [], [], []
   for _ in config.portions:
-    (p, s), dt, cpu, n = _timed_compiles(lambda: inq.advance(p, s))
+    (p, s), dt, cpu, n = _timed_compiles(lambda: quantize.advance(p, s))
     first_advance.append(round(dt, 4))
     first_advance_cpu.append(round(cpu, 4))
     advance_compiles.append(n)
   _, first_verify, first_verify_cpu, verify_compiles = _timed_compiles(
-      lambda: inq.verify(p, s))
+      lambda: quantize.verify(p, s))
 
   # Steady state: the same calls again, all compiled, `--repeats` times.
   init_s, advance_s, verify_s = [], [[] for _ in config.portions], []
   init_c, advance_c, verify_c = [], [[] for _ in config.portions], []
   compiles_before = _compiles[0]
   for _ in range(args.repeats):
-    s, dt, cpu = _timed(lambda: inq.init(params, config))
+    s, dt, cpu = _timed(lambda: quantize.init(params, config))
     init_s.append(dt)
     init_c.append(cpu)
     p = params
     for i, _ in enumerate(config.portions):
-      (p, s), dt, cpu = _timed(lambda: inq.advance(p, s))
+      (p, s), dt, cpu = _timed(lambda: quantize.advance(p, s))
       advance_s[i].append(dt)
       advance_c[i].append(cpu)
-    _, dt, cpu = _timed(lambda: inq.verify(p, s))
+    _, dt, cpu = _timed(lambda: quantize.verify(p, s))
     verify_s.append(dt)
     verify_c.append(cpu)
   steady_compiles = _compiles[0] - compiles_before

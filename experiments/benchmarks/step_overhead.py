@@ -2,9 +2,10 @@
 
     python -m experiments.benchmarks.step_overhead [--batch 128] [--repeats 15]
 
-The default job's LeNet train step (SGD momentum + weight decay) with
-`optax.chain(base, freeze(masks))`, half of every kernel frozen, against the
-same step with `base` alone: same batch, same jitted step builder, both
+The default job's LeNet train step (SGD momentum + weight decay) with the
+trainer's optimizer (`optimizer.make_optimizer`: base, then the freeze, which
+takes the state's masks with every update), half of every kernel frozen,
+against the same step with `base` alone: same batch, same jitted step builder, both
 compiled first, then `--repeats` interleaved rounds of `--steps` steps each.
 Prints one JSON line; `ratio` is the median of the per-round time ratios
 (freeze / base). Target: ratio <= 1.02.
@@ -18,15 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import models, steps
+from experiments import models, optimizer, steps
+from experiments.mesh import Devices
+from experiments.train_state import INQ, TrainState
 from experiments.configs import fashion_mnist_lenet
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 
 def _state(run_devices, params, tx, inq_state):
-  return run_devices.replicate(steps.TrainState(
+  return run_devices.replicate(TrainState(
       step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
-      opt_state=tx.init(params), inq=inq_state, keep=None, stage=jnp.int32(steps.INQ),
+      opt_state=tx.init(params), inq_state=inq_state, keep=None, stage=jnp.int32(INQ),
       phase=jnp.int32(0), epoch=jnp.int32(0)))
 
 
@@ -38,12 +41,12 @@ def main():
   args = parser.parse_args()
 
   config = fashion_mnist_lenet.get_config()
-  devices = steps.Devices()
-  model = models.get_model("lenet", 10)
+  devices = Devices()
+  model = models.from_config(config, 10)  # the default job's LeNet, its CPU options included
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
-  state = inq.init(params, inq.INQConfig(bits=5, portions=(0.5, 1.0)))
-  params, state = inq.advance(params, state)  # half of every kernel frozen
-  schedule = steps.learning_rate(config.inq, 469, 1)
+  state = quantize.init(params, quantize.INQConfig(bits=5, portions=(0.5, 1.0)))
+  params, state = quantize.advance(params, state)  # half of every kernel frozen
+  schedule = optimizer.learning_rate(config.inq, 469, 1)
   rng = np.random.default_rng(0)
   batch = devices.put_batch({
       "image": rng.standard_normal((args.batch, 28, 28, 1)).astype(np.float32),
@@ -51,8 +54,8 @@ def main():
 
   variants = {}
   for name in ("base", "freeze"):
-    tx = (steps.base_optimizer(config, schedule) if name == "base"
-          else steps.make_optimizer(config, schedule, state.masks))
+    tx = (optimizer.base_optimizer(config, schedule) if name == "base"
+          else optimizer.make_optimizer(config, schedule))
     # Own copies: the step donates its state, which would delete shared buffers.
     ts = _state(devices, jax.tree.map(jnp.copy, params), tx,
                 jax.tree.map(jnp.copy, state))

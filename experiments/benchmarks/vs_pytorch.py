@@ -21,7 +21,7 @@ alternating order):
 
 Runners:
 
-* `jax_freeze`: `experiments.steps.make_train_step` with `make_optimizer`
+* `jax_freeze`: `experiments.steps.make_train_step` with `optimizer.make_optimizer`
   (base SGD chained with INQ's `elementwise_freeze`, half of every kernel
   frozen), compiled ahead of time, state donated, as training runs it;
 * `jax_base`: the same step with the base optimizer alone (no freeze);
@@ -67,9 +67,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import models, steps
+from experiments import models, optimizer, steps
+from experiments.mesh import Devices
+from experiments.train_state import INQ, TrainState
 from experiments.configs import fashion_mnist_lenet
-from inq_jax import quantize as inq
+from inq_jax import quantize
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -182,9 +184,9 @@ def _torch_resnet20(torch, params, batch_stats, num_classes=10):
 
 
 def _state(devices, params, tx, inq_state, batch_stats=None):
-  return devices.replicate(steps.TrainState(
+  return devices.replicate(TrainState(
       step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats or {},
-      opt_state=tx.init(params), inq=inq_state, keep=None, stage=jnp.int32(steps.INQ),
+      opt_state=tx.init(params), inq_state=inq_state, keep=None, stage=jnp.int32(INQ),
       phase=jnp.int32(0), epoch=jnp.int32(0)))
 
 
@@ -260,11 +262,13 @@ def _setup(name, batch_size, seed=0):
   config = fashion_mnist_lenet.get_config()
   config.weight_decay, config.momentum, config.nesterov = WEIGHT_DECAY, MOMENTUM, False
   config.optimizer = "sgd"
-  model = models.get_model(name, 10)
+  # The default job's model options (LeNet's CPU convolution and pooling) included.
+  model = models.from_config(config, 10) if name == "lenet" else models.get_model(name, 10)
   variables = models.init_variables(model, (1, 28, 28, 1), jax.random.key(seed))
-  inq_state = inq.init(variables["params"], inq.INQConfig(bits=5, portions=(0.5, 1.0)))
-  params, inq_state = inq.advance(variables["params"], inq_state)  # half of every kernel frozen
-  schedule = steps.learning_rate(config.inq, 469, 1)  # cosine from 0.01: one scalar op
+  inq_state = quantize.init(variables["params"],
+                            quantize.INQConfig(bits=5, portions=(0.5, 1.0)))
+  params, inq_state = quantize.advance(variables["params"], inq_state)  # half of every kernel frozen
+  schedule = optimizer.learning_rate(config.inq, 469, 1)  # cosine from 0.01: one scalar op
   rng = np.random.default_rng(seed)
   images = rng.standard_normal((batch_size, 28, 28, 1)).astype(np.float32)
   labels = rng.integers(0, 10, batch_size).astype(np.int32)
@@ -279,8 +283,8 @@ def _lenet(args, torch, devices):
 
   runners = {}
   for name in ("jax_freeze", "jax_base", "jax_xla_conv"):
-    tx = (steps.base_optimizer(config, schedule) if name == "jax_base"
-          else steps.make_optimizer(config, schedule, inq_state.masks))
+    tx = (optimizer.base_optimizer(config, schedule) if name == "jax_base"
+          else optimizer.make_optimizer(config, schedule))
     ts = _state(devices, _copy(params), tx, _copy(inq_state))
     net = model.clone(cpu_matmul_conv=False) if name == "jax_xla_conv" else model
     step = steps.make_train_step(net, tx, devices, seed=0).lower(ts, batch).compile()
@@ -350,8 +354,8 @@ def _resnet20(args, torch, devices):
   steps_compiled = {}
   runners = {}
   for name in ("jax_freeze", "jax_base"):
-    tx = (steps.base_optimizer(config, schedule) if name == "jax_base"
-          else steps.make_optimizer(config, schedule, inq_state.masks))
+    tx = (optimizer.base_optimizer(config, schedule) if name == "jax_base"
+          else optimizer.make_optimizer(config, schedule))
     ts = _state(devices, _copy(params), tx, _copy(inq_state), _copy(batch_stats))
     step = steps.make_train_step(model, tx, devices, seed=0).lower(ts, batch).compile()
     steps_compiled[name] = (step, tx)
@@ -425,7 +429,7 @@ def main():
   os.sched_setaffinity(0, cpus[:threads])
   torch.set_num_threads(threads)
 
-  devices = steps.Devices()
+  devices = Devices()
   line = {"benchmark": "vs_pytorch", "models": chosen}
   if "lenet" in chosen:
     line.update(_lenet(args, torch, devices))

@@ -26,6 +26,6 @@ def get_config():
   c.weight_decay = 1e-4
   c.baseline.epochs = 60
   c.baseline.learning_rate = 0.1
-  c.inq.epochs_per_phase = 4
+  c.inq.epochs = 4
   c.inq.learning_rate = 0.01
   return c

@@ -6,6 +6,8 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "lenet"
+  # The model's own options (`models.get_model`), e.g. LeNet's CPU speed-ups.
+  c.model_kwargs = ml_collections.ConfigDict()
   c.dtype = "float32"  # computation dtype; params stay float32
   c.seed = 0
   c.distributed = False  # call jax.distributed.initialize() (multi-host runs)
@@ -28,13 +30,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.nesterov = False
   c.weight_decay = 5e-4
 
+  # Every stage's `epochs` (fractions allowed): the baseline's, each pruning
+  # step's, each INQ phase's (the last phase's is `inq.final_finetune_epochs`).
+
   # Stage 1: the full-precision model, trained here or restored.
   c.baseline = stage_schedule(epochs=10, learning_rate=0.05)
   c.init_checkpoint = ml_collections.FieldReference(None, field_type=str)   # orbax dir
   c.init_torchvision = ml_collections.FieldReference(None, field_type=str)  # .pth/.safetensors
 
   # Stage 2: INQ. The learning-rate schedule restarts every phase.
-  c.inq = stage_schedule(epochs=2, learning_rate=0.01, epochs_key="epochs_per_phase")
+  c.inq = stage_schedule(epochs=2, learning_rate=0.01)
   c.inq.bits = 5
   c.inq.portions = (0.5, 0.75, 0.875, 1.0)
   c.inq.strategy = "magnitude"  # magnitude (pruning-inspired) | random
@@ -47,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Optional stage between the two: iterative magnitude pruning with retraining
   # (inq_jax.prune); INQ then quantizes the unpruned weights, zeros stay frozen.
-  c.prune = stage_schedule(epochs=1, learning_rate=0.01, epochs_key="epochs_per_step")
+  c.prune = stage_schedule(epochs=1, learning_rate=0.01)
   c.prune.sparsity = ()    # ((regex, fraction), ...), first match wins; () = no pruning
   c.prune.steps = 3
   c.prune.schedule = "cubic"  # cubic (Zhu & Gupta) | linear ramp to the target
@@ -57,11 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def stage_schedule(epochs: int, learning_rate: float,
-                   epochs_key: str = "epochs") -> ml_collections.ConfigDict:
+def stage_schedule(epochs: float, learning_rate: float) -> ml_collections.ConfigDict:
   """A stage's epochs and learning-rate schedule (restarted at every stage/phase)."""
   c = ml_collections.ConfigDict()
-  c[epochs_key] = float(epochs)  # fractions allowed (e.g. 0.4 epochs per phase)
+  c.epochs = float(epochs)  # fractions allowed (e.g. 0.4 epochs per phase)
   c.learning_rate = learning_rate
   c.lr_schedule = "cosine"  # cosine | step (x step_factor every step_epochs) | constant
   c.step_epochs = 1.0

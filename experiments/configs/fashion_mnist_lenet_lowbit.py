@@ -57,5 +57,5 @@ def get_config(bits: str = "3") -> ml_collections.ConfigDict:
   c.inq.portions = PORTIONS[b]
   c.inq.final_finetune_epochs = float(EPOCHS_PER_PORTION)
   # Every portion but the last retrains; the last one's share is the finetune.
-  c.inq.epochs_per_phase = float(EPOCHS_PER_PORTION)
+  c.inq.epochs = float(EPOCHS_PER_PORTION)
   return c

@@ -28,8 +28,8 @@ def get_config():
   # most redundant; the 500-weight first conv is barely pruned.
   c.prune.sparsity = (("conv1/", 0.3), ("conv2/", 0.8), ("fc1/", 0.95), ("fc2/", 0.7))
   c.prune.steps = 3
-  c.prune.epochs_per_step = 1.0
+  c.prune.epochs = 1.0
   c.prune.learning_rate = 0.01
   c.inq.portions = tuple(round(0.05 * i, 2) for i in range(1, 21))
-  c.inq.epochs_per_phase = 0.25
+  c.inq.epochs = 0.25
   return c

@@ -39,6 +39,6 @@ def get_config():
   c.baseline.learning_rate = 0.1
   c.inq.bits = 5
   c.inq.portions = (0.5, 0.75, 0.875, 1.0)
-  c.inq.epochs_per_phase = 2
+  c.inq.epochs = 2
   c.inq.learning_rate = 0.01
   return c

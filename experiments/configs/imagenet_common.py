@@ -31,7 +31,7 @@ def imagenet_config(model: str, batch_size: int, weight_decay: float, portions):
   c.baseline.step_epochs = 30.0
   c.inq.bits = 5
   c.inq.portions = tuple(portions)
-  c.inq.epochs_per_phase = 4
+  c.inq.epochs = 4
   c.inq.learning_rate = 1e-3
   c.inq.lr_schedule = "step"
   c.inq.step_epochs = 2.0

@@ -17,5 +17,5 @@ def get_config():
   c.dataset.test_split = "test[:500]"
   c.batch_size = 96  # divisible by 1, 2, 3, 4 and 8 devices
   c.baseline.epochs = 2
-  c.inq.epochs_per_phase = 1
+  c.inq.epochs = 1
   return c

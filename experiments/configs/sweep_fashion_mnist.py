@@ -35,7 +35,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   e = fashion_mnist_lenet.get_config()
   e.baseline.epochs = 6
-  e.inq.epochs_per_phase = 0.5
+  e.inq.epochs = 0.5
   e.max_checkpoints_to_keep = 1
   c.experiment = e
 

@@ -38,7 +38,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   e = fashion_mnist_resnet20.get_config()
   e.baseline.epochs = 1.5
-  e.inq.epochs_per_phase = 0.05
+  e.inq.epochs = 0.05
   e.max_checkpoints_to_keep = 1
   c.experiment = e
   c.title = "INQ on Fashion-MNIST (ResNet-20, batch norm): bit widths, codebooks, remedies"

@@ -8,14 +8,12 @@ results land in a ring of shared-memory slots, so a batch costs the main
 process one copy, not a pickle through a pipe) and yields them in order.
 Nothing per image runs in the main process; the uint8 images go to the device
 as they are (4x fewer bytes than float32) and are normalized there, inside the
-jitted step (`experiments.steps`).
+jitted step (`experiments.steps.prepare_images`).
 
-Why not grain's DataLoader: on this 2-core CPU it added 27 ms per record with a
-tiny record and 57-65 ms with a 224x224 batch of 32, with nothing to decode
-(`experiments.benchmarks.input_pipeline` measures it when grain is installed);
-the pool here adds 23-32 ms per such batch, mostly allocating and copying its
-4.8 MB, of which the main process's share is the copy out of shared memory
-(0.01 ms per image).
+Why not grain's DataLoader: its overhead per record, with nothing to decode,
+is larger than this pool's per batch, most of which is allocating and copying
+the batch (`experiments.benchmarks.input_pipeline` measures both, when grain
+is installed; the numbers are in the README).
 
 Batch t of epoch e is a pure function of (seed, e, t): the same for any
 number of workers or processes, so a killed run resumes on the same batches.
@@ -31,6 +29,7 @@ import concurrent.futures
 import io
 import math
 import multiprocessing
+import os
 from multiprocessing import shared_memory
 from typing import Iterator, Optional
 
@@ -261,7 +260,6 @@ def workers_default(configured: Optional[int]) -> int:
       raise ValueError(f"dataset.workers must be >= 0 (0: decode in this process), got "
                        f"{configured}")
     return int(configured)
-  import os  # pylint: disable=g-import-not-at-top
   try:
     return len(os.sched_getaffinity(0))
   except AttributeError:

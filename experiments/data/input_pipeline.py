@@ -3,7 +3,7 @@
 `get_dataset(config.dataset)` returns a `Dataset` whose batches are numpy
 arrays of uint8 images, as stored: they go to the device as they are (4x fewer
 bytes than float32) and the jitted step normalizes them there with
-`Dataset.normalization`, the usual per-dataset (mean, std) (`experiments.steps`):
+`Dataset.normalization`, the usual per-dataset (mean, std) (`steps.prepare_images`):
 
   train_batches(batch_size, epoch, seed)  {'image' u8 [b,H,W,C], 'label' i32 [b]}
   test_batches(batch_size)                same plus 'mask' bool [b]
@@ -21,24 +21,13 @@ grain worker processes (`dataset.workers`, default every CPU) read the JPEGs,
 decode, crop and resize them and hand over whole uint8 batches
 (`experiments/data/imagenet.py`); nothing per image runs in the main process.
 
-Where the data comes from:
-  * fashion_mnist: `fashion_mnist_idx.FashionMnistIdx`, built from the four IDX
-    files in `manual_dir` (default: where Debian's dataset-fashion-mnist puts
-    them). Without them: TFDS's own `fashion_mnist` if already prepared, or
-    downloaded with it where TensorFlow is installed (its builder needs TF), or
-    else the original files fetched with urllib (checked against TFDS's SHA-256
-    sums) and built with our builder. If nothing works, DatasetNotFoundError
-    says how to get the files.
-  * cifar10, imagenet2012: TFDS's builders. Preparing with them needs
-    TensorFlow (they read files with tf.io.gfile); reading a prepared copy does
-    not. ImageNet needs ILSVRC2012_img_{train,val}.tar in `manual_dir`.
+Where the data comes from: `builders` (which prepares it where it can).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import os
 import re
 from typing import Any, Iterator, Optional
@@ -49,8 +38,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from experiments.data import fashion_mnist_idx
+from experiments.data import builders
 from experiments.data import imagenet
+# Raised by get_dataset, and named in its errors: this module's names too.
+from experiments.data.builders import DatasetNotFoundError, IMAGENET_TARS  # noqa: F401
 
 # (mean, std) per channel, of images scaled to [0, 1].
 NORMALIZATION = {
@@ -58,16 +49,7 @@ NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 _READ_CHUNK = 4096  # examples per __getitems__ call while filling the cache
-
-
-class DatasetNotFoundError(FileNotFoundError):
-  """The dataset is not prepared and cannot be prepared here; the message says how."""
-
-
-def _tensorflow_available() -> bool:
-  return importlib.util.find_spec("tensorflow") is not None
 
 
 # ----------------------------------------------------------------- sources
@@ -156,7 +138,7 @@ class Dataset:
 
   def steps_per_epoch(self, batch_size: int) -> int:
     """Full global batches per epoch; the remainder of the shuffled split is dropped."""
-    return self.train_size // batch_size
+    return _full_batches(self.train_size, batch_size)
 
   def train_batches(self, batch_size: int, epoch: int, seed: int,
                     augment: Optional[bool] = None) -> Iterator[dict]:
@@ -252,20 +234,10 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     fashion_mnist_idx.BadIdxFileError: a Fashion-MNIST IDX file is corrupt.
     ValueError: an unknown dataset name.
   """
-  name = config.get("name", "fashion_mnist")
-  data_dir = config.get("data_dir", None) or None  # "" (e.g. an empty flag) = default
-  manual_dir = config.get("manual_dir", None)
+  name, builder = builders.builder(config)
   train_split = config.get("train_split", "train")
   test_split = config.get("test_split", "test")
   augment = bool(config.get("augment", False))
-  if name == "fashion_mnist":
-    builder = _fashion_mnist_builder(data_dir, manual_dir)
-  elif name == "cifar10":
-    builder = _official_builder("cifar10", data_dir, None)
-  elif name == "imagenet2012":
-    builder = _official_builder("imagenet2012", data_dir, manual_dir)
-  else:
-    raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(NORMALIZATION)}")
   num_classes = builder.info.features["label"].num_classes
 
   if name == "imagenet2012":
@@ -286,6 +258,22 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
   return Dataset(name=name, num_classes=num_classes, image_shape=image_shape,
                  train_size=len(train), test_size=len(test), augment=augment,
                  train_source=train, test_source=test)
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, batch_size: int) -> int:
+  """`get_dataset(config).steps_per_epoch(batch_size)`, from the split's size alone.
+
+  Reads the prepared dataset's metadata (preparing it first if need be), not
+  its examples.
+  """
+  _, builder = builders.builder(config)
+  split = config.get("train_split", "train")
+  return _full_batches(builder.info.splits[split].num_examples, batch_size)
+
+
+def _full_batches(examples: int, batch_size: int) -> int:
+  """Full global batches per epoch; the remainder of the shuffled split is dropped."""
+  return examples // batch_size
 
 
 def _load_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +297,7 @@ def _load_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
   labels = np.empty((n,), np.int32)
   for start in range(0, n, _READ_CHUNK):
     keys = list(range(start, min(start + _READ_CHUNK, n)))
-    # __getitems__ is ~2.5x faster than one __getitem__ per record.
+    # One __getitems__ call per chunk: far fewer round trips than one __getitem__ per record.
     for i, example in zip(keys, source.__getitems__(keys)):
       images[i], labels[i] = example["image"], example["label"]
 
@@ -326,72 +314,3 @@ def _load_split(builder, split: str) -> tuple[np.ndarray, np.ndarray]:
       if os.path.exists(tmp):
         os.remove(tmp)
   return images, labels
-
-
-def _fashion_mnist_builder(data_dir: Optional[str], manual_dir: Optional[str]):
-  """A prepared Fashion-MNIST builder; see the module docstring for the order tried."""
-  manual_dir = manual_dir or fashion_mnist_idx.DEBIAN_DIR
-  own = fashion_mnist_idx.FashionMnistIdx(data_dir=data_dir, file_format="array_record")
-  if own.is_prepared():
-    # TFDS's download_and_prepare would only check it again: ~0.65 s a run.
-    return own
-  if fashion_mnist_idx.has_idx_files(manual_dir):
-    own.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir))
-    return own
-
-  logging.warning("Fashion-MNIST: no IDX files in %s; trying to download them", manual_dir)
-  official = tfds.builder("fashion_mnist", data_dir=data_dir, file_format="array_record")
-  download_dir = os.path.join(os.fspath(own.data_dir_root), "downloads", "manual",
-                              "fashion_mnist_idx")
-  try:
-    if official.is_prepared():
-      return official
-    if _tensorflow_available():
-      official.download_and_prepare()
-      return official
-    # TFDS's fashion_mnist builder reads the files with tf.io.gfile, so without
-    # TensorFlow fetch the same files (same SHA-256 checks) for our builder.
-    fashion_mnist_idx.download_idx_files(download_dir)
-  except Exception as e:  # pylint: disable=broad-except
-    raise DatasetNotFoundError(
-        f"Fashion-MNIST is not prepared in {own.data_dir_root}, there are no IDX files in "
-        f"manual_dir={manual_dir}, and downloading failed ({type(e).__name__}: {e}).\n"
-        f"{fashion_mnist_idx.HOW_TO_GET}") from e
-  own.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=download_dir))
-  return own
-
-
-def _official_builder(name: str, data_dir: Optional[str], manual_dir: Optional[str]):
-  """TFDS's `name` builder, prepared as array_record (downloading if need be)."""
-  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared():
-    return builder
-  if name == "imagenet2012":
-    manual_dir = manual_dir or os.path.join(os.fspath(builder.data_dir_root), "downloads",
-                                            "manual")
-    missing = [t for t in IMAGENET_TARS if not os.path.isfile(os.path.join(manual_dir, t))]
-    if missing:
-      raise DatasetNotFoundError(
-          f"imagenet2012 is not prepared in {builder.data_dir_root}, and manual_dir="
-          f"{manual_dir} lacks {', '.join(missing)}. Download {' and '.join(IMAGENET_TARS)} "
-          "from https://image-net.org (registration needed) into a folder DIR and pass "
-          "--config.dataset.manual_dir=DIR.")
-  how = ("prepare it where TensorFlow is installed (`tfds build "
-         f"{name} --file_format=array_record --data_dir=DIR`) and pass "
-         "--config.dataset.data_dir=DIR")
-  if not _tensorflow_available():
-    raise DatasetNotFoundError(
-        f"{name} is not prepared in {builder.data_dir_root}, and TFDS's {name} builder "
-        f"needs TensorFlow to prepare it (reading it does not): `pip install tensorflow`, "
-        f"or {how}.")
-  try:
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DatasetNotFoundError(
-        f"could not prepare {name} in {builder.data_dir_root} ({type(e).__name__}: {e}). "
-        f"It needs network access{' and the ImageNet tars' if manual_dir else ''}; or {how}."
-    ) from e
-  return builder

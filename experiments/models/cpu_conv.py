@@ -1,9 +1,8 @@
 """A stride-1 'VALID' convolution as one matrix product, for XLA:CPU.
 
-LeNet's train step on the CPU spent most of its time in XLA:CPU's convolutions
-and their gradients: the kernel gradient of LeNet's first conv (one input
-channel) alone took longer than PyTorch's whole backward pass. Matrix products
-are XLA:CPU's fast path, so on the CPU LeNet computes each conv as
+Matrix products are XLA:CPU's fast path, and its convolutions and their
+gradients are not (LeNet's first conv has one input channel, a shape XLA:CPU
+handles poorly), so `conv_general_dilated` computes each such conv as
 
     y = patches(x) @ kernel.reshape(kh * kw * c, f)
 
@@ -12,28 +11,29 @@ with constant indices: one pass over memory, faster here than concatenating
 kh * kw shifted slices). The kernel gradient is then `patches(x).T @ dy`, one
 more product on the same patches; the input gradient stays XLA's own
 (transposed) convolution, which beat both a scatter and a gather of the
-patches' gradient. Measured by `experiments.benchmarks.vs_pytorch`.
+patches' gradient. `experiments.benchmarks.vs_pytorch` measures it; the
+numbers are in the README.
 
 Mind x's producer: XLA fuses an elementwise producer into the gather and
 recomputes it for each of the kh * kw reads of every element (LeNet's pooling
-is a reduction, which it does not fuse there; `lax.optimization_barrier` did
+is a reduction, which it does not fuse there; `lax.optimization_barrier` does
 not prevent it).
 
 Same sums in another order: results agree with `lax.conv_general_dilated` to
-float32 rounding (about 1e-6 relative), not bit for bit.
+float32 rounding (about 1e-6 relative), not bit for bit. So whether a model
+uses it is part of its config (LeNet's `cpu_matmul_conv`), never decided from
+the host, and a run resumed on another host computes what it computed before.
 
 `conv_general_dilated` has `lax.conv_general_dilated`'s signature, so a model
 uses it through `nn.Conv(..., conv_general_dilated=conv_general_dilated)`:
 parameters, initializers and checkpoints are nn.Conv's. On other backends (GPU,
-TPU), on a CPU host that gives the process one core, and for any convolution
-that is not stride-1 'VALID' NHWC/HWIO without dilation or groups, it is
-`lax.conv_general_dilated` itself.
+TPU), and for any convolution that is not stride-1 'VALID' NHWC/HWIO without
+dilation or groups, it is `lax.conv_general_dilated` itself.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -114,28 +114,21 @@ def _is_plain_valid(x, kernel, window_strides, padding, lhs_dilation, rhs_dilati
           and feature_group_count == 1 and batch_group_count == 1)
 
 
-def _usable_cpus() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated`, computed by `conv_valid_matmul` where that is faster.
+  """`lax.conv_general_dilated`, computed by `conv_valid_matmul` on the CPU backend.
 
-  That is on the CPU backend (`jax.default_backend()` when traced) with two
-  or more CPUs to use, for a stride-1 'VALID' NHWC/HWIO convolution without
-  dilation or groups, at default precision and result type. Anything else is
-  passed to `lax.conv_general_dilated`. (LeNet's train step, 2-core machine:
-  74.7 ms with the products against 97.1 ms with XLA's convolution; the same
-  process pinned to one core: 104-129 ms against 93-111 ms, so there XLA's
-  convolution stays.)
+  That is where `jax.default_backend()` (when traced) is the CPU, for a
+  stride-1 'VALID' NHWC/HWIO convolution without dilation or groups, at
+  default precision and result type. Anything else, and every convolution on
+  GPU and TPU, is passed to `lax.conv_general_dilated`.
 
   Example:
     >>> conv = nn.Conv(20, (5, 5), padding="VALID",
     ...                conv_general_dilated=cpu_conv.conv_general_dilated)
   """
-  if (jax.default_backend() == "cpu" and _usable_cpus() >= 2 and precision is None
+  if (jax.default_backend() == "cpu" and precision is None
       and preferred_element_type is None
       and _is_plain_valid(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                           dimension_numbers, feature_group_count, batch_group_count)):

@@ -2,7 +2,7 @@
 
 The INQ paper starts from pretrained ImageNet models; this reads a torchvision
 ``state_dict`` from a local file (nothing is downloaded) into the variables of
-``models.ResNet18`` / ``models.ResNet50``, whose layouts are torchvision's:
+``cnn.ResNet18`` / ``cnn.ResNet50``, whose layouts are torchvision's:
 
   torchvision key                      Flax variable
   conv1.weight          [O, I, H, W] -> params/conv1/kernel        [H, W, I, O]
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.models import cnn as models
+from experiments.models import cnn
 
 ARCHS = ("resnet18", "resnet50")
 
@@ -48,7 +48,7 @@ _MAX_LISTED = 20  # keys listed per error group; a wrong file can have hundreds
 
 
 def load_torchvision_resnet(path: str, arch: str) -> dict:
-  """Flax variables of ``models.ResNet18``/``ResNet50`` from a torchvision file.
+  """Flax variables of ``cnn.ResNet18``/``ResNet50`` from a torchvision file.
 
   Args:
     path: a local ``.safetensors`` file (read with safetensors' numpy API, no
@@ -60,7 +60,7 @@ def load_torchvision_resnet(path: str, arch: str) -> dict:
 
   Returns:
     ``{'params': ..., 'batch_stats': ...}`` of float32 arrays for
-    ``models.get_model(arch, num_classes)``, where num_classes is the number of
+    ``cnn.get_model(arch, num_classes)``, where num_classes is the number of
     rows of ``fc.weight``.
 
   Raises:
@@ -118,6 +118,8 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: expected a .safetensors, .pth or .pt file")
   if not os.path.isfile(path):
     raise FileNotFoundError(path)
+  # safetensors and torch are optional dependencies, imported only for a file
+  # that needs them.
   if ext == ".safetensors":
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
     try:
@@ -190,7 +192,7 @@ def _check_arch(state: dict[str, np.ndarray], arch: str, path: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _flax_shapes(arch: str, num_classes: int) -> dict:
-  model = models.get_model(arch, num_classes)
+  model = cnn.get_model(arch, num_classes)
   # Shapes only: nothing is computed, and they do not depend on the input size.
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
                                            train=False))

@@ -19,10 +19,11 @@ import json
 
 import jax
 
-from experiments import checkpoints, models, steps, train
+from experiments import checkpoints, loops, models, recipe, steps
 from experiments.configs import sweep_fashion_mnist_resnet20
 from experiments.data import input_pipeline
-from inq_jax import quantize as inq
+from experiments.mesh import Devices
+from inq_jax import quantize
 
 
 def main():
@@ -35,17 +36,17 @@ def main():
 
   config = sweep_fashion_mnist_resnet20.get_config().experiment
   data = input_pipeline.get_dataset(config.dataset)
-  model = models.get_model(config.model, data.num_classes)
+  model = models.from_config(config, data.num_classes)
   template = models.init_variables(model, (1,) + tuple(data.image_shape), jax.random.key(0))
   variables = checkpoints.load_variables(args.baseline, {
       "params": template["params"], "batch_stats": template["batch_stats"]})
-  devices = steps.Devices()
+  devices = Devices()
   eval_step = steps.make_eval_step(model, devices, top5=False,
                                    normalization=data.normalization)
 
   def test(params, batch_stats):
-    batches = steps.test_batches(data, config.eval_batch_size, devices)
-    return steps.evaluate(eval_step, params, batch_stats, batches, devices)["accuracy"]
+    batches = loops.test_batches(data, config.eval_batch_size, devices)
+    return loops.evaluate(eval_step, params, batch_stats, batches, devices)["accuracy"]
 
   @jax.jit
   def bn_update(params, batch_stats, images):
@@ -59,8 +60,8 @@ def main():
   for bits, calibration in cells:
     c = config.copy_and_resolve_references()
     c.inq.bits, c.inq.calibration, c.inq.portions = bits, calibration, (1.0,)
-    quantized, _ = inq.advance(variables["params"],
-                               inq.init(variables["params"], train.inq_config(c)))
+    quantized, _ = quantize.advance(variables["params"],
+                                    quantize.init(variables["params"], recipe.inq_config(c)))
     stats = variables["batch_stats"]
     stale = test(quantized, stats)
     for i, batch in enumerate(data.train_batches(128, 0, 7, augment=False)):

@@ -129,9 +129,7 @@ def target_checks(summary: dict, seeds: Optional[dict] = None) -> list:
 
 
 def _plot_bits(summary, path, model="LeNet"):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   if "fp32" in summary:
     m, s = 100 * summary["fp32"]["mean"], 100 * summary["fp32"]["std"]
@@ -160,9 +158,7 @@ def _plot_bits(summary, path, model="LeNet"):
 
 
 def _plot_phases(details, path):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = reporting.pyplot()
   fig, ax = plt.subplots(figsize=(6.5, 4))
   for kind, by_bits in sorted(details["phases"].items()):
     for bits, c in sorted(by_bits.items(), key=lambda kv: -int(kv[0])):
@@ -330,7 +326,7 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       f"{e.weight_decay}",
       f"- fp32 baseline: {e.baseline.epochs:g} epochs, lr {e.baseline.learning_rate} "
       f"({e.baseline.lr_schedule})",
-      f"- every INQ phase: {e.inq.epochs_per_phase:g} epochs of retraining, lr "
+      f"- every INQ phase: {e.inq.epochs:g} epochs of retraining, lr "
       f"{e.inq.learning_rate} ({e.inq.lr_schedule}, restarted each phase), fresh optimizer; "
       f"the last phase (portion 1) has {e.inq.final_finetune_epochs:g} epochs"
       + (f" ({ft:g} in the final-finetune cells: every kernel frozen, biases and BN "

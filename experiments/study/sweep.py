@@ -43,9 +43,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from experiments import checkpoints, reporting, steps, train
+from experiments import checkpoints, optimizer, recipe, reporting, train
 from experiments.data import input_pipeline
 from experiments.study import report as sweep_report
+from inq_jax import quantize
 
 KINDS = ("fp32", "ptq", "ptq_mse", "inq", "random", "channel", "inq_mse", "inq_ft",
          "inq_mse_ft", "tail", "tail_mse")  # a seed's cells run in this order
@@ -72,8 +73,10 @@ def check_sweep_config(sc: ml_collections.ConfigDict) -> None:
     raise ValueError(f"seeds must be distinct and non-empty, got {tuple(sc.seeds)}")
   for key in BITS_KEYS.values():
     for b in sc.get(key, ()):
-      if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-        raise ValueError(f"{key}: bits must be ints in 2..8, got {b!r}")
+      try:
+        quantize.INQConfig(bits=b)  # the library's own rule for a bit width
+      except (TypeError, ValueError) as e:
+        raise type(e)(f"{key}: {e}") from None
   retrained = {b for kind, key in BITS_KEYS.items() if kind not in ("ptq", "ptq_mse")
                for b in sc.get(key, ())}
   for b in sorted(retrained):
@@ -127,41 +130,14 @@ def cell_config(sc, cell: Cell, workdir: str) -> ml_collections.ConfigDict:
   return c
 
 
-def claim_sweep(workdir: str, sc: ml_collections.ConfigDict) -> None:
-  """Like `checkpoints.claim_workdir`, but the lists of cells may change.
-
-  Adding bit widths or kinds to a finished study reruns only the new cells
-  (each cell still refuses a changed config of its own); anything else that
-  differs (the experiment, seeds, schedules) is refused.
-  """
-  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
-  fixed = lambda d: {k: v for k, v in d.items() if k not in BITS_KEYS.values()}
-  new = checkpoints.config_dict(sc)
-  if os.path.exists(path):
-    old = _load_json(path, {})
-    diff = checkpoints.config_diff(fixed(old), fixed(new))
-    if diff:
-      raise ValueError(
-          f"{workdir} holds a study with a different config; refusing to mix them. Use a "
-          f"new --workdir, or rerun with the old config. Differences (old -> new): "
-          + "; ".join(diff[:10]))
-    if old == new:
-      return
-  os.makedirs(workdir, exist_ok=True)
-  reporting.atomic_write_json(path, new)
-
-
 def baseline_dir(workdir: str, seed: int) -> str:
   return os.path.join(workdir, Cell(seed, "fp32", 0).name)
 
 
 def cell_steps(config, steps_per_epoch: int) -> int:
-  """Train steps a cell runs (for the overall progress bar)."""
-  if config.init_checkpoint:
-    phases = len(config.inq.portions) - 1
-    return (phases * sum(steps.epoch_steps(config.inq.epochs_per_phase, steps_per_epoch))
-            + sum(steps.epoch_steps(config.inq.final_finetune_epochs, steps_per_epoch)))
-  return sum(steps.epoch_steps(config.baseline.epochs, steps_per_epoch))
+  """Train steps a cell runs (for the overall progress bar): every segment of its plan."""
+  return sum(sum(optimizer.epoch_steps(segment.epochs, steps_per_epoch))
+             for segment in recipe.plan(config))
 
 
 def _load_json(path: str, default):
@@ -187,20 +163,21 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
     probe = copy.deepcopy(config)
     probe.init_checkpoint = None  # written later, by the seed's fp32 cell
     try:
-      train.check_config(probe)
+      recipe.check_config(probe)
     except (ValueError, TypeError) as e:
       raise type(e)(f"sweep cell {cell.name}: {e}") from e
-  claim_sweep(workdir, sc)
+  # Adding bit widths or kinds to a finished study reruns only the new cells
+  # (each cell still refuses a changed config of its own).
+  checkpoints.claim_workdir(workdir, sc, what="study", may_change=BITS_KEYS.values())
   report_dir = report_dir or sc.report_dir
 
-  spe = input_pipeline.get_dataset(sc.experiment.dataset).steps_per_epoch(
-      sc.experiment.batch_size)
-  steps = {cell: cell_steps(configs[cell], spe) for cell in all_cells}
+  per_epoch = input_pipeline.steps_per_epoch(sc.experiment.dataset, sc.experiment.batch_size)
+  counts = {cell: cell_steps(configs[cell], per_epoch) for cell in all_cells}
   book_path = os.path.join(workdir, CELLS_FILE)
   book = _load_json(book_path, {})
   done = {cell for cell in all_cells if _results(os.path.join(workdir, cell.name))}
-  bar = reporting.progress(sum(steps.values()), "sweep")
-  bar.update(sum(steps[c] for c in done))
+  bar = reporting.progress_bar(sum(counts.values()), "sweep")
+  bar.update(sum(counts[c] for c in done))
   start_all = last_report = time.perf_counter()
 
   for i, cell in enumerate(all_cells):
@@ -230,11 +207,11 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
     # The report while a long study runs, so it can be read; at most once a
     # minute (each write redraws the plots, about a second), and always at the end.
     if time.perf_counter() - last_report >= REPORT_EVERY_SECONDS:
-      sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, all_cells, book))
+      sweep_report.write(sc, workdir, report_dir, _collect(workdir, all_cells, book))
       last_report = time.perf_counter()
   bar.close()
   summary = sweep_report.write(sc, workdir, report_dir,
-                               _collect(sc, workdir, all_cells, book))
+                               _collect(workdir, all_cells, book))
   print(f"report: {os.path.join(report_dir, sweep_report.RESULTS_MD)}", flush=True)
   return summary
 
@@ -245,14 +222,13 @@ def report(sc: ml_collections.ConfigDict, workdir: str, *,
   check_sweep_config(sc)
   book = _load_json(os.path.join(workdir, CELLS_FILE), {})
   report_dir = report_dir or sc.report_dir
-  summary = sweep_report.write(sc, workdir, report_dir, _collect(sc, workdir, cells(sc), book))
+  summary = sweep_report.write(sc, workdir, report_dir, _collect(workdir, cells(sc), book))
   print(f"report: {os.path.join(report_dir, sweep_report.RESULTS_MD)}", flush=True)
   return summary
 
 
-def _collect(sc, workdir: str, all_cells, book: dict) -> dict:
+def _collect(workdir: str, all_cells, book: dict) -> dict:
   """{cell: (results, seconds)} of the finished cells."""
-  del sc
   out = {}
   for cell in all_cells:
     r = _results(os.path.join(workdir, cell.name))

@@ -18,24 +18,25 @@ import os
 import re
 
 import numpy as np
+import orbax.checkpoint as ocp
 
-from inq_jax import quantize as inq
+from inq_jax import quantize
 from inq_jax.tree import leaves_with_paths
 
 
 def rows(params, bits_list, calibrations=("absmax", "mse")) -> list:
-  """[dict] per (leaf, bits, calibration), leaves as `inq.INQConfig` selects them."""
+  """[dict] per (leaf, bits, calibration), leaves as `quantize.INQConfig` selects them."""
   out = []
   for path, leaf in leaves_with_paths(params)[0]:
-    if not inq.INQConfig().selects(path):
+    if not quantize.INQConfig().selects(path):
       continue
     w = np.asarray(leaf, np.float32)
     for bits in bits_list:
       for calibration in calibrations:
-        config = inq.INQConfig(bits=bits, calibration=calibration, portions=(1.0,),
+        config = quantize.INQConfig(bits=bits, calibration=calibration, portions=(1.0,),
                                include="^" + re.escape(path) + "$")
-        n1, n2 = inq.init(_single(path, w), config).bounds(path)
-        q = np.asarray(inq.round_to_pow2(w, n1, n2))
+        n1, n2 = quantize.init(_single(path, w), config).bounds(path)
+        q = np.asarray(quantize.round_to_pow2(w, n1, n2))
         out.append({"path": path, "bits": bits, "calibration": calibration,
                     "tail": float(np.abs(w).max() / w.std()), "n1": int(n1),
                     "zero_fraction": float(np.mean(q == 0)),
@@ -66,7 +67,6 @@ def main():
                       help="an orbax checkpoint of {'params', ...}, e.g. WORKDIR/baseline_variables")
   parser.add_argument("--bits", default="3,2", help="comma-separated bit widths")
   args = parser.parse_args()
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   variables = ocp.StandardCheckpointer().restore(os.path.abspath(args.variables))
   bits = [int(b) for b in args.bits.split(",")]
   print(markdown(rows(variables["params"], bits)))

@@ -4,7 +4,8 @@
       [--output=lenet_5bit.inq]
 
 Reads WORKDIR/final/ (written by the training script at the end of every run,
-`checkpoints.save_final`), writes the params (every quantized kernel as b-bit
+`checkpoints.save_final`) and writes it with the trainer's own export,
+`checkpoints.export_model`: the params (every quantized kernel as b-bit
 codes, see `inq_jax.export`) and the batch statistics, and prints the size
 statistics as one JSON line. The default output is WORKDIR/model.inq, the file
 `python -m inq_jax.verify_file WORKDIR/model.inq` checks and that
@@ -19,6 +20,8 @@ import json
 
 from absl import app
 from absl import flags
+
+from experiments import checkpoints
 
 
 def define_flags():
@@ -35,8 +38,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from experiments import checkpoints  # pylint: disable=g-import-not-at-top
-  stats = checkpoints.export_run(FLAGS.workdir, FLAGS.output)
+  variables, inq_state = checkpoints.load_final(FLAGS.workdir)
+  stats = checkpoints.export_model(FLAGS.output or checkpoints.export_path(FLAGS.workdir),
+                                   variables, inq_state)
   if stats is not None:
     print(json.dumps(stats, sort_keys=True), flush=True)
 

@@ -7,7 +7,7 @@ The model's test split (the config's, as `experiments.tools.evaluate` reads it) 
 through two forward passes of the same exported weights (every conv/dense
 weight 0 or +-2^k, loaded with `inq_jax.export`):
 
-  float  the Flax `LeNet` applied in float32 (what training evaluates);
+  float  the config's Flax `LeNet` applied in float32 (what training evaluates);
   int    an integer-only LeNet built from `inq_jax.shift`: the input images are
          rounded to fixed point with F = --frac_bits fractional bits
          (`quantize_activations`), each conv/dense is `shift_conv`/`shift_dense`
@@ -84,11 +84,16 @@ import os
 import time
 from typing import Dict, NamedTuple, Optional
 
+import jax
 import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import models
+from experiments.data import input_pipeline
+from inq_jax import export
+from inq_jax import quantize
 from inq_jax import shift
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
@@ -132,8 +137,6 @@ def lenet_layers(weights) -> Dict[str, Layer]:
     NotLeNetError if the file's params are not LeNet's or a kernel is not quantized;
     ValueError (from `inq_jax.export`) if the file is damaged.
   """
-  from inq_jax import export  # pylint: disable=g-import-not-at-top
-  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
   params, _ = export.load_with_extras(weights)
   if sorted(params) != sorted(LAYERS) or any(
       not isinstance(params[n], dict) or sorted(params[n]) != ["bias", "kernel"]
@@ -152,7 +155,7 @@ def lenet_layers(weights) -> Dict[str, Layer]:
     if q is None:
       raise NotLeNetError(f"{weights}: {name}/kernel is stored as floats, not as INQ "
                           "codes; the integer path needs every kernel quantized")
-    n2 = inq.n2_from_n1(q.n1, q.bits)
+    n2 = quantize.n2_from_n1(q.n1, q.bits)
     codes = shift.to_codes(kernel, q.n1, n2)
     out[name] = Layer(codes, np.asarray(params[name]["bias"], np.float32),
                       shift.from_codes(codes))
@@ -160,7 +163,6 @@ def lenet_layers(weights) -> Dict[str, Layer]:
 
 
 def _layout(params) -> str:
-  import jax  # pylint: disable=g-import-not-at-top
   return str(jax.tree.map(lambda a: tuple(np.shape(a)), params))
 
 
@@ -174,7 +176,7 @@ def float_params(layers: Dict[str, Layer]) -> dict:
 
 
 def _pool(x):
-  """2x2 max pool, stride 2, NHWC (LeNet's `_max_pool_2x2`), any dtype."""
+  """2x2 max pool, stride 2, NHWC, any dtype (LeNet's, `lenet.select_max_pool_2x2`)."""
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
@@ -258,11 +260,8 @@ def error_bound(layers: Dict[str, Layer], frac_bits: int) -> float:
   return float(e.max())
 
 
-def float_forward_fn(num_classes: int):
-  """A jitted float32 `LeNet` apply: f(params, images) -> logits."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from experiments import models  # pylint: disable=g-import-not-at-top
-  model = models.LeNet(num_classes=num_classes)
+def float_forward_fn(model):
+  """The jitted float32 apply of a Flax `LeNet`: f(params, images) -> logits."""
   return jax.jit(lambda params, x: model.apply({"params": params}, x))
 
 
@@ -311,7 +310,7 @@ def _int_and_emulated(layers, images, frac_bits):
   return shift.dequantize(logits, bits), emulated, sums_exact
 
 
-def compare_batches(layers: Dict[str, Layer], batches, frac_bits: int,
+def compare_batches(layers: Dict[str, Layer], batches, frac_bits: int, model,
                     workers: Optional[int] = None) -> dict:
   """Statistics (the module doc's keys, less weights/seconds) over (images, labels) pairs.
 
@@ -319,11 +318,11 @@ def compare_batches(layers: Dict[str, Layer], batches, frac_bits: int,
     layers: from `lenet_layers`.
     batches: an iterable of (images float [B, 28, 28, 1], labels int [B]).
     frac_bits: F.
+    model: the Flax LeNet of the float pass (the config's, as training built it).
     workers: threads for the integer pass (default: os.cpu_count()).
   """
   frac_bits = int(frac_bits)
-  num_classes = layers["fc2"].kernel.shape[-1]
-  forward = float_forward_fn(num_classes)
+  forward = float_forward_fn(model)
   params = float_params(layers)
   totals = _Totals(frac_bits)
   with concurrent.futures.ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
@@ -336,18 +335,6 @@ def compare_batches(layers: Dict[str, Layer], batches, frac_bits: int,
       totals.add(*future.result(), np.asarray(float_logits), labels)
   out = totals.result()
   out["logit_error_bound"] = error_bound(layers, frac_bits)
-  return out
-
-
-def compare_arrays(weights, images, labels, frac_bits: int = 8, batch_size: int = 250,
-                   workers: Optional[int] = None) -> dict:
-  """`compare_batches` of the exported LeNet `weights` on in-memory arrays."""
-  layers = lenet_layers(weights)
-  images, labels = np.asarray(images), np.asarray(labels)
-  batches = ((images[i:i + batch_size], labels[i:i + batch_size])
-             for i in range(0, len(images), batch_size))
-  out = compare_batches(layers, batches, frac_bits, workers)
-  out["weights"] = str(weights)
   return out
 
 
@@ -376,7 +363,6 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
     raise ValueError(f"--limit must be >= 1, got {limit}")
   start = time.perf_counter()
   layers = lenet_layers(weights)
-  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.get_dataset(config.dataset)
   if tuple(data.image_shape) != (28, 28, 1):
     raise NotLeNetError(f"LeNet needs 28x28x1 images; {config.dataset.name} has "
@@ -385,7 +371,9 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
   if classes != data.num_classes:
     raise NotLeNetError(f"{weights} has {classes} classes, {config.dataset.name} has "
                         f"{data.num_classes}")
-  out = compare_batches(layers, _test_batches(data, batch_size, limit), frac_bits, workers)
+  model = models.from_config(config, classes)
+  out = compare_batches(layers, _test_batches(data, batch_size, limit), frac_bits, model,
+                        workers)
   out["weights"] = str(weights)
   out["seconds"] = round(time.perf_counter() - start, 2)
   return out

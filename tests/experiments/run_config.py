@@ -8,7 +8,7 @@ WORKDIR/final_params.npz. With KILL_AT_SAVE=N in the environment the process
 SIGKILLs itself on its N-th checkpoint save, while orbax is still writing it.
 
 Multi-process (optional): with the override distributed=True it calls
-experiments.main.initialize_distributed first, which reads JAX_COORDINATOR_ADDRESS,
+experiments.distributed.initialize first, which reads JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES and JAX_PROCESS_ID from the environment; each process then
 writes its own masks.p{I}.npz and final_params.p{I}.npz (I = process index).
 """
@@ -46,7 +46,7 @@ def die_on_save(kill_at: int) -> None:
 
 def main(config_module, workdir, data_dir, *overrides):
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import checkpoints, train  # pylint: disable=g-import-not-at-top
+  from experiments import checkpoints, recipe, train  # pylint: disable=g-import-not-at-top
   from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{config_module}").get_config()
   config.dataset.data_dir = data_dir
@@ -58,8 +58,8 @@ def main(config_module, workdir, data_dir, *overrides):
       node = node[p]
     node[leaf] = value if node[leaf] is None else type(node[leaf])(value)
   if config.get("distributed", False):
-    from experiments import main as main_module  # pylint: disable=g-import-not-at-top
-    main_module.initialize_distributed()
+    from experiments import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize()
   suffix = f".p{jax.process_index()}" if jax.process_count() > 1 else ""
 
   die_on_save(int(os.environ.get("KILL_AT_SAVE", "0")))
@@ -71,7 +71,7 @@ def main(config_module, workdir, data_dir, *overrides):
       for path, m in leaves_with_paths(info["inq_state"].masks)[0]:
         if np.ndim(m):
           masks[f"phase{info['phase']}/{path}"] = np.asarray(m)
-      if info["phase"] == train.inq_config(config).num_steps - 1:
+      if info["phase"] == recipe.inq_config(config).num_steps - 1:
         np.savez(os.path.join(workdir, f"final_params{suffix}.npz"),
                  **{p: np.asarray(x) for p, x in leaves_with_paths(info["params"])[0]})
 

@@ -8,9 +8,10 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from experiments.data import builders
 from experiments.data import input_pipeline as ip
 from experiments.data import synthetic_imagenet
-from experiments import train
+from experiments import recipe, train
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
@@ -34,7 +35,7 @@ def load(name):
 def test_config_is_valid_and_documented(name):
   module = load(name)
   config = module.get_config()
-  train.inq_config(config)  # validates the INQ part
+  recipe.inq_config(config)  # validates the INQ part
   doc = module.__doc__
   assert "experiments.main" in doc and f"configs/{name}.py" in doc, "command missing"
   assert "Expected result" in doc or "expected result" in doc.lower()
@@ -50,7 +51,7 @@ def mock_tfds(monkeypatch, tmp_path):
   # TFDS 4.9's mock `__getitems__` receives its keys in the wrong argument.
   monkeypatch.setattr(mocking, "_getitems",
                       lambda keys, generator, serialized=False: [generator[k] for k in keys])
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: True)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: True)
   for tar in ip.IMAGENET_TARS:
     (tmp_path / tar).touch()
   return tmp_path
@@ -71,7 +72,7 @@ def test_full_run_on_mock_data(name, mock_tfds, tmp_path):
   config.dataset.image_size = 64
   config.batch_size = config.eval_batch_size = 2 * jax.device_count()
   config.baseline.epochs = 1
-  config.inq.epochs_per_phase = 1
+  config.inq.epochs = 1
   config.max_checkpoints_to_keep = 1
   if name.startswith("imagenet_"):
     # Real JPEG bytes through the stock worker processes (TFDS's mocks hand out
@@ -94,11 +95,11 @@ def test_lowbit_recipe_stays_within_the_retraining_budget(bits):
   # schedule for the bit width (16 epochs at 3 bits, 20 at 2 bits).
   module = load("fashion_mnist_lenet_lowbit")
   config = module.get_config(bits)
-  train.inq_config(config)
+  recipe.inq_config(config)
   portions = tuple(config.inq.portions)
   assert config.inq.bits == int(bits) and portions == module.PORTIONS[int(bits)]
   assert config.inq.calibration == "mse"
-  retraining = (len(portions) - 1) * config.inq.epochs_per_phase \
+  retraining = (len(portions) - 1) * config.inq.epochs \
       + config.inq.final_finetune_epochs
   assert retraining == {"3": 16, "2": 20}[bits]
 

@@ -48,7 +48,7 @@ BUCKET = "inq-test"
 # 4 phase 2 quantized (portion 1: nothing left to retrain), 5 done.
 OVERRIDES = {"dataset.train_split": "train[:1024]", "dataset.test_split": "test[:300]",
              "batch_size": 64, "eval_batch_size": 100, "baseline.epochs": 1,
-             "inq.portions": (0.5, 1.0), "inq.epochs_per_phase": 1}
+             "inq.portions": (0.5, 1.0), "inq.epochs": 1}
 KILL_AT_SAVE = 3
 
 
@@ -352,7 +352,8 @@ def test_gs_workdir_killed_mid_phase_resumes_bit_identically(gcs, fmnist_data_di
       local[0].wait()
   rc, output = _finish(_start(gcs, workdir, fmnist_data_dir, tmp_path / "out_gcs"))
   assert rc == 0, output[-3000:]
-  assert "resuming at stage inq, phase 0, epoch 0" in output, output[-3000:]
+  # Save 2, phase 1 quantized (TrainState.phase counts the portions applied), nothing trained.
+  assert "resuming at stage inq, phase 1, epoch 0" in output, output[-3000:]
 
   want = dict(np.load(tmp_path / "out_local" / "final.npz"))
   _assert_same(want, dict(np.load(tmp_path / "out_gcs" / "final.npz")), "gs:// final/")

@@ -35,7 +35,7 @@ def test_resnet18_starts_from_the_torchvision_weights_and_quantizes_them(tmp_pat
   config.dataset.image_size = 32
   config.init_torchvision = weights
   config.batch_size = config.eval_batch_size = 2 * jax.device_count()
-  config.inq.epochs_per_phase = 0
+  config.inq.epochs = 0
   workdir = str(tmp_path / "work")
   results = train.train_and_evaluate(config, workdir)
 

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import checkpoints, models, reporting, train
-from inq_jax import quantize as inq
+from experiments import checkpoints, loops, models, reporting, train
 from experiments.configs import smoke
+from experiments.data import input_pipeline
+from experiments.mesh import Devices
+from inq_jax import quantize as inq
 from inq_jax.tree import leaves_with_paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,7 +28,7 @@ def tiny_config(data_dir, **overrides):
   c.batch_size = 64
   c.eval_batch_size = 100
   c.baseline.epochs = 2
-  c.inq.epochs_per_phase = 1
+  c.inq.epochs = 1
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
@@ -162,7 +164,7 @@ def _data_dir(workdir):
 
 TINY_FLAGS = ("--config.dataset.train_split=train[:1024]", "--config.dataset.test_split=test[:300]",
               "--config.batch_size=64", "--config.eval_batch_size=100",
-              "--config.baseline.epochs=2", "--config.inq.epochs_per_phase=1")
+              "--config.baseline.epochs=2", "--config.inq.epochs=1")
 
 
 def test_finished_run_reprints_without_training(finished):
@@ -242,7 +244,7 @@ def test_bad_config_fails_before_writing(tmp_path, fmnist_data_dir):
     ({"eval_batch_size": -5}, "eval_batch_size must be a positive int"),
     ({"batch_size": 4096}, r"batch_size=4096 is larger than the train split \(1024"),
     ({"init_checkpoint": "/nonexistent/ckpt"}, "init_checkpoint /nonexistent/ckpt does not exist"),
-    ({"inq.epochs_per_phase": -1.0}, "inq.epochs_per_phase must be a number of epochs >= 0"),
+    ({"inq.epochs": -1.0}, "inq.epochs must be a number of epochs >= 0"),
 ])
 def test_bad_input_claims_nothing_and_the_fixed_command_runs(tmp_path, fmnist_data_dir,
                                                              override, error):
@@ -283,22 +285,20 @@ def test_from_init_checkpoint_with_carry_and_final_finetune(finished, tmp_path):
 
 def test_train_loss_of_a_phase_without_training_is_on_a_fixed_sample(fmnist_data_dir,
                                                                      monkeypatch):
-  from experiments import steps  # pylint: disable=g-import-not-at-top
-  from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top
   data = input_pipeline.get_dataset(tiny_config(fmnist_data_dir).dataset)
-  monkeypatch.setattr(steps, "TRAIN_LOSS_EXAMPLES", 250)
-  devices = steps.Devices()
-  got = list(steps.train_split_eval_batches(data, 100, devices, seed=3))
+  monkeypatch.setattr(loops, "TRAIN_LOSS_EXAMPLES", 250)
+  devices = Devices()
+  got = list(loops.train_split_eval_batches(data, 100, devices, seed=3))
   # whole batches until at least 250 examples: 3 of 100, all counted
   assert [len(b["label"]) for b in got] == [100] * 3 and all(b["mask"].all() for b in got)
   # the first batches of the split's seeded shuffle, not augmented: the same twice
-  again = list(steps.train_split_eval_batches(data, 100, devices, seed=3))
+  again = list(loops.train_split_eval_batches(data, 100, devices, seed=3))
   assert all((a["image"] == b["image"]).all() for a, b in zip(got, again))
   full = list(data.train_batches(100, 0, 3, augment=False))[:3]
   assert all((a["image"] == b["image"]).all() for a, b in zip(got, full))
   # a split smaller than the sample is evaluated whole
-  monkeypatch.setattr(steps, "TRAIN_LOSS_EXAMPLES", 10**6)
-  assert sum(len(b["label"]) for b in steps.train_split_eval_batches(
+  monkeypatch.setattr(loops, "TRAIN_LOSS_EXAMPLES", 10**6)
+  assert sum(len(b["label"]) for b in loops.train_split_eval_batches(
       data, 100, devices, seed=3)) == 1000
 
 
@@ -308,8 +308,8 @@ def test_pruning_stage_then_inq_resumes_bit_identically(finished, tmp_path):
   config = tiny_config(_data_dir(workdir), **{
       "init_checkpoint": str(workdir / "baseline_variables"),
       "prune.sparsity": ((r"conv1/", 0.3), (r".*", 0.8)), "prune.steps": 2,
-      "prune.epochs_per_step": 0.5, "inq.portions": (0.5, 0.75, 1.0),
-      "inq.epochs_per_phase": 0.5})
+      "prune.epochs": 0.5, "inq.portions": (0.5, 0.75, 1.0),
+      "inq.epochs": 0.5})
   rec = Recorder()
   out = train.train_and_evaluate(config, str(tmp_path / "a"), callback=rec)
   assert rec.steps == 2 * 8 + 2 * 8  # 0.5 epochs (8 steps) per pruning step and phase

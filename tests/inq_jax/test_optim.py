@@ -151,3 +151,86 @@ def test_donating_opt_state_keeps_callers_masks():
   step = jax.jit(lambda p, s: tx.update(p, s), donate_argnums=1)
   jax.block_until_ready(step(params, tx.init(params)))
   assert int(jnp.sum(state.masks["d"]["kernel"])) == 8  # not deleted by the donation
+
+
+# ------------------------------------------- masks passed with every update
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_maskless_freeze_takes_the_masks_per_update_and_matches_the_stateful_one(name):
+  """elementwise_freeze() in a named_chain, masks as an extra argument: the same updates."""
+  model, (x, y) = MLP(), data()
+  params = model.init(jax.random.key(1), x)["params"]
+
+  def loss_fn(p):
+    return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x),
+                                                           y).mean()
+
+  state = inq.init(params, inq.INQConfig(bits=4, portions=(0.5, 1.0)))
+  params, state = inq.advance(params, state)
+  stateful = optax.chain(OPTIMIZERS[name](), inq_jax.optim.elementwise_freeze(state.masks))
+  maskless = optax.named_chain(("base", OPTIMIZERS[name]()),
+                               ("freeze", inq_jax.optim.elementwise_freeze()))
+  assert isinstance(maskless, optax.GradientTransformationExtraArgs)
+  opt_state = maskless.init(params)
+  assert opt_state["freeze"] == inq_jax.optim.MasklessFreezeState()
+  assert not jax.tree.leaves(opt_state["freeze"])  # nothing of the masks in the state
+
+  @jax.jit
+  def step_stateful(p, s):
+    updates, s = stateful.update(jax.grad(loss_fn)(p), s, p)
+    return optax.apply_updates(p, updates), s
+
+  @jax.jit
+  def step_maskless(p, s, masks):
+    updates, s = maskless.update(jax.grad(loss_fn)(p), s, p, frozen_masks=masks)
+    return optax.apply_updates(p, updates), s
+
+  a, sa = params, stateful.init(params)
+  b, sb = params, opt_state
+  for _ in range(5):
+    a, sa = step_stateful(a, sa)
+    b, sb = step_maskless(b, sb, state.masks)
+  m = np.asarray(state.masks["Dense_0"]["kernel"])
+  before = np.asarray(params["Dense_0"]["kernel"])
+  got = np.asarray(b["Dense_0"]["kernel"])
+  assert before[m].tobytes() == got[m].tobytes()  # frozen: bit-identical
+  assert np.any(before[~m] != got[~m])            # the float weights trained
+  for (path, u), (_, v) in zip(*(jax.tree_util.tree_flatten_with_path(t)[0] for t in (a, b))):
+    assert np.asarray(u).tobytes() == np.asarray(v).tobytes(), path
+
+
+def test_maskless_freeze_needs_matching_masks_with_every_update():
+  tx = inq_jax.optim.elementwise_freeze()
+  params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+  s = tx.init(params)
+  with pytest.raises(ValueError, match=r"built without masks.*frozen_masks=masks"):
+    tx.update(params, s, params)
+  with pytest.raises(ValueError, match="elementwise_freeze: the mask's tree does not match"):
+    tx.update(params, s, params, frozen_masks={"a": False})
+  with pytest.raises(ValueError, match=r"a: params have shape \(2,\) but the mask has shape"):
+    tx.update(params, s, params, frozen_masks={"a": jnp.zeros(3, bool), "b": False})
+  # Python False for a leaf never frozen; NaN updates of frozen weights are exact zeros;
+  # the other extra arguments of a chain are someone else's.
+  upd, s2 = tx.update({"a": jnp.array([jnp.nan, 1.0]), "b": jnp.ones(3)}, s, params,
+                      frozen_masks={"a": jnp.array([True, False]), "b": False}, value=1.0)
+  np.testing.assert_array_equal(upd["a"], [0.0, 1.0])
+  np.testing.assert_array_equal(upd["b"], [1.0] * 3)
+  assert s2 == s
+
+
+def test_maskless_masks_are_arguments_not_constants():
+  params = {"d": {"kernel": jax.random.normal(jax.random.key(0), (1024, 1024))}}
+  state = inq.init(params, inq.INQConfig())
+  params, state = inq.advance(params, state)
+  tx = optax.chain(optax.sgd(0.1, momentum=0.9), inq_jax.optim.elementwise_freeze())
+
+  def step(p, s, masks):
+    updates, s = tx.update(jax.tree.map(jnp.ones_like, p), s, p, frozen_masks=masks)
+    return optax.apply_updates(p, updates), s
+
+  text = jax.jit(step).lower(params, tx.init(params), state.masks).as_text()
+  main = re.search(r"func\.func public @main\((.*?)\)\s*->", text, re.S).group(1)
+  assert main.count("tensor<1024x1024xi1>") == 1, main
+  assert not re.search(r"constant.*tensor<1024x1024xi1>", text)
+  assert not re.search(r'dense<"0x[0-9A-Fa-f]{256,}', text)

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
 from experiments import steps
+from experiments.data import builders
 from experiments.data import fashion_mnist_idx
 from experiments.data import imagenet
 from experiments.data import synthetic_imagenet
@@ -269,7 +270,7 @@ def _no_network(*args, **kwargs):
 
 @pytest.mark.parametrize("tensorflow", [False, True])
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch, tensorflow):
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: tensorflow)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: tensorflow)
   monkeypatch.setattr(urllib.request, "urlopen", _no_network)
   # With TensorFlow, TFDS's own builder would download: make that fail too.
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_network)
@@ -313,7 +314,7 @@ def test_missing_imagenet_tars_are_named(tmp_path):
 
 @pytest.mark.parametrize("tensorflow", [False, True])
 def test_unprepared_cifar10_error(tmp_path, monkeypatch, tensorflow):
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: tensorflow)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: tensorflow)
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", _no_network)
   with pytest.raises(ip.DatasetNotFoundError, match="network" if tensorflow else "TensorFlow"):
     ip.get_dataset(make_config(name="cifar10", data_dir=str(tmp_path)))
@@ -337,7 +338,7 @@ def mock_tfds(monkeypatch):
   monkeypatch.setattr(mocking, "_getitems",
                       lambda keys, generator, serialized=False: [generator[k] for k in keys])
   # The mocked download_and_prepare is a no-op; let the official builders reach it.
-  monkeypatch.setattr(ip, "_tensorflow_available", lambda: True)
+  monkeypatch.setattr(builders, "tensorflow_available", lambda: True)
 
   def mock(num_examples):
     return tfds.testing.mock_data(num_examples=num_examples)
@@ -485,3 +486,13 @@ def test_jpeg_bytes_decode_like_arrays():
                                 imagenet.train_image(image, 5, 64))
   np.testing.assert_array_equal(imagenet.eval_image(buf.getvalue(), 64),
                                 imagenet.eval_image(image, 64))
+
+
+def test_steps_per_epoch_reads_the_metadata_not_the_examples(fm_dir, monkeypatch):
+  """What the sweep counts its steps with: the Dataset's own count, without loading a split."""
+  config = make_config(name="fashion_mnist", data_dir=fm_dir, train_split="train[:1000]",
+                       test_split="test[:10]")
+  want = ip.get_dataset(config).steps_per_epoch(64)
+  monkeypatch.setattr(ip, "_load_split", lambda *args: pytest.fail("loaded a split"))
+  assert ip.steps_per_epoch(config, 64) == want == 1000 // 64
+  assert ip.steps_per_epoch(make_config(name="fashion_mnist", data_dir=fm_dir), 128) == 468

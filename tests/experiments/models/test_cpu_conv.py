@@ -1,4 +1,5 @@
-"""experiments.models.cpu_conv and LeNet's pooling: the CPU fast paths compute what they replace.
+"""experiments.models.cpu_conv and LeNet's pooling: the CPU fast paths compute what they replace,
+and only where the model's options (a config's `model_kwargs`) turn them on.
 
 References are independent: convolutions as float64 numpy sums over the
 kernel taps, and nn.Conv / nn.max_pool (XLA's own convolution and
@@ -13,7 +14,8 @@ import pytest
 from jax import lax
 
 from experiments import models
-from experiments.models import cnn, cpu_conv
+from experiments.configs import fashion_mnist_lenet, fashion_mnist_resnet20, smoke
+from experiments.models import cpu_conv, lenet
 
 
 def numpy_conv(x, w):
@@ -91,8 +93,7 @@ def conv_args(**overrides):
 
 @pytest.mark.parametrize("overrides", [
     {}, {"lhs_dilation": None, "rhs_dilation": None}, {"padding": ((0, 0), (0, 0))}])
-def test_plain_valid_conv_takes_the_matmul_path(monkeypatch, overrides):
-  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
+def test_plain_valid_conv_takes_the_matmul_path(overrides):
   x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
   jaxpr = str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(
       x, w, **conv_args(**overrides)))(x, w))
@@ -120,14 +121,54 @@ def test_anything_else_is_lax_conv(overrides):
                                 lax.conv_general_dilated(x, w, **args))
 
 
-@pytest.mark.parametrize("backend,cpus", [("gpu", 8), ("tpu", 8), ("cpu", 1)])
-def test_other_backends_and_one_core_get_lax_conv(monkeypatch, backend, cpus):
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_other_backends_get_lax_conv(monkeypatch, backend):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)
-  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: cpus)
   x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
   jaxpr = str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(x, w, **conv_args()))(
       x, w))
   assert "conv_general_dilated" in jaxpr
+
+
+def test_the_host_does_not_choose(monkeypatch):
+  """Same program on a host that gives the process one core: the config decides, not the host."""
+  x, w = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 4))
+  trace = lambda: str(jax.make_jaxpr(lambda x, w: cpu_conv.conv_general_dilated(
+      x, w, **conv_args()))(x, w))
+  many = trace()
+  monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+  monkeypatch.setattr("os.cpu_count", lambda: 1)
+  assert trace() == many
+
+
+def _lenet_jaxpr(**options):
+  model = models.get_model("lenet", 10, **options)
+  params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
+  grad = jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x)))
+  return str(jax.make_jaxpr(grad)(params, jnp.zeros((2, 28, 28, 1))))
+
+
+def test_lenet_speedups_are_options_off_by_default(monkeypatch):
+  plain = _lenet_jaxpr()
+  assert "conv_general_dilated" in plain and "select_and_scatter_add" in plain
+  conv = _lenet_jaxpr(cpu_matmul_conv=True)
+  assert "dot_general" in conv and "select_and_scatter_add" in conv
+  pool = _lenet_jaxpr(cpu_select_pool=True)
+  assert "select_and_scatter_add" not in pool and "conv_general_dilated" in pool
+  both = _lenet_jaxpr(cpu_matmul_conv=True, cpu_select_pool=True)
+  assert "select_and_scatter_add" not in both
+  # Off the CPU backend the options change nothing: XLA's conv and nn.max_pool.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert _lenet_jaxpr(cpu_matmul_conv=True, cpu_select_pool=True) == plain
+
+
+def test_the_configs_say_where_the_speedups_are_on():
+  on = {"cpu_matmul_conv": True, "cpu_select_pool": True}
+  assert dict(fashion_mnist_lenet.get_config().model_kwargs) == on
+  assert dict(smoke.get_config().model_kwargs) == on  # derived from the default job
+  assert not dict(fashion_mnist_resnet20.get_config().model_kwargs)
+  with pytest.raises(ValueError, match="model 'resnet20' has no option cpu_matmul_conv"):
+    models.get_model("resnet20", 10, **on)
 
 
 # ------------------------------------------------------------ LeNet's pooling
@@ -137,9 +178,9 @@ def test_max_pool_values_and_gradient_match_nn_max_pool():
   rng = np.random.default_rng(4)
   x = rand(rng, 3, 8, 6, 5)  # continuous values: no ties
   ref = lambda x: nn.max_pool(x, (2, 2), (2, 2))
-  np.testing.assert_array_equal(cnn._max_pool_2x2(x), ref(x))
+  np.testing.assert_array_equal(lenet.select_max_pool_2x2(x), ref(x))
   cot = rand(rng, 3, 4, 3, 5)
-  got = jax.grad(lambda x: jnp.sum(cnn._max_pool_2x2(x) * cot))(x)
+  got = jax.grad(lambda x: jnp.sum(lenet.select_max_pool_2x2(x) * cot))(x)
   want = jax.grad(lambda x: jnp.sum(ref(x) * cot))(x)
   np.testing.assert_array_equal(got, want)
 
@@ -148,10 +189,10 @@ def test_max_pool_ties_send_the_gradient_to_the_first_tap():
   """Row-major first tap among equal maxima; every other tap gets zero."""
   window = np.array([[1.0, 3.0], [3.0, 3.0]], np.float32)  # three-way tie at 3
   x = jnp.asarray(window[None, :, :, None])
-  grad = np.asarray(jax.grad(lambda x: jnp.sum(cnn._max_pool_2x2(x)))(x))[0, :, :, 0]
+  grad = np.asarray(jax.grad(lambda x: jnp.sum(lenet.select_max_pool_2x2(x)))(x))[0, :, :, 0]
   np.testing.assert_array_equal(grad, [[0, 1], [0, 0]])
   x = jnp.full((1, 2, 2, 1), 2.0)  # four-way tie
-  grad = np.asarray(jax.grad(lambda x: jnp.sum(cnn._max_pool_2x2(x)))(x))[0, :, :, 0]
+  grad = np.asarray(jax.grad(lambda x: jnp.sum(lenet.select_max_pool_2x2(x)))(x))[0, :, :, 0]
   np.testing.assert_array_equal(grad, [[1, 0], [0, 0]])
 
 
@@ -198,13 +239,13 @@ def decision_margin(params, x):
   return min(gaps + [np.abs(h).min() / np.abs(h).max()])
 
 
-def test_lenet_matches_the_xla_convolution_lenet(monkeypatch):
+def test_lenet_matches_the_xla_convolution_lenet():
   """Same params (tree, shapes, init values), same logits and gradients to float32 rounding."""
-  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
-  jaxpr = str(jax.make_jaxpr(models.get_model("lenet", 10).init)(
+  fast = {"cpu_matmul_conv": True, "cpu_select_pool": True}
+  jaxpr = str(jax.make_jaxpr(models.get_model("lenet", 10, **fast).init)(
       jax.random.key(0), jnp.zeros((1, 28, 28, 1))))
   assert "conv_general_dilated" not in jaxpr  # the matmul path is what is compared
-  model, ref = models.get_model("lenet", 10), ReferenceLeNet()
+  model, ref = models.get_model("lenet", 10, **fast), ReferenceLeNet()
   params = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))["params"]
   ref_params = models.init_variables(ref, (1, 28, 28, 1), jax.random.key(0))["params"]
   assert jax.tree.structure(params) == jax.tree.structure(ref_params)

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from experiments import optimizer, recipe
 from experiments.study import report as sweep_report
 from experiments.study import sweep
 from experiments.configs import sweep_fashion_mnist
@@ -19,7 +20,7 @@ def tiny_config(data_dir, **overrides):
   e.dataset.test_split = "test[:500]"
   e.batch_size = 64
   e.baseline.epochs = 1.0
-  e.inq.epochs_per_phase = 0.5
+  e.inq.epochs = 0.5
   sc.seeds = (0, 1)
   sc.inq_bits = (2,)
   sc.random_bits = (2,)
@@ -49,7 +50,7 @@ def test_cells_and_configs(tmp_path):
   ptq = sweep.cell_config(sc, sweep.Cell(0, "ptq", 2), str(tmp_path))
   assert tuple(ptq.inq.portions) == (1.0,) and ptq.inq.final_finetune_epochs == 0
   rnd = sweep.cell_config(sc, sweep.Cell(0, "random", 5), str(tmp_path))
-  assert rnd.inq.strategy == "random" and rnd.inq.epochs_per_phase == 0.5
+  assert rnd.inq.strategy == "random" and rnd.inq.epochs == 0.5
   assert rnd.inq.calibration == "absmax"
   mse = sweep.cell_config(sc, sweep.Cell(2, "inq_mse", 3), str(tmp_path))
   assert mse.inq.calibration == "mse" and mse.inq.granularity == "layer"
@@ -57,6 +58,20 @@ def test_cells_and_configs(tmp_path):
   ptq_mse = sweep.cell_config(sc, sweep.Cell(2, "ptq_mse", 2), str(tmp_path))
   assert ptq_mse.inq.calibration == "mse" and tuple(ptq_mse.inq.portions) == (1.0,)
   assert mse.inq.final_finetune_epochs == 0 == c.inq.final_finetune_epochs
+
+
+def test_cell_steps_count_every_segment_of_the_trainers_plan():
+  """The progress bar's count is the trainer's own plan, not arithmetic of its own."""
+  sc = tiny_config("unused")
+  fp32 = sweep.cell_config(sc, sweep.Cell(0, "fp32", 0), "w")
+  inq2 = sweep.cell_config(sc, sweep.Cell(0, "inq", 2), "w")  # from the baseline: no training
+  ft2 = sweep.cell_config(sc, sweep.Cell(0, "inq_ft", 2), "w")
+  per_epoch = 16  # 1024 examples in batches of 64
+  assert sweep.cell_steps(fp32, per_epoch) == 16  # 1 baseline epoch, portion 1: nothing
+  assert sweep.cell_steps(inq2, per_epoch) == 8   # portions (0.5, 1): 0.5 epochs, then none
+  assert sweep.cell_steps(ft2, per_epoch) == 8 + 2 * 16  # and a 2-epoch finetune
+  assert sweep.cell_steps(ft2, per_epoch) == sum(
+      sum(optimizer.epoch_steps(s.epochs, per_epoch)) for s in recipe.plan(ft2))
 
 
 def test_last_step_cells():
@@ -74,12 +89,12 @@ def test_last_step_cells():
   assert tuple(tail.inq.portions)[-4:] == (0.95, 0.975, 0.99, 1.0)
   assert tuple(tail_mse.inq.portions) == tuple(sc.tail_portions.b2)
   assert tail.inq.calibration == "absmax" and tail_mse.inq.calibration == "mse"
-  assert tail.inq.final_finetune_epochs == 2.0 and tail.inq.epochs_per_phase == 0.5
+  assert tail.inq.final_finetune_epochs == 2.0 and tail.inq.epochs == 0.5
 
 
 @pytest.mark.parametrize("key,value,match", [
     ("seeds", (0, 0), "distinct"),
-    ("inq_bits", (9,), "2..8"),
+    ("inq_bits", (9,), r"inq_bits: bits must be in \[2, 8\], got 9"),
     ("channel_bits", (6,), "b6"),
     ("tail_bits", (4,), "tail_portions has no schedule 'b4'"),
     ("finetune_epochs", 0.0, "finetune_epochs must be a number > 0"),
@@ -193,11 +208,11 @@ def test_target_checks():
 
 @pytest.mark.parametrize("study,stock,budget", [
     ("sweep_fashion_mnist", "fashion_mnist_lenet",
-     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 6.0, "inq.epochs": 0.5, "max_checkpoints_to_keep": 1}),
     ("sweep_fashion_mnist_lowbit", "fashion_mnist_lenet",
-     {"baseline.epochs": 6.0, "inq.epochs_per_phase": 0.5, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 6.0, "inq.epochs": 0.5, "max_checkpoints_to_keep": 1}),
     ("sweep_fashion_mnist_resnet20", "fashion_mnist_resnet20",
-     {"baseline.epochs": 1.5, "inq.epochs_per_phase": 0.05, "max_checkpoints_to_keep": 1}),
+     {"baseline.epochs": 1.5, "inq.epochs": 0.05, "max_checkpoints_to_keep": 1}),
 ])
 def test_a_study_measures_its_stock_config_on_a_smaller_budget(study, stock, budget):
   """What a study reports is the stock config's recipe; only the epochs differ."""

@@ -1,4 +1,4 @@
-"""save_final / load_final / export_run, and the export and evaluate commands."""
+"""save_final / load_final / export_model, and the export and evaluate commands."""
 
 import json
 import os
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import checkpoints, models, steps, train
+from experiments import checkpoints, loops, models, recipe, steps
 from experiments.data import input_pipeline
+from experiments.mesh import Devices
 from experiments.tools import evaluate
 from experiments.configs import smoke
 from inq_jax import export, verify_file
@@ -26,6 +27,13 @@ def run_inq(params, config, pruned=None):
   for _ in state.config.portions:
     params, state = inq.advance(params, state)
   return params, state
+
+
+def export_workdir(workdir):
+  """What `python -m experiments.tools.export --workdir=WORKDIR` does: the trainer's export
+  of the finished model read back from WORKDIR/final/."""
+  variables, state = checkpoints.load_final(str(workdir))
+  return checkpoints.export_model(checkpoints.export_path(str(workdir)), variables, state)
 
 
 def assert_same(a, b):
@@ -64,7 +72,7 @@ def test_save_final_load_final_export_round_trip(tmp_path, capsys):
   assert_same(back.pruned, state.pruned) and back.pruned
   inq.verify(variables["params"], back)  # a usable INQState
 
-  stats = checkpoints.export_run(str(tmp_path))
+  stats = export_workdir(tmp_path)
   assert stats["file"] == str(tmp_path / "model.inq") and stats["bits"] == 4
   assert stats["quantized_weights"] == 3 * 3 * 2 * 4 + 16 * 3
   loaded, extras = export.load_with_extras(tmp_path / "model.inq")
@@ -98,7 +106,7 @@ def test_export_refuses_unfinished_run(tmp_path):
   params, state = inq.advance(params, state)
   checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": batch_stats}, state)
   with pytest.raises(ValueError, match="only .* weights are quantized and frozen"):
-    checkpoints.export_run(str(tmp_path))
+    export_workdir(tmp_path)
   assert not (tmp_path / "model.inq").exists()
 
 
@@ -116,11 +124,11 @@ def test_export_command(tmp_path):
   assert_same(export.load(out), params)
 
 
-def test_export_run_refuses_a_workdir_without_a_finished_model(tmp_path):
+def test_export_refuses_a_workdir_without_a_finished_model(tmp_path):
   config = smoke.get_config()
   checkpoints.claim_workdir(str(tmp_path), config)  # a run that has not finished
   with pytest.raises(FileNotFoundError, match="holds no finished model"):
-    checkpoints.export_run(str(tmp_path))
+    export_workdir(tmp_path)
   assert not (tmp_path / "model.inq").exists()
 
 
@@ -137,18 +145,18 @@ def lenet_config(data_dir):
 
 def test_evaluate_equals_the_runs_own_evaluation(fmnist_data_dir, tmp_path):
   config = lenet_config(fmnist_data_dir)
-  model = models.get_model("lenet", 10)
+  model = models.from_config(config, 10)  # the model training builds from this config
   variables = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))
-  params, state = run_inq(variables["params"], train.inq_config(config))
+  params, state = run_inq(variables["params"], recipe.inq_config(config))
   checkpoints.save_final(str(tmp_path), {"params": params, "batch_stats": {}}, state)
-  stats = checkpoints.export_run(str(tmp_path))
+  stats = export_workdir(tmp_path)
 
   # The trainer's evaluation of the in-memory quantized params.
   data = input_pipeline.get_dataset(config.dataset)
-  devices = steps.Devices()
+  devices = Devices()
   eval_step = steps.make_eval_step(model, devices, top5=False, normalization=data.normalization)
-  want = steps.evaluate(eval_step, devices.replicate(params), {},
-                        steps.test_batches(data, config.eval_batch_size, devices), devices)
+  want = loops.evaluate(eval_step, devices.replicate(params), {},
+                        loops.test_batches(data, config.eval_batch_size, devices), devices)
 
   # The exported file through the command line, with config overrides.
   cli = subprocess.run(
