@@ -10,7 +10,6 @@ CNN on a Fashion-MNIST slice, then runs 4-bit INQ.
 
 import argparse
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

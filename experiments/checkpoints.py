@@ -234,29 +234,15 @@ def _plain(tree):
   return tree
 
 
-def inq_state_tree(inq_state: quantize.INQState) -> dict:
-  """The arrays of an `INQState` as plain dicts: {"masks", "exponents", "step", "pruned"}."""
-  return {"masks": _plain(inq_state.masks), "exponents": dict(inq_state.exponents),
-          "step": inq_state.step, "pruned": dict(inq_state.pruned)}
+def abstract_inq_state(saved: Any, params: Any, config: quantize.INQConfig) -> quantize.INQState:
+  """The INQState to restore a checkpoint's saved one into: `quantize.abstract_state`.
 
-
-def inq_state_from_tree(tree: dict, config: quantize.INQConfig) -> quantize.INQState:
-  """The `INQState` of `config` whose arrays (or abstract arrays) are `tree`.
-
-  The inverse of `inq_state_tree`, and of how a run checkpoint stores the
-  state's fields; the one place this package builds an INQState itself.
+  `saved` is the checkpoint's tree of the state (it says whether the run kept
+  pruned counts); `params` the (abstract) params the state was made for. A
+  state saved with another config restores, but its seal refuses it at the
+  next `advance` or `verify`.
   """
-  # TODO(lead): INQState fields
-  return quantize.INQState(masks=tree["masks"], exponents=dict(tree["exponents"]),
-                           step=tree["step"], config=config,
-                           pruned=dict(tree.get("pruned", {})))
-
-
-def abstract_inq_state(saved: Any, config: quantize.INQConfig, sharding) -> quantize.INQState:
-  """The INQState to restore a checkpoint's saved one into (shapes from its metadata)."""
-  return inq_state_from_tree(jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding), saved),
-      config)
+  return quantize.abstract_state(params, config, pruned=bool(saved.get("pruned")))
 
 
 # ------------------------------------------------------------- final model
@@ -265,10 +251,11 @@ def abstract_inq_state(saved: Any, config: quantize.INQConfig, sharding) -> quan
 def save_final(workdir: str, variables: Any, inq_state: quantize.INQState) -> None:
   """Saves the finished model and its INQ state as one orbax checkpoint, `workdir/final/`.
 
-  The checkpoint holds {"variables", "inq": `inq_state_tree`} and, as JSON
-  beside it, the INQConfig, so `load_final` needs no model code.
+  The checkpoint holds {"variables", "inq": the INQState} and, as JSON beside
+  it, the INQConfig (the state's static part), so `load_final` needs no model
+  code.
   """
-  tree = {"variables": _plain(variables), "inq": inq_state_tree(inq_state)}
+  tree = {"variables": _plain(variables), "inq": inq_state}
   meta = {"version": _FINAL_VERSION, "inq_config": inq_state.config.to_dict()}
   # A new step, then the old one goes (max_to_keep=1): a save killed half-way
   # leaves the previous final model in place, never a mix.
@@ -298,13 +285,16 @@ def load_final(workdir: str):
       raise ValueError(f"{directory}: version {meta.get('version')!r}, expected "
                        f"{_FINAL_VERSION}")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
+    saved = _tree(mgr.item_metadata(number)["tree"])
+    variables = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
-        _tree(mgr.item_metadata(number)["tree"]))
+        saved["variables"])
+    config = quantize.INQConfig.from_dict(meta["inq_config"])
+    abstract = {"variables": variables,
+                "inq": abstract_inq_state(saved["inq"], variables["params"], config)}
     tree = mgr.restore(number, args=ocp.args.Composite(
         tree=ocp.args.StandardRestore(abstract))).tree
-  config = quantize.INQConfig.from_dict(meta["inq_config"])
-  return tree["variables"], inq_state_from_tree(tree["inq"], config)
+  return tree["variables"], tree["inq"]
 
 
 def export_path(workdir: str) -> str:

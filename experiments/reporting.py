@@ -17,7 +17,6 @@ import time
 from typing import Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from etils import epath
@@ -260,59 +259,15 @@ def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
   return out
 
 
-# A codebook that rounds more than this share of a layer's pretrained weights to
-# zero loses the layer when the last portions are quantized (see results/RESULTS.md).
-MOSTLY_ZERO = 0.5
+def codebook_entry(fit: dict) -> dict:
+  """results.json's "codebook": {path: {"n1", "zero_fraction", "relative_error"}}.
 
-
-def codebook_fit(params, inq_state) -> dict:
-  """{path: {"n1", "zero_fraction", "relative_error"}}: how each codebook fits its layer.
-
-  What rounding every pretrained weight at once would do: the share rounded to
-  zero and ||round(w) - w|| / ||w||. Computed before any weight is quantized,
-  on this process's copy of the weights (no collective: each process of a
-  multi-host run computes it alone), in one compiled program for all layers
-  rather than one per layer shape (~0.6 s each on a 2-core CPU).
+  From `inq_jax.quantize.codebook_fit` of the weights INQ starts from: what
+  rounding every pretrained weight at once would do (n1 is the largest of a
+  per-channel codebook's).
   """
-  from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
-  layers = [(path, np.asarray(w, np.float32)) for path, w in leaves_with_paths(params)[0]
-            if path in inq_state.exponents]
-  if not layers:
-    return {}
-  bounds = [tuple(np.asarray(b) for b in inq_state.bounds(path)) for path, _ in layers]
-  zeros, norms = jax.device_get(_fit_stats([w for _, w in layers], bounds))
-  out = {}
-  for (path, w), (n1, _), z, (err, norm) in zip(layers, bounds, zeros, norms):
-    out[path] = {"n1": int(np.max(n1)), "zero_fraction": int(z) / w.size,
-                 "relative_error": float(err) / float(norm) if norm else 0.0}
-  return out
-
-
-@jax.jit
-def _fit_stats(ws, bounds):
-  """(int32 [layers]: weights rounded to 0; float32 [layers, 2]: ||round(w) - w||, ||w||)."""
-  from inq_jax import quantize as inq  # pylint: disable=g-import-not-at-top
-  zeros, norms = [], []
-  for w, (n1, n2) in zip(ws, bounds):
-    q = inq.round_to_pow2(w, n1, n2)
-    zeros.append(jnp.sum(q == 0, dtype=jnp.int32))
-    norms.append(jnp.stack([jnp.linalg.norm(q - w), jnp.linalg.norm(w)]))
-  return jnp.stack(zeros), jnp.stack(norms)
-
-
-def warn_mostly_zero(fit: dict, bits: int, calibration: str) -> list:
-  """Logs a warning naming the layers whose codebook zeroes most weights; returns them."""
-  bad = sorted(p for p, f in fit.items() if f["zero_fraction"] > MOSTLY_ZERO)
-  if bad:
-    hint = ("try --config.inq.calibration=mse (n1 for the least rounding error), more "
-            "bits, or --config.inq.final_finetune_epochs" if calibration == "absmax" else
-            "try more bits, or --config.inq.final_finetune_epochs")
-    logging.warning(
-        "the %d-bit %s codebook rounds most weights of %s to zero (%s); the last "
-        "portions will zero them and retraining cannot bring them back: %s", bits,
-        calibration, ", ".join(bad),
-        ", ".join(f"{p}: {100 * fit[p]['zero_fraction']:.0f}%" for p in bad), hint)
-  return bad
+  return {path: {"n1": int(np.max(f.n1)), "zero_fraction": f.zero_share,
+                 "relative_error": f.relative_error} for path, f in fit.items()}
 
 
 def summary_lines(results: dict) -> list:

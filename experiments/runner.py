@@ -149,7 +149,7 @@ class Run:
     if saved["inq_state"] is None:
       return abstract
     return abstract.replace(inq_state=checkpoints.abstract_inq_state(
-        saved["inq_state"], self.inq_cfg, self.devices.replicated))
+        saved["inq_state"], abstract.params, self.inq_cfg))
 
   def optimizer(self, segment: Segment):
     """(optimizer, learning-rate schedule) of `segment`: a fresh schedule every time."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import re
 import time
+import warnings
 from typing import Optional
 
 import jax
@@ -191,9 +192,8 @@ def _inq(run: Run, state: TrainState, progress: Progress):
 def _start_inq(run: Run, state: TrainState, results: dict):
   """The INQ state (codebooks from these weights) and results' "codebook" entry."""
   pruned = state.keep if run.prune_cfg is not None else None  # None: no pruned counts kept
-  inq_state = quantize.init(state.params, run.inq_cfg, pruned=pruned)
-  codebook = reporting.codebook_fit(state.params, inq_state)
-  reporting.warn_mostly_zero(codebook, run.inq_cfg.bits, run.inq_cfg.calibration)
+  inq_state = quantize.init(state.params, run.inq_cfg, pruned=pruned)  # warns if a fit is poor
+  codebook = reporting.codebook_entry(quantize.codebook_fit(state.params, inq_state))
   _keep_plot_layer(run, state.params, inq_state)
   return state.replace(inq_state=inq_state), {**results, "codebook": codebook}
 
@@ -206,7 +206,10 @@ def _advance(run: Run, state: TrainState, results: dict):
   """
   k = int(state.phase) + 1
   start = time.perf_counter()
-  params, inq_state = quantize.advance(state.params, state.inq_state)
+  with warnings.catch_warnings():
+    if k > 1 and run.segment(INQ, k - 1).epochs == 0:  # nothing to retrain: stale on purpose
+      warnings.simplefilter("ignore", quantize.StaleParamsWarning)
+    params, inq_state = quantize.advance(state.params, state.inq_state)
   tx, _ = run.optimizer(run.segment(INQ, k))
   opt_state = tx.init(params)
   if run.config.inq.carry_optimizer_state and k > 1:

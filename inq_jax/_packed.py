@@ -45,7 +45,6 @@ import numpy as np
 
 from inq_jax import _codebook
 from inq_jax import _partition
-from inq_jax._partition import count as _count
 from inq_jax._partition import counts as _counts
 from inq_jax._partition import per_block as _per_block
 from inq_jax._partition import seg_sum as _seg_sum

@@ -9,7 +9,6 @@ that install. Needs PyPI; it fails, never skips, without it.
 """
 
 import email.parser
-import glob
 import json
 import os
 import re

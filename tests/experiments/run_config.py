@@ -46,7 +46,7 @@ def die_on_save(kill_at: int) -> None:
 
 def main(config_module, workdir, data_dir, *overrides):
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import checkpoints, recipe, train  # pylint: disable=g-import-not-at-top
+  from experiments import recipe, train  # pylint: disable=g-import-not-at-top
   from inq_jax.tree import leaves_with_paths  # pylint: disable=g-import-not-at-top
   config = importlib.import_module(f"experiments.configs.{config_module}").get_config()
   config.dataset.data_dir = data_dir

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from experiments import reporting
+from inq_jax import quantize as inq
 
 
 def test_paths():
@@ -116,13 +117,13 @@ def test_progress_bar_is_silent_off_a_terminal():
   bar.close()
 
 
-def test_mostly_zero_warning_names_the_layers(caplog):
-  fit = {"a/kernel": {"zero_fraction": 0.7}, "b/kernel": {"zero_fraction": 0.1}}
-  assert reporting.warn_mostly_zero(fit, 3, "absmax") == ["a/kernel"]
-  assert "a/kernel: 70%" in caplog.text and "calibration=mse" in caplog.text
-  assert reporting.warn_mostly_zero({"b": {"zero_fraction": 0.5}}, 3, "mse") == []
-
-
+def test_codebook_entry_is_the_results_json_form():
+  fit = {"a/kernel": inq.CodebookFit(bits=3, n1=np.asarray([-2, 0]), zero_share=0.7,
+                                     saturated_share=0.0, relative_error=0.25),
+         "b/kernel": inq.CodebookFit(5, -1, 0.1, 0.0, 0.125)}
+  assert reporting.codebook_entry(fit) == {
+      "a/kernel": {"n1": 0, "zero_fraction": 0.7, "relative_error": 0.25},
+      "b/kernel": {"n1": -1, "zero_fraction": 0.1, "relative_error": 0.125}}
 def test_pyplot_draws_without_a_display(tmp_path):
   plt = reporting.pyplot()
   assert plt.get_backend().lower() == "agg"

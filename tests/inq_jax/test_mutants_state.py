@@ -16,7 +16,6 @@ import pytest
 from inq_jax import _checks
 from inq_jax import _packed
 from inq_jax import quantize as inq
-from inq_jax._state import INQState
 
 
 def message(exc, fn, *args, **kwargs) -> str:

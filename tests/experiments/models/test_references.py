@@ -25,7 +25,6 @@ there too. Inputs are small (the nets' minimum sizes or a little more, batch
 with XLA's backend optimizations off, as in test_cnn.py.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
