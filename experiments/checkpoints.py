@@ -307,8 +307,10 @@ def export_model(output: str, variables: Any, inq_state: quantize.INQState
   """Writes the finished model as a `.inq` file (`inq_jax.export`) to `output`.
 
   The file holds the params (every quantized kernel as b-bit codes) and the
-  batch statistics as `extras["batch_stats"]`. The arrays may be the
-  trainer's own (replicated over the mesh) or `load_final`'s.
+  batch statistics as `extras["batch_stats"]`; its SHA-256 goes beside it in
+  `output + ".sha256"` (`python -m inq_jax.verify_file FILE --sha256` checks
+  it). The arrays may be the trainer's own (replicated over the mesh) or
+  `load_final`'s.
 
   Returns:
     `inq_jax.export.save`'s stats plus {"file": output} on process 0; None on
@@ -321,6 +323,7 @@ def export_model(output: str, variables: Any, inq_state: quantize.INQState
   variables, inq_state = jax.tree.map(
       lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, (variables, inq_state))
   extras = {"batch_stats": variables.get("batch_stats", {})}
-  with reporting.written_locally(output, EXPORT_FILE) as local:
-    stats = inq_export.save(local, variables["params"], inq_state, extras=extras)
+  with reporting.written_locally(output, companions=(inq_export.SHA256_SUFFIX,)) as local:
+    stats = inq_export.save(local, variables["params"], inq_state, extras=extras,
+                            sha256_file=True)
   return {**stats, "file": output}

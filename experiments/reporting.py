@@ -58,19 +58,24 @@ def atomic_write_json(target, data) -> None:
 
 
 @contextlib.contextmanager
-def written_locally(target: str, name: str) -> Iterator[str]:
+def written_locally(target: str, companions=()) -> Iterator[str]:
   """A local path for a writer that only writes local files; its file ends up at `target`.
 
-  `target` itself when it is local; for a remote one a temporary file called
-  `name`, copied to `target` once the writer is done.
+  `target` itself when it is local; for a remote one a temporary file of the
+  same name, copied to `target` once the writer is done, and with it every
+  file the writer put beside it whose name is the file's plus one of the
+  suffixes in `companions` (e.g. ".sha256").
   """
   if not is_remote(target):
     yield target
     return
   with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, name)
+    local = os.path.join(tmp, os.path.basename(target))
     yield local
     epath.Path(target).write_bytes(epath.Path(local).read_bytes())
+    for suffix in companions:
+      if os.path.exists(local + suffix):
+        epath.Path(target + suffix).write_bytes(epath.Path(local + suffix).read_bytes())
 
 
 @contextlib.contextmanager
@@ -231,18 +236,30 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   return out
 
 
-def plot_weights(workdir: str, name: str, before: np.ndarray, after: np.ndarray,
-                 n1, n2) -> str:
-  """weights.png: one layer's weights before and after INQ, codebook marked."""
+def weight_histogram(weights: np.ndarray, bins: int = 200) -> dict:
+  """What `plot_weights` draws of the pretrained weights: a histogram, not the weights.
+
+  Kept in the workdir from INQ's start to the end of the run; a copy of the
+  weights themselves would be the size of the largest layer (400 MB for
+  VGG-16's fc6).
+  """
+  weights = np.ravel(np.asarray(weights, np.float32))
+  lim = float(np.abs(weights).max()) * 1.1 or 1.0
+  counts, edges = np.histogram(weights, bins=bins, range=(-lim, lim))
+  return {"counts": counts, "edges": edges, "size": weights.size}
+
+
+def plot_weights(workdir: str, name: str, before: dict, after: np.ndarray, n1, n2) -> str:
+  """weights.png: one layer's weights before (`weight_histogram`) and after INQ, codebook marked."""
   plt = pyplot()
-  before, after = np.ravel(before), np.ravel(after)
+  after = np.ravel(after)
   fig, axes = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-  lim = float(np.abs(before).max()) * 1.1 or 1.0
+  edges = np.asarray(before["edges"])
+  lim = float(edges[-1])
   # One filled outline, not 200 bar patches, and fixed margins instead of
   # tight_layout: every run draws this figure, and both take several times longer.
-  counts, edges = np.histogram(before, bins=200, range=(-lim, lim))
-  axes[0].stairs(counts, edges, fill=True, color="tab:blue")
-  axes[0].set_title(f"{name}: pretrained float weights ({before.size} weights)")
+  axes[0].stairs(np.asarray(before["counts"]), edges, fill=True, color="tab:blue")
+  axes[0].set_title(f"{name}: pretrained float weights ({int(before['size'])} weights)")
   values, counts = np.unique(after, return_counts=True)
   axes[1].bar(values, counts, width=lim / 100, color="tab:orange")
   n1_max, n2_min = int(np.max(n1)), int(np.min(n2))

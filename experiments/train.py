@@ -38,7 +38,7 @@ from inq_jax import prune
 from inq_jax import quantize
 from inq_jax import tree
 
-PLOT_FILE = "inq_start_layer.npz"  # the plotted layer's pretrained weights, for weights.png
+PLOT_FILE = "inq_start_layer.npz"  # the plotted layer's pretrained histogram, for weights.png
 
 
 # ------------------------------------------------------------------ loop
@@ -309,14 +309,14 @@ def _final(run: Run, state: TrainState, results: dict) -> dict:
 
 
 def _keep_plot_layer(run: Run, params, inq_state: quantize.INQState) -> None:
-  """Keeps the plotted layer's pretrained weights, for weights.png at the end."""
+  """Keeps the plotted layer's pretrained histogram, for weights.png at the end."""
   flat = [(p, x) for p, x in tree.leaves_with_paths(params)[0] if p in inq_state.exponents]
   pattern = run.config.plot_layer
   chosen = [(p, x) for p, x in flat if pattern and re.search(pattern, p)] or \
       [max(flat, key=lambda px: np.size(px[1]))]
   if jax.process_index() == 0:
     buffer = io.BytesIO()
-    np.savez(buffer, path=chosen[0][0], weights=np.asarray(chosen[0][1], np.float32))
+    np.savez(buffer, path=chosen[0][0], **reporting.weight_histogram(chosen[0][1]))
     (reporting.abs_path(run.workdir) / PLOT_FILE).write_bytes(buffer.getvalue())
 
 
@@ -331,5 +331,5 @@ def _write_outputs(run: Run, results: dict, state: Optional[TrainState]) -> None
     name = str(saved["path"])
     after = dict(tree.leaves_with_paths(state.params)[0])[name]
     n1, n2 = state.inq_state.bounds(name)
-    reporting.plot_weights(run.workdir, name, saved["weights"], np.asarray(after, np.float32),
+    reporting.plot_weights(run.workdir, name, saved, np.asarray(after, np.float32),
                            np.asarray(n1), np.asarray(n2))

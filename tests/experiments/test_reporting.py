@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import reporting
 from inq_jax import quantize as inq
@@ -34,16 +35,20 @@ def test_atomic_write_to_a_remote_store_writes_the_object_directly(tmp_path, mon
 
 def test_written_and_read_locally(tmp_path, monkeypatch):
   target = str(tmp_path / "model.inq")
-  with reporting.written_locally(target, "model.inq") as local:
+  with reporting.written_locally(target) as local:
     assert local == target  # a local target is written in place
   with reporting.read_locally(target) as local:
     assert local == target
   monkeypatch.setattr(reporting, "is_remote", lambda p: True)  # as for gs://
-  with reporting.written_locally(target, "model.inq") as local:
+  with reporting.written_locally(target, companions=(".sha256", ".idx")) as local:
     assert local != target and os.path.basename(local) == "model.inq"
     with open(local, "wb") as f:
       f.write(b"payload")
+    with open(local + ".sha256", "w") as f:  # a file the writer put beside it
+      f.write("digest  model.inq\n")
   assert open(target, "rb").read() == b"payload" and not os.path.exists(local)
+  assert open(target + ".sha256").read() == "digest  model.inq\n"
+  assert not os.path.exists(target + ".idx")  # a companion the writer did not write
   with reporting.read_locally(target) as local:
     assert local != target and open(local, "rb").read() == b"payload"
   assert not os.path.exists(local)
@@ -107,7 +112,10 @@ def test_plots(tmp_path):
   assert os.path.getsize(reporting.plot_accuracy(str(tmp_path), results)) > 1000
   before = np.linspace(-1, 1, 101, dtype=np.float32)
   after = np.where(np.abs(before) < 0.2, 0, np.sign(before) * 0.5).astype(np.float32)
-  out = reporting.plot_weights(str(tmp_path), "fc/kernel", before, after, 0, -3)
+  hist = reporting.weight_histogram(before)
+  assert hist["counts"].sum() == 101 and hist["size"] == 101
+  assert -hist["edges"][0] == hist["edges"][-1] == pytest.approx(1.1)  # max |w| plus 10%
+  out = reporting.plot_weights(str(tmp_path), "fc/kernel", hist, after, 0, -3)
   assert os.path.getsize(out) > 1000
 
 
