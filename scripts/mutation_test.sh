@@ -3,7 +3,7 @@
 #
 #   scripts/mutation_test.sh MODULE [mutmut-run-args...]
 #
-# MODULE is one of: optim codebook partition state packed packing
+# MODULE is one of: optim codebook partition state init advance packed packing
 # Slow (minutes to hours on 2 cores): NOT part of .ci/run. Latest counts are in
 # docs/mutation_testing.md.
 #
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-MODULE=${1:?usage: scripts/mutation_test.sh optim|codebook|partition|state|packed|packing [mutmut run args]}
+MODULE=${1:?usage: scripts/mutation_test.sh optim|codebook|partition|state|init|advance|packed|packing [mutmut run args]}
 shift
 PY=${PYTHON:-$REPO/.venv/bin/python}
 MUTMUT=${MUTMUT:-$(dirname "$PY")/mutmut}
@@ -31,7 +31,16 @@ case "$MODULE" in
              TESTS=(tests/inq_jax/test_partition.py tests/inq_jax/test_mutants_partition.py) ;;
   state)     SRC=inq_jax/_state.py
              TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_core_hostile.py
-                    tests/inq_jax/test_mutants_state.py tests/inq_jax/test_core_sharding.py) ;;
+                    tests/inq_jax/test_mutants_state.py tests/inq_jax/test_core_sharding.py
+                    tests/inq_jax/test_state_integrity.py) ;;
+  init)      SRC=inq_jax/_init.py
+             TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_mutants_state.py
+                    tests/inq_jax/test_fit.py tests/inq_jax/test_user_mistakes.py
+                    tests/inq_jax/test_core_sharding.py) ;;
+  advance)   SRC=inq_jax/_advance.py
+             TESTS=(tests/inq_jax/test_state.py tests/inq_jax/test_mutants_state.py
+                    tests/inq_jax/test_state_integrity.py tests/inq_jax/test_fit.py
+                    tests/inq_jax/test_core_hostile.py tests/inq_jax/test_core_sharding.py) ;;
   packed)    SRC=inq_jax/_packed.py
              TESTS=(tests/inq_jax/test_packed.py tests/inq_jax/test_state.py
                     tests/inq_jax/test_mutants_packed.py) ;;
