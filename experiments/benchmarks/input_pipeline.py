@@ -40,6 +40,7 @@ import numpy as np
 import PIL.Image
 from absl import flags
 
+from experiments.benchmarks import machine
 from experiments.data import imagenet
 from experiments.data import input_pipeline
 from experiments.data import synthetic_imagenet
@@ -174,7 +175,7 @@ def main(argv=None):
       "eval_images": data.test_size, "source_image_size": [500, 375],
       "mean_record_kb": round(sum(files) / (data.train_size + data.test_size) / 1024, 1),
       "image_size": args.image_size, "batch": args.batch, "repeats": args.repeats,
-      "cpu": _cpu_name(), "load_average": [round(x, 2) for x in os.getloadavg()],
+      "cpu": machine.cpu_name(), "load_average": machine.load_average(),
       "results": results, **summary,
       "targets": {"per_core_speedup": 2.0, "scaling_1_to_2": 1.7}}))
 
@@ -278,17 +279,6 @@ def _serial_stage(batch: int, size: int, normalization, repeats: int = 20) -> di
   ms = {k: max(round(v, 4), 1e-4) for k, v in ms.items()}
   return {"ms_per_image": ms,
           "host_ceiling_images_per_second": {k: round(1000 / v) for k, v in ms.items()}}
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown"
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import models, optimizer, steps
+from experiments.benchmarks import machine
 from experiments.mesh import Devices
 from experiments.train_state import INQ, TrainState
 from experiments.configs import fashion_mnist_lenet
@@ -438,24 +439,12 @@ def main():
   line.update({
       "batch": args.batch, "threads": threads, "torch_threads": torch.get_num_threads(),
       "cpus": sorted(os.sched_getaffinity(0)),
-      "cpu_model": _cpu_model(),
+      "cpu_model": machine.cpu_name(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "device_kind": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "jax": jax.__version__, "torch": torch.__version__,
-      "load_average": [round(x, 2) for x in os.getloadavg()]})
+      "load_average": machine.load_average()})
   print(json.dumps(line))
-
-
-def _cpu_model():
-  """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for text in f:
-        if text.startswith("model name"):
-          return text.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
 
 
 if __name__ == "__main__":
