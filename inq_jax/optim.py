@@ -66,7 +66,8 @@ def elementwise_freeze(
   the slow weights of lookahead) are computed from those params plus other
   terms and drift off the codebook. Round such copies where `state.masks` is
   True (`inq_jax.quantize.round_to_pow2` with `state.bounds(path)`) and check
-  them with `inq_jax.quantize.verify` before using or exporting them.
+  them with `inq_jax.quantize.verify(copy, state, check_frozen_values=False)`
+  before using or exporting them.
 
   Args:
     frozen_masks: a pytree shaped like the params: a bool array (True = frozen)
@@ -93,8 +94,11 @@ def elementwise_freeze(
     return _freeze_by_argument()
 
   def init_fn(params):
-    leaves, treedef = tree.aligned(params, frozen_masks, what="elementwise_freeze",
-                                   noun="mask")
+    leaves, treedef = tree.aligned(
+        params, frozen_masks, what="elementwise_freeze", noun="mask",
+        hint="; the masks are INQState.masks, made for the tree given to inq.init: give "
+             "the optimizer that same tree (e.g. variables['params'], not the whole "
+             "variables)")
     # Copies, so that donating the optimizer state to a jitted step never
     # deletes the caller's masks (e.g. `INQState.masks`), placed with their
     # params so the optimizer state lives where the params live.

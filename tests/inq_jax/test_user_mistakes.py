@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import inq_jax
@@ -28,6 +29,15 @@ def test_whole_linen_variables_are_refused_with_the_fix():
                      r"\['batch_stats', 'params'\]\); pass variables\['params'\] instead"):
     inq.init(variables, inq.INQConfig())
   inq.init(variables["params"], inq.INQConfig())
+
+
+def test_an_optimizer_over_another_tree_names_the_fix():
+  variables = WithBN().init(jax.random.key(0), jnp.ones((2, 4)))
+  state = inq.init(variables["params"], inq.INQConfig())
+  tx = optax.chain(optax.sgd(0.1), inq_jax.optim.elementwise_freeze(state.masks))
+  with pytest.raises(ValueError, match=r"give the optimizer that same tree \(e.g. "
+                     r"variables\['params'\], not the whole variables\)"):
+    tx.init(variables)
 
 
 def test_advance_inside_a_jitted_function_on_closed_over_params_is_refused():
