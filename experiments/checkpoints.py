@@ -248,6 +248,12 @@ def abstract_inq_state(saved: Any, params: Any, config: quantize.INQConfig) -> q
 # ------------------------------------------------------------- final model
 
 
+def _final_handlers() -> dict:
+  # Named up front: a fresh process's manager can read the saved tree's
+  # metadata (shapes, dtypes) only with its handler already registered.
+  return {"tree": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
 def save_final(workdir: str, variables: Any, inq_state: quantize.INQState) -> None:
   """Saves the finished model and its INQ state as one orbax checkpoint, `workdir/final/`.
 
@@ -260,8 +266,8 @@ def save_final(workdir: str, variables: Any, inq_state: quantize.INQState) -> No
   # A new step, then the old one goes (max_to_keep=1): a save killed half-way
   # leaves the previous final model in place, never a mix.
   options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-  with ocp.CheckpointManager(reporting.abs_path(workdir) / FINAL_DIR, item_names=("tree", "meta"),
-                             options=options) as mgr:
+  with ocp.CheckpointManager(reporting.abs_path(workdir) / FINAL_DIR, options=options,
+                             item_handlers=_final_handlers()) as mgr:
     mgr.save((mgr.latest_step() or 0) + 1, args=ocp.args.Composite(
         tree=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
     mgr.wait_until_finished()
@@ -274,8 +280,8 @@ def load_final(workdir: str):
     FileNotFoundError if `workdir` holds no finished model.
   """
   directory = reporting.abs_path(workdir) / FINAL_DIR
-  with ocp.CheckpointManager(directory, item_names=("tree", "meta"),
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
+  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True),
+                             item_handlers=_final_handlers()) as mgr:
     number = mgr.latest_step()
     if number is None:
       raise FileNotFoundError(f"{workdir} holds no finished model ({directory} is missing "

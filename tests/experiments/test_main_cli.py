@@ -16,7 +16,7 @@ import textwrap
 import jax
 import pytest
 
-from experiments import main as main_module
+from experiments import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -114,7 +114,7 @@ def test_initialize_distributed_reads_the_environment(recorded_initialize, monke
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:4321")
   monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
   monkeypatch.setenv("JAX_PROCESS_ID", "2")
-  main_module.initialize_distributed()
+  distributed.initialize()
   assert recorded_initialize == [
       {"jax_cpu_collectives_implementation": "gloo"},
       {"coordinator_address": "10.0.0.1:4321", "num_processes": 3, "process_id": 2}]
@@ -124,11 +124,11 @@ def test_initialize_distributed_flags_win_and_unset_is_left_to_jax(recorded_init
                                                                    monkeypatch):
   monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
   monkeypatch.setenv("JAX_PROCESS_ID", "")  # set but empty: unset
-  main_module.initialize_distributed(coordinator_address="h:1", num_processes=4)
+  distributed.initialize(coordinator_address="h:1", num_processes=4)
   assert recorded_initialize[-1] == {"coordinator_address": "h:1", "num_processes": 4,
                                      "process_id": None}
   recorded_initialize.clear()
   monkeypatch.delenv("JAX_NUM_PROCESSES")
-  main_module.initialize_distributed(process_id=0)
+  distributed.initialize(process_id=0)
   assert recorded_initialize[-1] == {"coordinator_address": None, "num_processes": None,
                                      "process_id": 0}

@@ -32,7 +32,6 @@ import numpy as np
 import pytest
 
 from experiments import models
-from experiments.models import cpu_conv
 
 torch = pytest.importorskip("torch")
 tnn = torch.nn
@@ -353,13 +352,12 @@ def classifier_size(fan_in, classes):
 
 
 @pytest.mark.parametrize("matmul_conv", [False, True], ids=["xla_conv", "matmul_conv"])
-def test_lenet(monkeypatch, matmul_conv):
-  # The matmul path needs two usable CPUs (cpu_conv); pin that, so both paths run anywhere.
-  monkeypatch.setattr(cpu_conv, "_usable_cpus", lambda: 2)
+def test_lenet(matmul_conv):
   net = randomize(TorchLeNet(NUM_CLASSES), seed=0)
   # Caffe's LeNet: 431,080 parameters with 10 classes (test_cnn's count).
   assert count(net) - classifier_size(500, NUM_CLASSES) + classifier_size(500, 10) == 431_080
-  model = models.LeNet(num_classes=NUM_CLASSES, cpu_matmul_conv=matmul_conv)
+  model = models.LeNet(num_classes=NUM_CLASSES, cpu_matmul_conv=matmul_conv,
+                       cpu_select_pool=matmul_conv)
   x = images((3, 28, 28, 1))
   variables = to_flax(net, {"fc1": (50, 4, 4)})
   assert_same_tree(variables, model, x.shape)
