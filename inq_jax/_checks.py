@@ -137,10 +137,11 @@ def place_like(x, leaf, *, replicate=False):
 
 
 def put_all(values, likes, *, replicate=False) -> list:
-  """`put_like(x, like)` for each pair, as a few batched transfers (one per kind of target).
+  """Each host value `x` on the devices of its `like`, as a few batched transfers.
 
-  Host values bound for uncommitted (or non-jax) leaves go to the default device
-  uncommitted; the others are placed like `place_like` places them. Batching
+  Values bound for uncommitted (or non-jax) leaves go to the default device
+  uncommitted, copied without compiling anything; the others are placed like
+  `place_like` places them. Batching
   matters on the host side of `init` and `advance`: a transfer per leaf costs
   more than the copying itself for the small per-leaf arrays.
   """
@@ -167,14 +168,6 @@ def put_all(values, likes, *, replicate=False) -> list:
 def on_cpu(x) -> bool:
   """Is the jax array `x` on CPU devices only?"""
   return isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices())
-
-
-def put_like(x, leaf):
-  """`place_like`, and a host (numpy) `x` copied to the leaf's devices without compiling."""
-  if isinstance(x, np.ndarray):
-    committed = isinstance(leaf, jax.Array) and not is_tracer(leaf) and leaf.committed
-    return jax.device_put(x, leaf.sharding) if committed else jax.device_put(x)
-  return place_like(x, leaf)
 
 
 def fresh_copy(leaf):

@@ -16,6 +16,16 @@ The public module Flax users import::
       ...retrain with optax.chain(base, inq_jax.optim.elementwise_freeze(state.masks))...
     inq.verify(params, state)                          # every frozen weight in P_l
 
+The state holds a seal of its config and exponents and checksums of the frozen
+weights, so `advance` and `verify` refuse a state that was edited, restored
+with another config, or whose frozen weights moved. It checkpoints like any
+Flax state: save `config.to_dict()` beside it and restore into
+`abstract_state(params, config)`. `init` warns (`CodebookFitWarning`) when a
+codebook rounds most of a layer to zero (`codebook_fit` gives the numbers),
+`advance` when the weights' scale moved or when nothing was retrained between
+two calls (`StaleParamsWarning`). With Flax NNX, `inq_jax.nnx` runs these on
+the model's own params.
+
 INQ on a pruned model (paper Sec. 3.4): prune with `inq_jax.prune` (its
 `PruneConfig`, `prune_masks` and `pruned_count` are also re-exported here), then
 `inq.init(params, config, pruned=keep)`: the pruned zeros stay frozen and the
@@ -23,6 +33,8 @@ portions count only the remaining weights.
 
 Works on Linen `variables["params"]`, NNX `nnx.state(model, nnx.Param)` and plain
 nested dicts, with float32, bfloat16 and float16 leaves (float64 with x64 on).
+
+Per-layer bit widths: `INQConfig(bits=3, layer_bits={"^conv1/": 8})`.
 
 Codebook arithmetic for scripts and reports: `exponent_bounds`,
 `mse_exponent_bounds`, `n2_from_n1`, `round_to_pow2`, `in_codebook`,
