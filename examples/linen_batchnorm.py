@@ -2,7 +2,7 @@
 
     python examples/linen_batchnorm.py [--data_dir DIR] [--out model.inq]
 
-Trains a small CNN with BatchNorm on Fashion-MNIST (a 10,000-image slice, so it
+Trains a small CNN with BatchNorm on Fashion-MNIST (a 6,000-image slice, so it
 runs in well under a minute on a CPU), quantizes it to 5 bits with INQ (every
 conv and dense kernel 0 or +-2^k; biases and BatchNorm stay float), exports the
 packed model with its BatchNorm statistics, reads it back and checks that the
@@ -63,7 +63,7 @@ def main():
   parser.add_argument("--data_dir", default=fashion_mnist.DEFAULT_DIR)
   parser.add_argument("--out", default=os.path.join(tempfile.mkdtemp(), "model.inq"))
   args = parser.parse_args()
-  train_x, train_y = fashion_mnist.load("train", 10_000, args.data_dir)
+  train_x, train_y = fashion_mnist.load("train", 6_000, args.data_dir)
   test_x, test_y = fashion_mnist.load("test", 2_000, args.data_dir)
   model = CNN()
   variables = model.init(jax.random.key(0), train_x[:1], train=False)

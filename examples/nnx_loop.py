@@ -5,7 +5,7 @@
 `inq_jax.nnx` reads the model's params afresh at every call and writes the
 quantized values back into the model, so training between the steps (an
 `nnx.Optimizer` updating the model in place) is never lost. Trains a small NNX
-CNN on a Fashion-MNIST slice, then runs 4-bit INQ.
+CNN on a Fashion-MNIST slice (6,000 images), then runs 4-bit INQ.
 """
 
 import argparse
@@ -53,7 +53,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data_dir", default=fashion_mnist.DEFAULT_DIR)
   args = parser.parse_args()
-  train_x, train_y = fashion_mnist.load("train", 10_000, args.data_dir)
+  train_x, train_y = fashion_mnist.load("train", 6_000, args.data_dir)
   test_x, test_y = fashion_mnist.load("test", 2_000, args.data_dir)
   accuracy = lambda: float(np.mean(np.asarray(predict(model, test_x)) == test_y))
 
@@ -64,7 +64,7 @@ def main():
       train_step(model, optimizer, images, labels)
   print(f"fp32: test accuracy {accuracy():.4f}")
 
-  config = inq.INQConfig(bits=4, portions=(0.3, 0.5, 0.8, 0.9, 0.95, 1.0))
+  config = inq.INQConfig(bits=4, portions=(0.5, 0.75, 0.875, 1.0))
   state = inq_nnx.init(model, config)
   for phase, portion in enumerate(config.portions):
     state = inq_nnx.advance(model, state)  # quantizes the model's own Params in place
