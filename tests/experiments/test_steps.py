@@ -183,6 +183,63 @@ def test_compiled_step_and_train_epoch():
   assert np.isfinite(metrics["train_loss"]) and 0 <= metrics["train_accuracy"] <= 1
 
 
+def reference_loss(model, images, labels):
+  """Mean cross entropy of `model` on uint8 `images`, normalized here by hand (NORM)."""
+  x = (np.asarray(images, np.float32) / 255 - NORM[0][0]) / NORM[1][0]
+
+  def loss(params):
+    logits = model.apply({"params": params}, x)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+
+  return loss
+
+
+def test_the_step_is_sgd_with_momentum_on_the_mean_loss_plus_weight_decay():
+  """Two steps against paper Sec. 2.3 by hand: v = g + wd w + m v, w -= lr(t) v."""
+  model, devices = TinyNet(), Devices()
+  state, tx = make_state(model, devices)
+  c, lr = run_config(), optimizer.learning_rate(stage_config(), 4, 1)  # make_state's
+  w = jax.tree.map(np.asarray, state.params)
+  velocity = jax.tree.map(np.zeros_like, w)
+  step = steps.make_train_step(model, tx, devices, seed=0, normalization=NORM)
+  for t, batch in enumerate(batches(2, seed=3)):
+    grads = jax.grad(reference_loss(model, batch["image"], jnp.asarray(batch["label"])))(w)
+    velocity = jax.tree.map(lambda g, p, v: g + c.weight_decay * p + c.momentum * v, grads, w,
+                            velocity)
+    w = jax.tree.map(lambda p, v: p - float(lr(t)) * v, w, velocity)
+    state, metrics = step(state, devices.put_batch(batch))
+    for path, want in enumerate(jax.tree.leaves(w)):
+      np.testing.assert_allclose(np.asarray(jax.tree.leaves(state.params)[path]), want,
+                                 rtol=2e-5, atol=1e-7, err_msg=f"step {t}")
+  assert float(lr(1)) < float(lr(0))  # the schedule moved on with the step count
+
+
+class DropNet(nn.Module):
+  """Dropout before the dense layer: the gradient depends on the dropout draw."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dropout(0.5, deterministic=not train)(x.reshape(x.shape[0], -1))
+    return nn.Dense(5)(x)
+
+
+def test_dropout_draws_anew_every_step_and_the_same_for_the_same_step_and_seed():
+  model, devices = DropNet(), Devices()
+  batch = batches(1, seed=4)[0]
+
+  def trained(at_step, seed):
+    state, tx = make_state(model, devices)
+    state = state.replace(step=devices.replicate(jnp.int32(at_step)))
+    step = steps.make_train_step(model, tx, devices, seed=seed, normalization=NORM)
+    state, _ = step(state, devices.put_batch(batch))
+    return np.asarray(state.params["Dense_0"]["kernel"])
+
+  first = trained(0, seed=0)
+  assert first.tobytes() == trained(0, seed=0).tobytes()  # a resumed step draws the same
+  assert not np.array_equal(first, trained(1, seed=0))  # the next step draws anew
+  assert not np.array_equal(first, trained(0, seed=1))  # another seed draws otherwise
+
+
 # ------------------------------------------------------------ evaluation
 
 
@@ -216,6 +273,50 @@ def test_evaluation_counts_every_unmasked_example_once():
   assert "top5_accuracy" not in got
   top5 = steps.make_eval_step(Oracle(), devices, top5=True)
   assert loops.evaluate(top5, params, {}, data, devices)["top5_accuracy"] == 1.0
+
+
+def test_the_eval_loss_is_the_mean_over_the_unmasked_examples():
+  devices = Devices()
+  eval_step = steps.make_eval_step(Oracle(), devices, top5=False)
+  image = np.zeros((8,) + SHAPE, np.float32)
+  image[:, 0, 0, 0] = [0, 1, 2, 3, 4, 0, 0, 0]  # predicted classes
+  labels = np.asarray([0, 1, 2, 0, 1, 3, 3, 3], np.int32)  # 3 wrong, then 3 padding
+  got = loops.evaluate(eval_step, {"unused": jnp.zeros(1)}, {},
+                       [{"image": image, "label": labels, "mask": np.arange(8) < 5}], devices)
+  logits = 10.0 * np.eye(5)[image[:5, 0, 0, 0].astype(int)]
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -np.mean(log_p[np.arange(5), labels[:5]])
+  assert got["loss"] == pytest.approx(want, rel=1e-5)
+  assert got["accuracy"] == 3 / 5
+
+
+class NormNet(nn.Module):
+  """BatchNorm and dropout: what evaluation must run in inference mode."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Dense(6)(x.reshape(x.shape[0], -1))
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    x = nn.Dropout(0.5, deterministic=not train)(nn.relu(x))
+    return nn.Dense(5)(x)
+
+
+def test_evaluation_uses_the_running_statistics_and_no_dropout():
+  model, devices = NormNet(), Devices()
+  variables = model.init(jax.random.key(0), jnp.zeros((1,) + SHAPE))
+  rng = np.random.default_rng(5)  # running statistics far from any batch's own
+  stats = {"BatchNorm_0": {"mean": rng.normal(size=6).astype(np.float32),
+                           "var": rng.uniform(0.5, 4, size=6).astype(np.float32)}}
+  data = [{**b, "mask": np.ones(8, bool)} for b in batches(2, seed=6)]
+  eval_step = steps.make_eval_step(model, devices, top5=False, normalization=NORM)
+  got = loops.evaluate(eval_step, variables["params"], stats, data, devices)
+  x = np.concatenate([(b["image"] / 255 - NORM[0][0]) / NORM[1][0] for b in data]).astype(
+      np.float32)
+  y = np.concatenate([b["label"] for b in data])
+  logits = model.apply({"params": variables["params"], "batch_stats": stats}, x, train=False)
+  loss = -np.mean(np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), y[:, None], 1))
+  assert got["loss"] == pytest.approx(float(loss), rel=1e-5)
+  assert got["accuracy"] == np.mean(np.argmax(logits, -1) == y)
 
 
 def test_devices():
