@@ -55,6 +55,9 @@ MARKERS = {
 
 T = "tests/"
 CNN = "experiments/models/cnn.py"
+LAYERS = "experiments/models/layers.py"
+RESNET = "experiments/models/resnet.py"
+LENET = "experiments/models/lenet.py"
 REFS = T + "experiments/models/test_references.py"
 TEST_CNN = T + "experiments/models/test_cnn.py"
 TEST_CPU_CONV = T + "experiments/models/test_cpu_conv.py"
@@ -64,6 +67,17 @@ TEST_PIPELINE = T + "experiments/data/test_input_pipeline.py"
 TEST_EPOCHS = T + "experiments/data/test_epochs_and_eval.py"
 TEST_EXPORT_CLI = T + "experiments/tools/test_export_cli.py"
 TEST_MAIN = T + "experiments/test_main_cli.py"
+TRAIN = "experiments/train.py"
+RUNNER = "experiments/runner.py"
+STEPS = "experiments/steps.py"
+LOOPS = "experiments/loops.py"
+OPTIMIZER = "experiments/optimizer.py"
+RECIPE = "experiments/recipe.py"
+TEST_CONTRACT = T + "experiments/test_train_contract.py"
+TEST_STEPS = T + "experiments/test_steps.py"
+TEST_LOOPS = T + "experiments/test_loops.py"
+TEST_OPTIMIZER = T + "experiments/test_optimizer.py"
+TEST_RECIPE = T + "experiments/test_recipe.py"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,18 +92,18 @@ class Bug:
 
 BUGS: Tuple[Bug, ...] = (
     # ------------------------------------------------------------ models
-    Bug("bn-momentum-pytorch", CNN,
+    Bug("bn-momentum-pytorch", LAYERS,
         "momentum=0.9, epsilon=1e-5,", "momentum=0.1, epsilon=1e-5,",
         "PyTorch's BN momentum copied into Flax (whose momentum is the fraction kept): the "
         "running statistics become the last batch's, in every BN net",
         (REFS,)),
-    Bug("resnet20-shortcut-grid", CNN,
+    Bug("resnet20-shortcut-grid", RESNET,
         "x = x[:, ::self.stride, ::self.stride, :]",
         "x = x[:, 1::self.stride, 1::self.stride, :]",
         "ResNet-20's option-A shortcut subsamples the odd rows and columns, off the grid of the "
         "stride-2 conv it is added to",
         (REFS,)),
-    Bug("resnet20-shortcut-channels", CNN,
+    Bug("resnet20-shortcut-channels", RESNET,
         "(extra // 2, extra - extra // 2)", "(0, extra)",
         "ResNet-20's option-A shortcut puts the zero channels after the old ones instead of "
         "on both sides: the identity lands on other channels",
@@ -104,7 +118,7 @@ BUGS: Tuple[Bug, ...] = (
         "VGG-16 pools its stages by averaging instead of max pooling",
         (REFS,)),
     Bug("googlenet-pool-same", CNN,
-        "pool = lambda y: nn.max_pool(y, (3, 3), (2, 2), padding=_pad(1))",
+        "pool = lambda y: nn.max_pool(y, (3, 3), (2, 2), padding=layers.pad(1))",
         'pool = lambda y: nn.max_pool(y, (3, 3), (2, 2), padding="SAME")',
         "GoogLeNet's 3x3/2 max pools pad (0, 1) on even maps (Flax's SAME) instead of 1 on "
         "each side: same sizes, windows shifted by a pixel",
@@ -114,7 +128,7 @@ BUGS: Tuple[Bug, ...] = (
         "Inception modules concatenate the 5x5 branch before the 3x3 one: the same channel "
         "count, so every shape still fits",
         (REFS,)),
-    Bug("adaptive-pool-floor", CNN,
+    Bug("adaptive-pool-floor", LAYERS,
         "start, end = (i * size) // out, -((-(i + 1) * size) // out)",
         "start, end = (i * size) // out, ((i + 1) * size) // out",
         "adaptive_avg_pool ends its bins at floor((i+1)H/out) instead of PyTorch's ceil: "
@@ -125,23 +139,23 @@ BUGS: Tuple[Bug, ...] = (
         "x = nn.Dropout(0.4, deterministic=train)(x)",
         "GoogLeNet's dropout is on in evaluation and off in training",
         (TEST_CNN, REFS)),
-    Bug("resnet-maxpool-same", CNN,
-        "x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(1))  # pads with -inf, as PyTorch",
+    Bug("resnet-maxpool-same", RESNET,
+        "x = nn.max_pool(x, (3, 3), (2, 2), padding=layers.pad(1))  # pads with -inf, as PyTorch",
         'x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")',
         "ResNet-18/50's stem max pool pads (0, 1) instead of (1, 1): torchvision weights "
         "give other logits",
         (TEST_PRETRAINED,)),
-    Bug("bottleneck-relu-before-add", CNN,
-        'y = _batch_norm(train, self.dtype, "bn3")(y)',
-        'y = nn.relu(_batch_norm(train, self.dtype, "bn3")(y))',
+    Bug("bottleneck-relu-before-add", RESNET,
+        'y = layers.batch_norm(train, self.dtype, "bn3")(y)',
+        'y = nn.relu(layers.batch_norm(train, self.dtype, "bn3")(y))',
         "ResNet-50's bottleneck applies a ReLU to the residual branch before the addition",
         (TEST_PRETRAINED,)),
-    Bug("lenet-fc1-no-relu", CNN,
+    Bug("lenet-fc1-no-relu", LENET,
         'x = nn.relu(nn.Dense(500, dtype=self.dtype, name="fc1")(x))',
         'x = nn.Dense(500, dtype=self.dtype, name="fc1")(x)',
         "LeNet's hidden fully connected layer loses its ReLU (two stacked linear layers)",
         (REFS, TEST_CPU_CONV)),
-    Bug("lenet-pool-tie-gradient", CNN,
+    Bug("lenet-pool-tie-gradient", LENET,
         "for k in (2, 1, 0):", "for k in (0, 1, 2):",
         "LeNet's 2x2 max pool sends the gradient of a tie to a later tap instead of the first "
         "(as nn.max_pool does)",
@@ -194,7 +208,7 @@ BUGS: Tuple[Bug, ...] = (
         "process count (and processes share draws)",
         (TEST_PIPELINE, TEST_EPOCHS)),
     Bug("partial-last-train-batch", PIPELINE,
-        "return self.train_size // batch_size", "return -(-self.train_size // batch_size)",
+        "return examples // batch_size", "return -(-examples // batch_size)",
         "the remainder of the split becomes a short last batch (another shape, a recompile, "
         "a mis-weighted step)",
         (TEST_PIPELINE, TEST_EPOCHS)),
@@ -240,6 +254,150 @@ BUGS: Tuple[Bug, ...] = (
         "return out[::-1] if rng.random() < 0.5 else out",
         "ImageNet's random flip mirrors top to bottom instead of left to right",
         (TEST_PIPELINE, TEST_EPOCHS)),
+    # ------------------------------------------------------------ trainer
+    # The two of issue #30 first; then the trainer's own, one per promise.
+    Bug("bn-stats-never-updated", STEPS,
+        'batch_stats=updates.get("batch_stats", state.batch_stats),',
+        "batch_stats=state.batch_stats,",
+        "the train step keeps the old BatchNorm statistics (issue #30): every BN network trains "
+        "and evaluates with its initial running averages",
+        (TEST_STEPS, TEST_CONTRACT)),
+    Bug("optimizer-state-always-carried", TRAIN,
+        "if run.config.inq.carry_optimizer_state and k > 1:", "if k > 1:",
+        "every INQ phase carries the previous phase's momentum whatever "
+        "inq.carry_optimizer_state says (issue #30; the paper restarts the optimizer)",
+        (TEST_CONTRACT,)),
+    Bug("carried-count-not-reset", TRAIN,
+        'opt_state["base"] = optimizer.reset_count(state.opt_state["base"])',
+        'opt_state["base"] = state.opt_state["base"]',
+        "with inq.carry_optimizer_state the carried step count is not reset: the phase's "
+        "schedule starts where the last one ended (a cosine at 0)",
+        (TEST_CONTRACT,)),
+    Bug("pruning-step-keeps-momentum", TRAIN,
+        "state = run.devices.replicate(state.replace(opt_state=tx.init(state.params)).at(PRUNE, t))",
+        "state = run.devices.replicate(state.at(PRUNE, t))",
+        "a pruning step retrains with the previous stage's optimizer state: old momentum "
+        "and a finished schedule",
+        (TEST_CONTRACT,)),
+    Bug("quantized-params-dropped", TRAIN,
+        "state.replace(params=params, inq_state=inq_state, opt_state=opt_state).at(INQ, k))",
+        "state.replace(inq_state=inq_state, opt_state=opt_state).at(INQ, k))",
+        "advance's quantized weights are not written back: the frozen weights stay float "
+        "(and frozen), the final model is not on the codebook",
+        (TEST_CONTRACT,)),
+    Bug("freeze-gets-pruning-masks", "experiments/train_state.py",
+        "return self.inq_state.masks", "return prune.frozen(self.keep)",
+        "the freeze gets the pruning masks in INQ too: the weights INQ froze keep training",
+        (TEST_STEPS, TEST_CONTRACT)),
+    Bug("dropout-key-not-folded", STEPS,
+        "rng = jax.random.fold_in(dropout_key, state.step)", "rng = dropout_key",
+        "dropout draws the same units at every step",
+        (TEST_STEPS,)),
+    Bug("loss-summed-over-batch", STEPS,
+        'loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()',
+        'loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).sum()',
+        "the train loss is summed over the batch: every gradient (and so the learning rate) "
+        "is batch_size times too large",
+        (TEST_STEPS,)),
+    Bug("eval-in-train-mode", STEPS,
+        "logits = model.apply(_variables(params, batch_stats), images, train=False)",
+        "logits = model.apply(_variables(params, batch_stats), images, train=True)",
+        "evaluation runs the model in training mode (batch statistics, dropout on)",
+        (TEST_STEPS,)),
+    Bug("eval-loss-counts-padding", STEPS,
+        '"loss": jnp.sum(loss * mask), "count": jnp.sum(mask)}',
+        '"loss": jnp.sum(loss), "count": jnp.sum(mask)}',
+        "the test loss adds the padding examples' losses (divided by the real count)",
+        (TEST_STEPS, TEST_LOOPS)),
+    Bug("eval-sums-last-batch-only", LOOPS,
+        "sums = out if sums is None else jax.tree.map(jnp.add, sums, out)", "sums = out",
+        "evaluation keeps only the last batch's sums: the accuracy of a few examples",
+        (TEST_STEPS, TEST_LOOPS)),
+    Bug("eval-batch-not-rounded-to-devices", LOOPS,
+        "return data.test_batches(devices.eval_batch_size(eval_batch_size))",
+        "return data.test_batches(eval_batch_size)",
+        "the eval batch is not rounded up to the device count: a batch size the devices do "
+        "not divide cannot be sharded",
+        (TEST_LOOPS,)),
+    Bug("eval-batch-rounded-down", "experiments/mesh.py",
+        "return -(-requested // self.count) * self.count",
+        "return requested // self.count * self.count",
+        "the eval batch is rounded down to the device count: 0 when it is smaller",
+        (TEST_LOOPS,)),
+    Bug("train-loss-sample-augmented", LOOPS,
+        "batches = data.train_batches(size, 0, seed, augment=False)",
+        "batches = data.train_batches(size, 0, seed)",
+        "the train loss of a phase that does not train is measured on augmented images",
+        (TEST_LOOPS,)),
+    Bug("train-epoch-one-step-too-many", LOOPS,
+        "if n == num_steps:", "if n > num_steps:",
+        "a partial (last) epoch runs one step more than its share",
+        (TEST_LOOPS,)),
+    Bug("epoch-steps-off-by-one", OPTIMIZER,
+        "full, rest = divmod(total, steps_per_epoch)",
+        "full, rest = divmod(total - 1, steps_per_epoch)",
+        "a segment trains one step fewer than its epochs (the last epoch is short by one)",
+        (TEST_OPTIMIZER,)),
+    Bug("cosine-over-one-epoch", OPTIMIZER,
+        "total = max(1, sum(epoch_steps(epochs, steps_per_epoch)))",
+        "total = max(1, steps_per_epoch)",
+        "a segment's schedule lasts one epoch: a multi-epoch segment trains on at a rate of 0",
+        (TEST_OPTIMIZER,)),
+    Bug("every-stage-on-the-inq-schedule", RUNNER,
+        "schedule = optimizer.learning_rate(self.config[STAGE_NAMES[segment.stage]],",
+        "schedule = optimizer.learning_rate(self.config.inq,",
+        "the baseline and the pruning steps train with the INQ stage's learning rate and "
+        "schedule",
+        (TEST_CONTRACT,)),
+    Bug("lr-logged-of-the-first-epoch", RUNNER,
+        'lr = float(schedule(e * self.steps_per_epoch + metrics["steps"] - 1))',
+        'lr = float(schedule(metrics["steps"] - 1))',
+        "metrics.jsonl logs every epoch's learning rate as if it were the first epoch's",
+        (TEST_CONTRACT,)),
+    Bug("every-segment-on-the-run-seed", RUNNER,
+        "batches = self.data.train_batches(self.config.batch_size, e, segment.data_seed)",
+        "batches = self.data.train_batches(self.config.batch_size, e, self.config.seed)",
+        "every segment shuffles and augments with the run's seed: each phase sees the "
+        "baseline's epochs again, in the same order",
+        (TEST_CONTRACT,)),
+    Bug("resume-restarts-the-segment", RUNNER,
+        "for e in range(int(state.epoch), len(chunks)):", "for e in range(len(chunks)):",
+        "a resumed run retrains the segment in progress from its first epoch",
+        (TEST_CONTRACT,)),
+    Bug("epoch-saved-one-behind", RUNNER,
+        "state = state.replace(epoch=jnp.int32(e + 1))", "state = state.replace(epoch=jnp.int32(e))",
+        "the checkpoint after an epoch records the epoch before: a resumed run trains the "
+        "last finished epoch again",
+        (TEST_CONTRACT,)),
+    Bug("restore-oldest-checkpoint", "experiments/checkpoints.py",
+        "numbers = sorted(self._manager.all_steps(), reverse=True)",
+        "numbers = sorted(self._manager.all_steps())",
+        "a resumed run restores the oldest checkpoint kept, not the newest, and redoes "
+        "the work in between",
+        (T + "experiments/test_checkpoints.py", TEST_CONTRACT)),
+    Bug("finetune-on-the-wrong-phase", RECIPE,
+        "epochs = config.inq.final_finetune_epochs if k == len(portions) else config.inq.epochs",
+        "epochs = config.inq.final_finetune_epochs if k == len(portions) - 1 else "
+        "config.inq.epochs",
+        "the final finetune's epochs go to the phase before the last, and the last (every "
+        "kernel frozen) gets inq.epochs",
+        (TEST_RECIPE,)),
+    Bug("phases-reuse-the-baseline-seed", RECIPE,
+        'out.append(Segment(INQ, k, epochs, seed + k, f"phase {k}/{len(portions)} (portion "',
+        'out.append(Segment(INQ, k, epochs, seed, f"phase {k}/{len(portions)} (portion "',
+        "every INQ phase gets the baseline's data seed: the same order and augmentation as "
+        "the baseline's epochs",
+        (TEST_RECIPE, TEST_CONTRACT)),
+    Bug("pruning-seed-collides", RECIPE,
+        "seed + 500 + t", "seed + t",
+        "pruning step t gets INQ phase t's data seed",
+        (TEST_RECIPE,)),
+    Bug("torchvision-init-retrains-baseline", RECIPE,
+        "pretrained_model = bool(config.init_checkpoint or config.init_torchvision)",
+        "pretrained_model = bool(config.init_checkpoint)",
+        "a run started from torchvision weights retrains a baseline for baseline.epochs "
+        "(90 ImageNet epochs) before INQ",
+        (TEST_RECIPE,)),
     # ------------------------------------------------------------ export reader (inq_jax)
     Bug("export-packed-length-loose", "inq_jax/_export_header.py",
         "(layout == _packing.LAYOUT_PACKED and length != least)",
@@ -265,20 +423,21 @@ BUGS: Tuple[Bug, ...] = (
         "--num_processes or --process_id alone, without --config.distributed=True, is "
         "silently ignored and a single-process run starts",
         (TEST_MAIN,)),
-    Bug("main-env-process-count", "experiments/main.py",
+    Bug("main-env-process-count", "experiments/distributed.py",
         'num_processes = _env_int("JAX_NUM_PROCESSES")',
         'num_processes = _env_int("JAX_PROCESS_ID")',
         "the process count is read from JAX_PROCESS_ID",
         (TEST_MAIN,)),
-    Bug("evaluate-shape-check-dtype-only", "experiments/tools/evaluate.py",
-        "for p in sorted(set(want) & set(have)) if have[p] != want[p]]",
-        "for p in sorted(set(want) & set(have)) if have[p][1] != want[p][1]]",
-        "evaluate accepts weights whose shapes do not fit the config's model (e.g. another "
-        "class count) and fails later without naming the leaf",
+    Bug("evaluate-shape-check-dtype-only", "experiments/checkpoints.py",
+        "if h[p] != w[p]])",
+        "if h[p][-1] != w[p][-1]])",
+        "the layout check compares only the dtypes when asked for them: evaluate accepts "
+        "weights whose shapes do not fit the config's model (e.g. another class count) and "
+        "fails later without naming the leaf",
         (TEST_EXPORT_CLI,)),
     Bug("export-cli-ignores-output", "experiments/tools/export.py",
-        "stats = checkpoints.export_run(FLAGS.workdir, FLAGS.output)",
-        "stats = checkpoints.export_run(FLAGS.workdir)",
+        "stats = checkpoints.export_model(FLAGS.output or checkpoints.export_path(FLAGS.workdir),",
+        "stats = checkpoints.export_model(checkpoints.export_path(FLAGS.workdir),",
         "the export command ignores --output and writes WORKDIR/model.inq",
         (TEST_EXPORT_CLI,)),
     Bug("codebook-report-signed-tail", "experiments/tools/codebook_report.py",

@@ -86,8 +86,13 @@ def evaluate_everything() -> dict:
                          "counted": int(sum(b["mask"].sum() for b in batches))}
   # The train-split sample of a phase that does not train: every example counted.
   sample = list(loops.train_split_eval_batches(data, 100, devices, seed=0))
+  rest = [b["image"].copy() for b in sample]
+  for image in rest:
+    image[:, 0, 0, 0] = 0
   out["sample"] = {"sizes": [len(b["label"]) for b in sample],
                    "masked": int(sum((~b["mask"]).sum() for b in sample)),
+                   # the stored images: the class still in the first pixel, nothing elsewhere
+                   "unaugmented": all(not image.any() for image in rest),
                    **loops.evaluate(eval_step, params, {}, iter(sample), devices)}
   return out
 
@@ -107,7 +112,7 @@ def check(out: dict, devices: int) -> None:
     assert abs(got["loss"] - want["loss"]) <= 1e-5 * want["loss"], (devices, size, got)
     assert got["top5_accuracy"] == want["top5_accuracy"], (devices, size, got)
   sample = out["sample"]
-  assert sample["masked"] == 0 and sum(sample["sizes"]) <= 50
+  assert sample["masked"] == 0 and sum(sample["sizes"]) <= 50 and sample["unaugmented"]
   assert all(s % devices == 0 and s > 0 for s in sample["sizes"]), sample
 
 
