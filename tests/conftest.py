@@ -88,6 +88,7 @@ _LONGEST_FIRST = (
     "tests/experiments/test_init_torchvision.py",  # 62
     "tests/experiments/test_gcs.py",  # 59
     "tests/experiments/test_configs.py",  # 48
+    "tests/experiments/test_train_contract.py",  # 40 (tiny whole runs: 2 runs, 6 resumed sessions)
     "tests/test_packaging.py",  # 45
     "tests/experiments/test_benchmarks.py",  # 99 (6 tests)
 )

@@ -21,7 +21,7 @@ about those records:
   * the weights an INQ phase froze stay bit-identical through it (weight decay
     on, momentum carried in) and lie on the codebook;
   * the final finetune moves biases, BatchNorm and its statistics, no kernel;
-  * BatchNorm statistics move in training;
+  * BatchNorm statistics move in training, and not in evaluation;
   * a run killed anywhere resumes at its newest checkpoint and goes on with the
     uninterrupted run's learning rate, data, dropout and weights, bit for bit.
 """
@@ -368,13 +368,20 @@ def test_the_final_finetune_trains_biases_and_batchnorm_only(carried):
 # ------------------------------------------------------------ batch statistics
 
 
-def test_batch_statistics_move_in_training(stock):
+def test_batch_statistics_move_in_training_not_in_evaluation(stock):
   probe, _, _ = stock
   for segment in trained_segments(config()):
     records = probe.of(segment.stage, segment.index)
     for a, b in zip(records, records[1:]):
       moved = jax.tree.map(lambda x, y: bool(np.any(x != y)), a["batch_stats"], b["batch_stats"])
       assert all(jax.tree.leaves(moved)), (segment.desc, a["step"])
+  # Between two checkpoints with no train step in between, the run only evaluated
+  # (and quantized): the statistics are the same, bit for bit.
+  still = [(a, b) for a, b in zip(probe.saves, probe.saves[1:]) if a["step"] == b["step"]]
+  assert len(still) >= 4  # baseline end -> phase 1, each phase's end -> the next, -> done
+  for a, b in still:
+    for x, y in zip(jax.tree.leaves(a["batch_stats"]), jax.tree.leaves(b["batch_stats"])):
+      assert x.tobytes() == y.tobytes(), (a["at"], b["at"])
 
 
 # ------------------------------------------------------------ resume
