@@ -144,7 +144,7 @@ class Probe:
       compiled, seconds = real_compile(train_step, state, *args, **kwargs)
       segment, schedule = self._segment, self._schedule  # Run.train's own, just built
 
-      def step(state, batch):
+      def step(state, batch, *rest, **kwargs):
         count = int(base_part(state.opt_state, "count"))
         self.steps.append({
             "segment": (segment.stage, segment.index), "step": int(state.step),
@@ -152,11 +152,11 @@ class Probe:
             "trace": host(base_part(state.opt_state, "trace")), "params": host(state.params),
             "batch_stats": host(state.batch_stats),
             "labels": np.asarray(batch["label"]), "images": np.asarray(batch["image"])})
-        return compiled(state, batch)
+        return compiled(state, batch, *rest, **kwargs)
 
       return step, seconds
 
-    def save(run, state, progress):
+    def save(run, state, *rest, **kwargs):
       self.saves.append({"at": (int(state.stage), int(state.phase), int(state.epoch)),
                          "step": int(state.step), "params": host(state.params),
                          "batch_stats": host(state.batch_stats),
@@ -164,7 +164,7 @@ class Probe:
                          "count": int(base_part(state.opt_state, "count")),
                          "masks": None if state.inq_state is None
                          else host(state.inq_state.masks)})
-      return real_save(run, state, progress)
+      return real_save(run, state, *rest, **kwargs)
 
     mp.setattr(runner.Run, "optimizer", optimizer)
     mp.setattr(steps, "compile_step", compile_step)
