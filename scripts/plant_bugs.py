@@ -624,7 +624,7 @@ def catalogue(bugs: Sequence[Bug]) -> str:
   lines = ["| id | file | original | replacement | what it breaks | expected to fail |",
            "|---|---|---|---|---|---|"]
   for b in bugs:
-    tests = "<br>".join(_code(t.removeprefix("tests/")) for t in b.tests)
+    tests = "<br>".join(_code(t) for t in b.tests)
     lines.append(f"| {b.id} | `{b.file}` | {_code(b.original)} | {_code(b.replacement)} | "
                  f"{_cell(b.breaks)} | {tests} |")
   return "\n".join(lines)
