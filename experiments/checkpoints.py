@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import os
+import sys
 import traceback
 from typing import Any, Callable, Iterable, Optional, Tuple
 
@@ -75,6 +76,28 @@ class _QuietOutOfSpace(pylogging.Filter):
 
 
 pylogging.getLogger("absl").addFilter(_QuietOutOfSpace())
+
+
+def _quiet_abandoned_writes() -> None:
+  """Drops the 'Event loop is closed' reports of writes a failed save abandoned.
+
+  When a save fails part-way (out of space), tensorstore still completes or
+  fails the rest of its writes after orbax has closed the asyncio loop they
+  report to; each then prints a traceback as an unraisable error, after the
+  one message that says what happened.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "inq_jax_quiet", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and \
+        "Event loop is closed" in str(unraisable.exc_value):
+      return
+    previous(unraisable)
+
+  hook.inq_jax_quiet = True
+  sys.unraisablehook = hook
 
 
 def _check_workdir(workdir: str, *, create: bool) -> None:
@@ -314,6 +337,7 @@ class RunCheckpoints:
     except Exception as e:  # pylint: disable=broad-except  (re-raised, named if out of space)
       self._failed = True
       if is_out_of_space(e):
+        _quiet_abandoned_writes()
         raise out_of_space(f"checkpoint {self._dir / str(number)}", e) from None
       raise
 
@@ -425,7 +449,7 @@ def load_variables(source: str, template: Any, *, key: str = "init_checkpoint") 
     tree, error = None, f" ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
   else:
     error = ""
-  if not isinstance(tree, dict) or "params" not in tree:
+  if not isinstance(tree, dict) or "params" not in tree or "opt_state" in tree:
     what = _what_folder(directory)
     if isinstance(tree, dict) and "opt_state" in tree:
       what = (f"a run's training state, not model variables; pass WORKDIR/{BASELINE_DIR} "

@@ -41,6 +41,8 @@ class UserError(Reported):
 
 def show(value: Any) -> str:
   """`value` as the message shows it: short, and a float the way Python reads it back."""
+  if hasattr(value, "to_dict"):  # a ConfigDict: its repr is YAML over several lines
+    value = value.to_dict()
   text = repr(value)
   return text if len(text) <= 200 else text[:197] + "..."
 
@@ -167,11 +169,26 @@ def parse_flags(argv, prog: str):
       raise
     _fail(prog, _unknown_key_message(e, argv), 2)
   except OSError as e:
-    text = str(e)
-    if "Failed loading config file" not in text and not _from_config_flags(e):
+    if "Failed loading config file" not in str(e) and not _from_config_flags(e):
       raise
-    reasons = [line.strip() for line in text.splitlines() if line.strip().startswith("[Errno")]
-    _fail(prog, f"cannot load the --config file: {reasons[-1] if reasons else text}", 2)
+    _fail(prog, _config_file_message(e), 2)
+
+
+def _config_file_message(e: OSError) -> str:
+  text = str(e)
+  reasons = [line.strip() for line in text.splitlines() if line.strip().startswith("[Errno")]
+  return f"cannot load the --config file: {reasons[-1] if reasons else text}"
+
+
+def _reported_in(e: BaseException) -> Optional[Reported]:
+  """The first `Reported` error among `e` and what it was raised during."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, Reported):
+      return e
+    seen.add(id(e))
+    e = e.__context__
+  return None
 
 
 def guard(main: Callable, prog: str) -> Callable:
@@ -181,9 +198,16 @@ def guard(main: Callable, prog: str) -> Callable:
       return main(argv)
     except Reported as e:
       _fail(prog, str(e), e.exit_code)
-    except OSError as e:  # a write out of space in code that does not name its file
+    except OSError as e:
+      if "Failed loading config file" in str(e):  # --config read when first used
+        _fail(prog, _config_file_message(e), 2)
       if not is_out_of_space(e):
         raise
+      # A full disk also fails the clean-up after the write that reported it
+      # (closing files in a `finally`): report that first, named, error.
+      first = _reported_in(e)
+      if first is not None:
+        _fail(prog, str(first), first.exit_code)
       _fail(prog, f"out of space: {e}. Free some space and rerun the same command to "
             "resume from the last checkpoint", 1)
   return wrapped

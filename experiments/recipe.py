@@ -33,6 +33,7 @@ from experiments import reporting
 from experiments.configs import common
 from experiments.data import builders
 from experiments.errors import ConfigError, InputNotFoundError
+from experiments.errors import show as errors_show
 from experiments.models import pretrained
 from experiments.train_state import BASELINE, INQ, PRUNE
 from inq_jax import prune
@@ -62,6 +63,15 @@ def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfi
 
 class _Said(str):
   """A problem text that already shows the value (a library's own message)."""
+
+
+class _Lib(str):
+  """A problem text from a library check, which may not show the whole value."""
+
+
+def said(text: str) -> str:
+  """A rule's problem text that shows the value itself (so the message does not repeat it)."""
+  return _Said(text)
 
 
 class Rule(NamedTuple):
@@ -97,6 +107,11 @@ def _is_real(v) -> bool:
 MAX_BATCH = 2**17
 MAX_EPOCHS = 10_000
 MAX_LEARNING_RATE = 100.0
+
+
+def number_rule(what: str, lo=None, hi=None, *, optional=False, **kwargs) -> Rule:
+  """A `_number` rule (for other configs' schemas: the sweep's)."""
+  return _number(what, lo, hi, **kwargs)._replace(optional=optional)
 
 
 def _number(what: str, lo=None, hi=None, *, integer=False, lo_open=False, hi_open=False,
@@ -159,7 +174,7 @@ def _library(make: Callable[[Any], Any], bad: tuple, *, fix: str = "") -> Rule:
     try:
       make(v)
     except (TypeError, ValueError) as e:
-      return _Said(str(e))
+      return _Lib(str(e))
     return None
   return Rule(check, bad, fix=fix)
 
@@ -205,12 +220,12 @@ def _model_kwargs(v, config) -> Optional[str]:
             if f.init and f.name not in ("parent", "name", "num_classes", "dtype")}
   for key, value in dict(v).items():
     if key not in fields:
-      return _Said(f"model {config.model!r} has no option {key!r}; its options: "
-                   f"{sorted(fields) or 'none'}")
+      return _Lib(f"model {config.model!r} has no option {key!r}; its options: "
+                  f"{sorted(fields) or 'none'}")
     default = fields[key].default
     if isinstance(default, bool) and not isinstance(value, bool):
-      return _Said(f"option {key!r} of model {config.model!r} must be True or False, "
-                   f"got {value!r}")
+      return _Lib(f"option {key!r} of model {config.model!r} must be True or False, "
+                  f"got {value!r}")
   return None
 
 
@@ -219,8 +234,8 @@ def _init_torchvision(v, config) -> Optional[str]:
   if problem or v is None:
     return problem
   if config.get("model") not in pretrained.ARCHS:
-    return _Said(f"torchvision weights fit only models {', '.join(pretrained.ARCHS)}, "
-                 f"not {config.get('model')!r}")
+    return _Said(f"{v!r}: torchvision weights fit only models "
+                 f"{', '.join(pretrained.ARCHS)}, not {config.get('model')!r}")
   if not v.endswith((".pth", ".pt", ".safetensors")):
     return "must be a .pth, .pt or .safetensors file of torchvision weights"
   return None
@@ -330,12 +345,14 @@ def _fix(key: str, rule: Rule, prefix: str) -> str:
 
 def refuse(key: str, value, problem: str, rule: Optional[Rule] = None, prefix: str = ""):
   """The ConfigError for `key`'s `value` (`problem` as a rule says it)."""
+  if isinstance(problem, _Lib):  # the library's words, after the value as it was given
+    problem = _Said(f"{prefix}{key}={errors_show(value)}: {problem}")
   return ConfigError(prefix + key, value, problem,
                      _fix(key, rule, prefix) if rule is not None else "",
                      shows_value=isinstance(problem, _Said))
 
 
-def _leaf_keys(config, schema: dict, path: str = "") -> list:
+def leaf_keys(config, schema: dict, path: str = "") -> list:
   """Every key of `config` a rule covers (a rule's key may hold a whole dict)."""
   out = []
   for key in config.keys():
@@ -344,7 +361,7 @@ def _leaf_keys(config, schema: dict, path: str = "") -> list:
     if full in schema or not isinstance(value, (dict, ml_collections.ConfigDict)):
       out.append(full)
     else:
-      out += _leaf_keys(value, schema, full + ".")
+      out += leaf_keys(value, schema, full + ".")
   return out
 
 
@@ -362,7 +379,7 @@ def check_values(config, schema: Optional[dict] = None, *, prefix: str = "") -> 
     leave the real key at its default), and for a missing key.
   """
   schema = SCHEMA if schema is None else schema
-  for key in _leaf_keys(config, schema):
+  for key in leaf_keys(config, schema):
     if key not in schema:
       close = difflib.get_close_matches(key, list(schema), n=1)
       raise ConfigError(prefix + key, _get(config, key), "is not a setting of this config",

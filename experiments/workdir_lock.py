@@ -159,7 +159,7 @@ class _LocalStore:
     try:
       with open(self.path, "rb") as f:
         return _parse(f.read()), True
-    except FileNotFoundError:
+    except OSError:  # none yet, or no directory there (`acquire` says what is wrong)
       return None, False
 
   def take(self, decide) -> bool:
@@ -168,6 +168,7 @@ class _LocalStore:
     `decide(holder)` raises to refuse. Returns False if a live process of a
     host that shares the flock holds it (the caller reads the file and refuses).
     """
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
     for _ in range(10):
       fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
       try:

@@ -269,6 +269,11 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     train, test = (_ArraySource(*_load_split(builder, split), name)
                    for split in (train_split, test_split))
     image_shape = tuple(train.images.shape[1:])
+  for key, split, source in (("train_split", train_split, train), ("test_split", test_split,
+                                                                  test)):
+    if not len(source):  # what the metadata could not tell
+      raise ConfigError(f"dataset.{key}", split, f"{split!r} selects no example of "
+                        f"{builder.name}", shows_value=True)
   logging.info("%s (%s): %s %d examples, %s %d examples, classes %d, images %s",
                name, builder.name, train_split, len(train), test_split, len(test),
                num_classes, image_shape)
@@ -293,6 +298,8 @@ def check_split(builder, key: str, split: str) -> int:
     a slice past its end, or one that selects no example (TFDS would say
     so only when the split is read, in its own words, or not at all).
   """
+  if not builder.info.splits:  # no split metadata (TFDS's test mocks): the reader decides
+    return -1
   sizes = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
   try:
     count = builder.info.splits[split].num_examples
@@ -313,7 +320,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict, batch_size: int) -> int:
   its examples.
   """
   _, builder = builders.builder(config)
-  return _full_batches(check_split(builder, "train_split", config.get("train_split", "train")),
+  split = config.get("train_split", "train")
+  count = check_split(builder, "train_split", split)
+  return _full_batches(count if count >= 0 else builder.info.splits[split].num_examples,
                        batch_size)
 
 
