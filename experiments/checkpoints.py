@@ -83,8 +83,9 @@ def _quiet_abandoned_writes() -> None:
 
   When a save fails part-way (out of space), tensorstore still completes or
   fails the rest of its writes after orbax has closed the asyncio loop they
-  report to; each then prints a traceback as an unraisable error, after the
-  one message that says what happened.
+  report to; each prints a traceback as an unraisable error (one per write,
+  beside the one error that says what happened). Nothing can act on them:
+  the save itself raises.
   """
   previous = sys.unraisablehook
   if getattr(previous, "inq_jax_quiet", False):
@@ -261,6 +262,7 @@ class RunCheckpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            cleanup_tmp_directories=True)
     self._workdir, self._failed = workdir, False
+    _quiet_abandoned_writes()  # before any save: the reports can come before its error
     self._dir = reporting.abs_path(workdir) / CHECKPOINT_DIR
     # The handlers named up front, so that a fresh session can read a
     # checkpoint's metadata (`restore`'s `complete`) before saving anything.
@@ -337,7 +339,6 @@ class RunCheckpoints:
     except Exception as e:  # pylint: disable=broad-except  (re-raised, named if out of space)
       self._failed = True
       if is_out_of_space(e):
-        _quiet_abandoned_writes()
         raise out_of_space(f"checkpoint {self._dir / str(number)}", e) from None
       raise
 
