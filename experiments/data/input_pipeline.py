@@ -249,6 +249,7 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     ConfigError: an unknown dataset name, a split the dataset lacks or one
       that selects no example, a bad `workers`.
   """
+  workers = _workers(config.get("workers", None))  # a bad setting first, before any reading
   name, builder = builders.builder(config)
   train_split = config.get("train_split", "train")
   test_split = config.get("test_split", "test")
@@ -259,7 +260,7 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
   if name == "imagenet2012":
     size = int(config.get("image_size", 224))
-    workers = imagenet.workers_default(_workers(config.get("workers", None)))
+    workers = imagenet.workers_default(workers)
     # Undecoded: the workers decode (and can decode JPEGs at reduced scale).
     train, test = (_ImageNetSource(builder.as_data_source(
         split=split, decoders={"image": tfds.decode.SkipDecoding()}), size, workers)
