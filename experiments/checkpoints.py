@@ -382,11 +382,13 @@ class _named_if_out_of_space:  # pylint: disable=invalid-name  (a context manage
     return False
 
 
-def layout_problems(want: Any, have: Any, *, dtypes: bool = False) -> list:
-  """['missing P', 'unexpected P', 'P: <have's> vs <want's>'] by '/'-joined path.
+def layout_problems(want: Any, have: Any, *, dtypes: bool = False,
+                    names: Tuple[str, str] = ("the checkpoint", "the model")) -> list:
+  """['missing P', 'unexpected P', 'P: <have's> in HAVE, <want's> in WANT'] by path.
 
-  Compares two trees leaf by leaf: their paths, and each leaf's shape ('()'
-  for a leaf without one) and, with `dtypes`, its dtype. [] when they agree.
+  Compares two trees leaf by leaf: their '/'-joined paths, and each leaf's
+  shape ('()' for a leaf without one) and, with `dtypes`, its dtype. `names`
+  says what `have` and `want` are. [] when they agree.
   """
   def layout(t):
     return {p: (tuple(getattr(x, "shape", ())),) + ((str(getattr(x, "dtype", None)),)
@@ -396,8 +398,8 @@ def layout_problems(want: Any, have: Any, *, dtypes: bool = False) -> list:
   show = lambda v: v[0] if len(v) == 1 else v
   return ([f"missing {p}" for p in sorted(set(w) - set(h))]
           + [f"unexpected {p}" for p in sorted(set(h) - set(w))]
-          + [f"{p}: {show(h[p])} vs {show(w[p])}" for p in sorted(set(w) & set(h))
-             if h[p] != w[p]])
+          + [f"{p}: {show(h[p])} in {names[0]}, {show(w[p])} in {names[1]}"
+             for p in sorted(set(w) & set(h)) if h[p] != w[p]])
 
 
 def _what_folder(directory) -> str:
@@ -466,12 +468,13 @@ def load_variables(source: str, template: Any, *, key: str = "init_checkpoint") 
                  "'batch_stats': ...}")
   problems = layout_problems(template, tree)
   if problems:
-    raise refuse("does not fit the model: " + "; ".join(problems[:8])
-                 + " (shapes: checkpoint vs model)",
+    raise refuse("does not fit the model: " + "; ".join(problems[:8]),
                  "is it a checkpoint of this config's model and dataset?")
   try:
     restored = checkpointer.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                             template))
+  except _BUGS:
+    raise
   except Exception as e:  # pylint: disable=broad-except  (tensorstore's bare Exception too)
     raise refuse(f"cannot be read: its data is truncated or damaged "
                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})",
@@ -533,41 +536,58 @@ def load_final(workdir: str):
   directory = reporting.abs_path(workdir) / FINAL_DIR
   if not reporting.is_remote(workdir) and reporting.abs_path(workdir).is_file():
     raise WorkdirError(f"--workdir {workdir} is a file; pass a run's directory")
-  try:
-    return _load_final(workdir, directory)
-  except Reported:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  (orbax's errors of damaged data)
-    raise WorkdirError(f"{directory} cannot be read: it is damaged or truncated "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-                       "; rerun the training command in that workdir to write it again"
-                       ) from None
-
-
-def _load_final(workdir: str, directory):
-  with ocp.CheckpointManager(directory, item_names=("tree", "meta"),
+  # The handlers named up front, so that a fresh process can read the saved
+  # tree's metadata (with item names alone orbax has no handler for it yet).
+  handlers = {"tree": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers,
                              options=ocp.CheckpointManagerOptions(read_only=True)) as mgr:
     number = mgr.latest_step()
     if number is None:
       raise InputNotFoundError(f"{workdir} holds no finished model ({directory} is missing "
                                "or incomplete): it is written at the end of a run")
-    meta = mgr.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    with _damaged_data(f"{directory / str(number)}", "rerun the training command in that "
+                       "workdir to write it again"):
+      meta = mgr.restore(number, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      saved = _tree(mgr.item_metadata(number)["tree"])
     if not isinstance(meta, dict) or meta.get("version") != _FINAL_VERSION:
       raise WorkdirError(f"{directory}: version "
                          f"{meta.get('version') if isinstance(meta, dict) else None!r}, "
                          f"expected {_FINAL_VERSION} (written by another version of this "
                          "trainer)")
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    saved = _tree(mgr.item_metadata(number)["tree"])
     variables = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding),
         saved["variables"])
     config = quantize.INQConfig.from_dict(meta["inq_config"])
     abstract = {"variables": variables,
                 "inq": abstract_inq_state(saved["inq"], variables["params"], config)}
-    tree = mgr.restore(number, args=ocp.args.Composite(
-        tree=ocp.args.StandardRestore(abstract))).tree
+    with _damaged_data(f"{directory / str(number)}", "rerun the training command in that "
+                       "workdir to write it again"):
+      tree = mgr.restore(number, args=ocp.args.Composite(
+          tree=ocp.args.StandardRestore(abstract))).tree
   return tree["variables"], tree["inq"]
+
+
+# What a bug raises, as opposed to orbax and tensorstore reading damaged data
+# (ValueError, OSError, tensorstore's bare Exception): a bug keeps its traceback.
+_BUGS = (TypeError, AttributeError, KeyError, NameError, AssertionError)
+
+
+class _damaged_data:  # pylint: disable=invalid-name  (a context manager)
+  """Re-raises a failed read of `what` as a WorkdirError naming it and `fix`."""
+
+  def __init__(self, what: str, fix: str):
+    self.what, self.fix = what, fix
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, tb):
+    if e is None or isinstance(e, (Reported, *_BUGS)) or not isinstance(e, Exception):
+      return False
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    raise WorkdirError(f"{self.what} cannot be read: it is damaged or truncated "
+                       f"({type(e).__name__}: {first}); {self.fix}") from None
 
 
 def export_path(workdir: str) -> str:

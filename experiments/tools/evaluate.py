@@ -41,10 +41,11 @@ def _check_fits(model, data, variables, weights: str, model_name: str):
   shape = (1,) + tuple(data.image_shape)
   template = jax.eval_shape(lambda: models.init_variables(model, shape, jax.random.key(0)))
   template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
-  problems = checkpoints.layout_problems(template, variables, dtypes=True)
+  problems = checkpoints.layout_problems(template, variables, dtypes=True,
+                                        names=("the file", "the model"))
   if problems:
     raise errors.InputError(f"--weights {weights} does not fit model {model_name!r}: "
-                            + "; ".join(problems[:8]) + " (shapes and dtypes: file vs model)")
+                            + "; ".join(problems[:8]))
 
 
 def read_weights(weights: str):
