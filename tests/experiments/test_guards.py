@@ -754,7 +754,11 @@ def test_the_heartbeat_is_refreshed_while_the_run_lives(tmp_path):
     lock.release()
 
 
-def test_a_study_is_locked_too(tmp_path):
+def test_a_study_is_locked_too(tmp_path, monkeypatch):
+  def ran(*args, **kwargs):
+    raise AssertionError("the sweep ran its cells in a workdir another study holds")
+
+  monkeypatch.setattr(sweep, "_run_cells", ran)
   workdir = str(tmp_path / "study")
   proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "hold", workdir],
                           env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
