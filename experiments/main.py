@@ -18,14 +18,20 @@ Multi-host (one process per host, every host runs the same command):
 The workdir must be one filesystem all processes see (a shared disk or gs://).
 Instead of the three flags, JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID in the environment work too.
+
+One run per workdir: a second command on a workdir that a live run holds is
+refused, naming it (WORKDIR/run.lock, `experiments.workdir_lock`). Every
+setting is checked before the workdir is touched; a mistake in the command
+gets one message naming the key, the value and the fix, and exit status 2.
 """
 
 import logging as pylogging
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from experiments import errors
 
 
 def define_flags():
@@ -51,7 +57,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}: settings are flags, e.g. "
+                           "--config.inq.bits=4")
   logging.set_verbosity(logging.INFO)
   # Orbax logs every save step at INFO; keep its warnings, drop the chatter.
   logging.get_absl_handler().addFilter(
@@ -59,13 +66,20 @@ def main(argv):
   # Imported here, not at the top, so that --help and flag errors come at once:
   # jax and the trainer take seconds to import (measured).
   import jax  # pylint: disable=g-import-not-at-top
-  from experiments import distributed, reporting, train  # pylint: disable=g-import-not-at-top
+  from experiments import distributed, recipe, reporting, train, workdir_lock  # pylint: disable=g-import-not-at-top
   cluster = {k: FLAGS[k].value for k in ("coordinator_address", "num_processes", "process_id")}
-  if FLAGS.config.get("distributed", False):
+  # Every value before anything else: before the processes of a multi-host
+  # run wait for one another, and before any data is read.
+  recipe.check_values(FLAGS.config)
+  if FLAGS.config.distributed:
     distributed.initialize(**cluster)  # multi-host slice / cluster; before any JAX call
   elif any(v is not None for v in cluster.values()):
-    raise app.UsageError("--coordinator_address, --num_processes and --process_id need "
-                         "--config.distributed=True")
+    raise errors.UserError("--coordinator_address, --num_processes and --process_id need "
+                           "--config.distributed=True")
+  if jax.process_count() == 1:
+    # A live run on this workdir: refused now, not after the data is read. (With
+    # several processes process 0 decides, when it takes the lock.)
+    workdir_lock.probe(FLAGS.workdir)
   logging.info("JAX %s on %d %s device(s), process %d of %d", jax.__version__,
                jax.device_count(), jax.devices()[0].device_kind, jax.process_index(),
                jax.process_count())
@@ -78,4 +92,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.main")

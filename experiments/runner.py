@@ -82,9 +82,9 @@ class Run:
                                           top5=self.data.num_classes > 10,
                                           normalization=self.data.normalization)
     self.initial = self._initial_variables()  # validates init_checkpoint before any write
-    # INQ's selection must pick some of this model's weights: checked now, not
-    # once the baseline has trained.
-    tree.select(self.initial["params"], self.inq_cfg.include, self.inq_cfg.exclude)
+    # INQ's selection must pick some of this model's weights, and weights from a
+    # file must be usable: checked now, not once the baseline has trained.
+    recipe.check_initial(config, self.initial)
     self.ckpt = self.writer = None
 
   def open(self):

@@ -1,4 +1,9 @@
-"""Fields every experiment config has; each config file overrides what it needs."""
+"""Fields every experiment config has; each config file overrides what it needs.
+
+Every key here has a rule in `experiments/recipe.py`'s SCHEMA (type, range,
+finiteness), checked before a run touches its workdir; a key without one fails
+tests/experiments/test_guards.py. Add the rule with the key.
+"""
 
 import ml_collections
 
@@ -19,7 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.train_split = "train"
   c.dataset.test_split = "test"
   c.dataset.augment = False
-  c.dataset.image_size = 224
+  c.dataset.image_size = 224  # imagenet2012 only: images are resized to this square
+  # imagenet2012 only: worker processes that decode the JPEGs; None = one per
+  # CPU, 0 = decode in the training process (e.g. under a debugger).
+  c.dataset.workers = ml_collections.FieldReference(None, field_type=int)
 
   c.batch_size = 128       # global, split over all devices
   c.eval_batch_size = 500

@@ -23,13 +23,17 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from experiments.data import fashion_mnist_idx
+from experiments.errors import ConfigError, UserError
 
 IMAGENET_TARS = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 NAMES = ("cifar10", "fashion_mnist", "imagenet2012")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
   """The dataset is not prepared and cannot be prepared here; the message says how."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else ""
 
 
 def tensorflow_available() -> bool:
@@ -47,7 +51,7 @@ def builder(config: ml_collections.ConfigDict):
     return name, _official_builder("cifar10", data_dir, None)
   if name == "imagenet2012":
     return name, _official_builder("imagenet2012", data_dir, manual_dir)
-  raise ValueError(f"unknown dataset {name!r}; expected one of {list(NAMES)}")
+  raise ConfigError("dataset.name", name, f"must be one of {', '.join(NAMES)}")
 
 
 def _fashion_mnist_builder(data_dir: Optional[str], manual_dir: Optional[str]):

@@ -40,6 +40,7 @@ from absl import logging
 
 from experiments.data import builders
 from experiments.data import imagenet
+from experiments.errors import ConfigError
 # Raised by get_dataset, and named in its errors: this module's names too.
 from experiments.data.builders import DatasetNotFoundError, IMAGENET_TARS  # noqa: F401
 
@@ -135,10 +136,23 @@ class Dataset:
   augment: bool = False
   train_source: Any = dataclasses.field(default=None, repr=False, compare=False)
   test_source: Any = dataclasses.field(default=None, repr=False, compare=False)
+  train_split: str = "train"
 
   def steps_per_epoch(self, batch_size: int) -> int:
-    """Full global batches per epoch; the remainder of the shuffled split is dropped."""
-    return _full_batches(self.train_size, batch_size)
+    """Full global batches per epoch; the remainder of the shuffled split is dropped.
+
+    Raises:
+      ConfigError if not one batch fits in the train split (an epoch would
+      train nothing).
+    """
+    steps = _full_batches(self.train_size, batch_size)
+    if steps == 0 and batch_size > 0:
+      raise ConfigError("batch_size", batch_size, (
+          f"batch_size={batch_size} is larger than the train split ({self.train_size} "
+          f"examples in {self.train_split!r})"),
+          f"set --config.batch_size to at most {self.train_size}, or a larger "
+          "--config.dataset.train_split", shows_value=True)
+    return steps
 
   def train_batches(self, batch_size: int, epoch: int, seed: int,
                     augment: Optional[bool] = None) -> Iterator[dict]:
@@ -232,17 +246,21 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
   Raises:
     DatasetNotFoundError: the data is not prepared and cannot be prepared here.
     fashion_mnist_idx.BadIdxFileError: a Fashion-MNIST IDX file is corrupt.
-    ValueError: an unknown dataset name.
+    ConfigError: an unknown dataset name, a split the dataset lacks or one
+      that selects no example, a bad `workers`.
   """
+  workers = _workers(config.get("workers", None))  # a bad setting first, before any reading
   name, builder = builders.builder(config)
   train_split = config.get("train_split", "train")
   test_split = config.get("test_split", "test")
+  for key, split in (("train_split", train_split), ("test_split", test_split)):
+    check_split(builder, key, split)
   augment = bool(config.get("augment", False))
   num_classes = builder.info.features["label"].num_classes
 
   if name == "imagenet2012":
     size = int(config.get("image_size", 224))
-    workers = imagenet.workers_default(config.get("workers", None))
+    workers = imagenet.workers_default(workers)
     # Undecoded: the workers decode (and can decode JPEGs at reduced scale).
     train, test = (_ImageNetSource(builder.as_data_source(
         split=split, decoders={"image": tfds.decode.SkipDecoding()}), size, workers)
@@ -252,12 +270,48 @@ def get_dataset(config: ml_collections.ConfigDict) -> Dataset:
     train, test = (_ArraySource(*_load_split(builder, split), name)
                    for split in (train_split, test_split))
     image_shape = tuple(train.images.shape[1:])
+  for key, split, source in (("train_split", train_split, train), ("test_split", test_split,
+                                                                  test)):
+    if not len(source):  # what the metadata could not tell
+      raise ConfigError(f"dataset.{key}", split, f"{split!r} selects no example of "
+                        f"{builder.name}", shows_value=True)
   logging.info("%s (%s): %s %d examples, %s %d examples, classes %d, images %s",
                name, builder.name, train_split, len(train), test_split, len(test),
                num_classes, image_shape)
   return Dataset(name=name, num_classes=num_classes, image_shape=image_shape,
                  train_size=len(train), test_size=len(test), augment=augment,
-                 train_source=train, test_source=test)
+                 train_source=train, test_source=test, train_split=train_split)
+
+
+def _workers(value):
+  """`dataset.workers` as given (None: one per CPU), refused unless an int >= 0."""
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+    raise ConfigError("dataset.workers", value, "must be an int >= 0 (0: decode in this "
+                      "process) or None (one worker per CPU)")
+  return value
+
+
+def check_split(builder, key: str, split: str) -> int:
+  """The examples `split` selects in `builder`'s prepared data, read from its metadata.
+
+  Raises:
+    ConfigError naming `dataset.<key>` for a split the dataset does not have,
+    a slice past its end, or one that selects no example (TFDS would say
+    so only when the split is read, in its own words, or not at all).
+  """
+  if not builder.info.splits:  # no split metadata (TFDS's test mocks): the reader decides
+    return -1
+  sizes = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
+  try:
+    count = builder.info.splits[split].num_examples
+  except (ValueError, KeyError, AssertionError) as e:
+    raise ConfigError(f"dataset.{key}", split, f"{split!r} does not fit {builder.name}: "
+                      f"{str(e).splitlines()[0]}", f"its splits: {sizes}",
+                      shows_value=True) from None
+  if count <= 0:
+    raise ConfigError(f"dataset.{key}", split, f"{split!r} selects no example of "
+                      f"{builder.name}", f"its splits: {sizes}", shows_value=True)
+  return count
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, batch_size: int) -> int:
@@ -268,7 +322,9 @@ def steps_per_epoch(config: ml_collections.ConfigDict, batch_size: int) -> int:
   """
   _, builder = builders.builder(config)
   split = config.get("train_split", "train")
-  return _full_batches(builder.info.splits[split].num_examples, batch_size)
+  count = check_split(builder, "train_split", split)
+  return _full_batches(count if count >= 0 else builder.info.splits[split].num_examples,
+                       batch_size)
 
 
 def _full_batches(examples: int, batch_size: int) -> int:

@@ -38,13 +38,13 @@ import time
 from typing import NamedTuple, Optional
 
 import ml_collections
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from experiments import checkpoints, optimizer, recipe, reporting, train
+from experiments import checkpoints, errors, optimizer, recipe, reporting, train, workdir_lock
 from experiments.data import input_pipeline
+from experiments.recipe import Rule
 from experiments.study import report as sweep_report
 from inq_jax import quantize
 
@@ -67,33 +67,91 @@ class Cell(NamedTuple):
     return f"seed{self.seed}/{self.kind}{self.bits or ''}"
 
 
+def _seeds(v, config):
+  del config
+  if (not isinstance(v, (tuple, list)) or not v or len(set(v)) != len(v)
+      or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 2**32 for x in v)):
+    return "must be distinct ints in [0, 2**32), at least one"
+  return None
+
+
+def _bits(v, config):
+  del config
+  if not isinstance(v, (tuple, list)):
+    return "must be a tuple of bit widths, e.g. (5, 4)"
+  for b in v:
+    try:
+      quantize.INQConfig(bits=b)  # the library's own rule for a bit width
+    except (TypeError, ValueError) as e:
+      return recipe.said(str(e))
+  return None
+
+
+def _schedules(v, config):
+  del config
+  if v is None:
+    return None
+  if not isinstance(v, (dict, ml_collections.ConfigDict)):
+    return "must map 'b<bits>' to portions, e.g. {'b5': (0.5, 0.75, 0.875, 1.0)}"
+  for name, portions in dict(v).items():
+    try:
+      quantize.INQConfig(bits=int(name[1:]) if name[1:].isdigit() else -1, portions=portions)
+    except (TypeError, ValueError) as e:
+      return recipe.said(f"{name}: {e}")
+  return None
+
+
+def _text(optional: bool) -> Rule:
+  def check(v, config):
+    del config
+    return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
+  return Rule(check, ("", 3, None), optional=optional)
+
+
+# Every key of a sweep config (`experiment` holds a whole experiment config,
+# checked against recipe.SCHEMA with its own rules).
+SCHEMA = {
+    "experiment": Rule(lambda v, c: None if isinstance(v, ml_collections.ConfigDict)
+                       else "must be an experiment config", (None, 3)),
+    "seeds": Rule(_seeds, ((), (0, 0), (-1,), (1.5,), 0, None), fix="e.g. (0, 1, 2)"),
+    **{key: Rule(_bits, ((9,), (1,), ("5",), 5, (True,)), optional=True)
+       for key in BITS_KEYS.values()},
+    "portions": Rule(_schedules, ({"b5": (0.5, 0.9)}, {"b5": ()}, {"x": (1.0,)}, (1.0,), None)),
+    "tail_portions": Rule(_schedules, ({"b3": (0.5, 0.4, 1.0)}, (1.0,)), optional=True),
+    "finetune_epochs": recipe.number_rule("a number > 0", 0, recipe.MAX_EPOCHS, lo_open=True,
+                                          optional=True),
+    "report_dir": _text(optional=False),
+    "title": _text(optional=True),
+    "command_config": _text(optional=True),
+}
+
+
 def check_sweep_config(sc: ml_collections.ConfigDict) -> None:
-  """Every sweep-level error before anything runs (cells check their own)."""
-  if not sc.seeds or len(set(sc.seeds)) != len(sc.seeds):
-    raise ValueError(f"seeds must be distinct and non-empty, got {tuple(sc.seeds)}")
-  for key in BITS_KEYS.values():
-    for b in sc.get(key, ()):
-      try:
-        quantize.INQConfig(bits=b)  # the library's own rule for a bit width
-      except (TypeError, ValueError) as e:
-        raise type(e)(f"{key}: {e}") from None
+  """Every sweep-level error before anything runs (cells check their own).
+
+  Raises:
+    ConfigError naming the key (experiment keys as `experiment.KEY`), the
+    value and the fix.
+  """
+  recipe.check_values(sc, SCHEMA)
+  recipe.check_values(sc.experiment, prefix="experiment.")
   retrained = {b for kind, key in BITS_KEYS.items() if kind not in ("ptq", "ptq_mse")
                for b in sc.get(key, ())}
   for b in sorted(retrained):
     if f"b{b}" not in sc.portions:
-      raise ValueError(f"portions has no schedule 'b{b}' for {b}-bit cells; it has "
-                       f"{sorted(sc.portions.keys())}")
+      raise errors.ConfigError("portions", sc.portions.to_dict(),
+                               f"portions has no schedule 'b{b}' for {b}-bit cells; it has "
+                               f"{sorted(sc.portions.keys())}", shows_value=True)
   tails = sc.get("tail_portions") or {}
   for kind in ("tail", "tail_mse"):
     for b in sc.get(BITS_KEYS[kind], ()):
       if f"b{b}" not in tails:
-        raise ValueError(f"tail_portions has no schedule 'b{b}' for the {kind}{b} cell; it "
-                         f"has {sorted(tails.keys())}")
-  if any(sc.get(BITS_KEYS[kind], ()) for kind in FINETUNED):
-    ft = sc.get("finetune_epochs")
-    if isinstance(ft, bool) or not isinstance(ft, (int, float)) or not ft > 0:
-      raise ValueError(f"finetune_epochs must be a number > 0 for the {'/'.join(FINETUNED)} "
-                       f"cells, got {ft!r}")
+        raise errors.ConfigError("tail_portions", dict(tails),
+                                 f"tail_portions has no schedule 'b{b}' for the {kind}{b} "
+                                 f"cell; it has {sorted(tails.keys())}", shows_value=True)
+  if any(sc.get(BITS_KEYS[kind], ()) for kind in FINETUNED) and "finetune_epochs" not in sc:
+    raise errors.ConfigError("finetune_epochs", None, "must be set (a number > 0) for the "
+                             f"{'/'.join(FINETUNED)} cells")
 
 
 def cells(sc: ml_collections.ConfigDict) -> list:
@@ -164,12 +222,21 @@ def run_sweep(sc: ml_collections.ConfigDict, workdir: str, *,
     probe.init_checkpoint = None  # written later, by the seed's fp32 cell
     try:
       recipe.check_config(probe)
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"sweep cell {cell.name}: {e}") from e
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f"experiment.{e.key}", e.value,
+                               f"(sweep cell {cell.name}) {e}", shows_value=True) from None
+  workdir_lock.probe(workdir, "study")  # a live study here: refused before any data is read
   # Adding bit widths or kinds to a finished study reruns only the new cells
   # (each cell still refuses a changed config of its own).
-  checkpoints.claim_workdir(workdir, sc, what="study", may_change=BITS_KEYS.values())
-  report_dir = report_dir or sc.report_dir
+  lock = checkpoints.claim_workdir(workdir, sc, what="study", may_change=BITS_KEYS.values())
+  try:
+    return _run_cells(sc, workdir, all_cells, configs, report_dir or sc.report_dir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_cells(sc, workdir: str, all_cells: list, configs: dict, report_dir: str) -> dict:
 
   per_epoch = input_pipeline.steps_per_epoch(sc.experiment.dataset, sc.experiment.batch_size)
   counts = {cell: cell_steps(configs[cell], per_epoch) for cell in all_cells}
@@ -252,7 +319,8 @@ def define_flags():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}: settings are flags, e.g. "
+                           "--config.seeds=(0,1)")
   # Per-cell INFO logs would bury the progress bar; each cell keeps metrics.jsonl.
   logging.set_verbosity(logging.WARNING)
   if flags.FLAGS.report_only:
@@ -263,4 +331,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.study.sweep")

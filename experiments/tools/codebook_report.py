@@ -67,9 +67,23 @@ def main():
                       help="an orbax checkpoint of {'params', ...}, e.g. WORKDIR/baseline_variables")
   parser.add_argument("--bits", default="3,2", help="comma-separated bit widths")
   args = parser.parse_args()
-  variables = ocp.StandardCheckpointer().restore(os.path.abspath(args.variables))
-  bits = [int(b) for b in args.bits.split(",")]
-  print(markdown(rows(variables["params"], bits)))
+  # A mistake in the command: argparse's one-line message and exit status 2.
+  try:
+    bits = [int(b) for b in args.bits.split(",")]
+    for b in bits:
+      quantize.INQConfig(bits=b)
+  except (TypeError, ValueError) as e:
+    parser.error(f"--bits={args.bits}: {e}")
+  if not os.path.isdir(args.variables):
+    parser.error(f"--variables {args.variables} is not a directory (an orbax checkpoint of "
+                 "{'params', ...}, e.g. WORKDIR/baseline_variables)")
+  try:
+    variables = ocp.StandardCheckpointer().restore(os.path.abspath(args.variables))
+    params = variables["params"]
+  except Exception as e:  # pylint: disable=broad-except  (orbax's errors of any unreadable dir)
+    parser.error(f"--variables {args.variables} is not a readable checkpoint of "
+                 f"{{'params', ...}}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  print(markdown(rows(params, bits)))
 
 
 if __name__ == "__main__":

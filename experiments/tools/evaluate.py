@@ -15,11 +15,10 @@ extras["batch_stats"]); the file is checked (CRCs, codebooks) as it is read.
 import json
 
 import jax
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import checkpoints, loops, models, reporting, steps
+from experiments import checkpoints, errors, loops, models, recipe, reporting, steps
 from experiments.data import input_pipeline
 from experiments.mesh import Devices
 from inq_jax import export
@@ -42,10 +41,29 @@ def _check_fits(model, data, variables, weights: str, model_name: str):
   shape = (1,) + tuple(data.image_shape)
   template = jax.eval_shape(lambda: models.init_variables(model, shape, jax.random.key(0)))
   template = {"params": template["params"], "batch_stats": template.get("batch_stats", {})}
-  problems = checkpoints.layout_problems(template, variables, dtypes=True)
+  problems = checkpoints.layout_problems(template, variables, dtypes=True,
+                                        names=("the file", "the model"))
   if problems:
-    raise ValueError(f"{weights} does not fit model {model_name!r}: " + "; ".join(problems[:8])
-                     + " (shapes and dtypes: file vs model)")
+    raise errors.InputError(f"--weights {weights} does not fit model {model_name!r}: "
+                            + "; ".join(problems[:8]))
+
+
+def read_weights(weights: str):
+  """(params, extras, bits) of the exported file `weights` (local or gs://).
+
+  Raises:
+    InputNotFoundError if it is missing; InputError (a ValueError) naming the
+    file if it is not a readable `.inq` file (the reader's own reason).
+  """
+  if not reporting.abs_path(weights).exists():
+    raise errors.InputNotFoundError(f"--weights {weights} does not exist")
+  try:
+    with reporting.read_locally(weights) as local:  # inq_jax.export reads local files
+      params, extras = export.load_with_extras(local)
+      bits = export.read_header(local)["bits"]
+  except (ValueError, OSError) as e:  # the reader names what is wrong with the file
+    raise errors.InputError(f"--weights {weights} cannot be used: {e}") from None
+  return params, extras, bits
 
 
 def evaluate(config, weights: str) -> dict:
@@ -56,11 +74,11 @@ def evaluate(config, weights: str) -> dict:
      "dataset", "test_split", "test_examples", "bits"}.
 
   Raises:
-    ValueError if the file is damaged or does not fit the config's model.
+    ConfigError for a bad config value; InputError (a ValueError) if the file is
+    damaged or does not fit the config's model.
   """
-  with reporting.read_locally(weights) as local:  # inq_jax.export reads local files
-    params, extras = export.load_with_extras(local)
-    bits = export.read_header(local)["bits"]
+  recipe.check_values(config)  # the settings it reads (model, dataset, batch, dtype) too
+  params, extras, bits = read_weights(weights)
   variables = {"params": params, "batch_stats": extras.get("batch_stats", {})}
   data = input_pipeline.get_dataset(config.dataset)
   model = models.from_config(config, data.num_classes)
@@ -82,10 +100,10 @@ def evaluate(config, weights: str) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments: {argv[1:]}")
   print(json.dumps(evaluate(FLAGS.config, FLAGS.weights)), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.tools.evaluate")

@@ -18,10 +18,9 @@ quantized or holds a weight outside its codebook.
 
 import json
 
-from absl import app
 from absl import flags
 
-from experiments import checkpoints
+from experiments import checkpoints, errors, reporting
 
 
 def define_flags():
@@ -37,14 +36,23 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments: {argv[1:]}")
+  output = FLAGS.output or checkpoints.export_path(FLAGS.workdir)
+  if FLAGS.output and not reporting.is_remote(output):
+    target = reporting.abs_path(output)
+    if target.is_dir() or not target.parent.is_dir():  # refused before the model is read
+      raise errors.InputError(f"--output {output} must be a file in an existing directory")
   variables, inq_state = checkpoints.load_final(FLAGS.workdir)
-  stats = checkpoints.export_model(FLAGS.output or checkpoints.export_path(FLAGS.workdir),
-                                   variables, inq_state)
+  try:
+    stats = checkpoints.export_model(output, variables, inq_state)
+  except OSError as e:
+    if errors.is_out_of_space(e):
+      raise errors.out_of_space(output, e) from None
+    raise errors.InputError(f"cannot write --output {output}: {e}") from None
   if stats is not None:
     print(json.dumps(stats, sort_keys=True), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.tools.export")

@@ -86,11 +86,10 @@ from typing import Dict, NamedTuple, Optional
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import models
+from experiments import errors, models, recipe
 from experiments.data import input_pipeline
 from inq_jax import export
 from inq_jax import quantize
@@ -123,7 +122,7 @@ class Layer(NamedTuple):
   kernel: np.ndarray      # float64, the exact weights (from_codes(codes))
 
 
-class NotLeNetError(ValueError):
+class NotLeNetError(errors.UserError, ValueError):
   """The model or the file is not a fully quantized LeNet."""
 
 
@@ -137,7 +136,10 @@ def lenet_layers(weights) -> Dict[str, Layer]:
     NotLeNetError if the file's params are not LeNet's or a kernel is not quantized;
     ValueError (from `inq_jax.export`) if the file is damaged.
   """
-  params, _ = export.load_with_extras(weights)
+  try:
+    params, _ = export.load_with_extras(weights)
+  except (ValueError, OSError) as e:  # the reader names what is wrong with the file
+    raise errors.InputError(f"--weights {weights} cannot be used: {e}") from None
   if sorted(params) != sorted(LAYERS) or any(
       not isinstance(params[n], dict) or sorted(params[n]) != ["bias", "kernel"]
       for n in LAYERS):
@@ -359,8 +361,11 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
   if config.model != "lenet":
     raise NotLeNetError(f"shift_check supports only LeNet; the config's model is "
                         f"{config.model!r}")
-  if limit is not None and limit < 1:
-    raise ValueError(f"--limit must be >= 1, got {limit}")
+  for name, value, low in (("limit", limit, 1), ("batch_size", batch_size, 1),
+                           ("workers", workers, 1), ("frac_bits", frac_bits, 0)):
+    if value is not None and value < low:
+      raise errors.InputError(f"--{name} must be >= {low}, got {value}")
+  recipe.check_values(config)
   start = time.perf_counter()
   layers = lenet_layers(weights)
   data = input_pipeline.get_dataset(config.dataset)
@@ -381,15 +386,12 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    result = check(FLAGS.config, FLAGS.weights, FLAGS.frac_bits, FLAGS.limit,
-                   FLAGS.batch_size, FLAGS.workers)
-  except NotLeNetError as e:
-    raise SystemExit(f"shift_check: {e}") from None
+    raise errors.UserError(f"unexpected arguments: {argv[1:]}")
+  result = check(FLAGS.config, FLAGS.weights, FLAGS.frac_bits, FLAGS.limit,
+                 FLAGS.batch_size, FLAGS.workers)
   print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.tools.shift_check")
