@@ -1,29 +1,67 @@
 """What an experiment config asks for, checked before any data is read.
 
 `inq_config` and `prune_config` are the library's configs of a run,
-`check_config` every error that needs no data, and `plan` the segments a run
-trains (the baseline, each pruning step, each INQ phase) with their epochs:
-the trainer runs them, the sweep counts their steps.
+`distill_options` its distillation (or None), `check_config` every error that
+needs no data (`check_lowbit_options` those of the low-bit options), and
+`plan` the segments a run trains (the baseline, each pruning step, each INQ
+phase) with their epochs: the trainer runs them, the sweep counts their steps.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Optional
 
 import jax
 import ml_collections
 
 from experiments import reporting
+from experiments import steps
 from experiments.train_state import BASELINE, INQ, PRUNE
 from inq_jax import prune
 from inq_jax import quantize
 
 
 def inq_config(config: ml_collections.ConfigDict) -> quantize.INQConfig:
+  """The run's `INQConfig` (`config.inq.layer_bits`: per-layer widths, first match wins)."""
   c = config.inq
+  layer_bits = tuple(tuple(pair) for pair in c.get("layer_bits", ()))
   return quantize.INQConfig(bits=c.bits, portions=tuple(c.portions), strategy=c.strategy,
                             include=c.include, exclude=c.exclude, granularity=c.granularity,
-                            calibration=c.calibration, seed=config.seed)
+                            calibration=c.calibration, seed=config.seed,
+                            layer_bits=layer_bits)
+
+
+def distill_options(config: ml_collections.ConfigDict) -> Optional[steps.Distill]:
+  """The INQ segments' distillation (`steps.Distill`), or None when `inq.distill_weight` is 0."""
+  c = config.inq
+  weight = c.get("distill_weight", 0.0)
+  if not weight:
+    return None
+  return steps.Distill(weight=float(weight), temperature=float(c.get("distill_temperature", 1.0)))
+
+
+def check_lowbit_options(config: ml_collections.ConfigDict) -> None:
+  """The errors of the low-bit options (issue #32) that need no data.
+
+  `inq.distill_weight` in [0, 1], `inq.distill_temperature` > 0 and finite,
+  `inq.bn_reestimate_batches` an int >= 0. (`inq.layer_bits` is checked by
+  `INQConfig`, built by `inq_config`.)
+  """
+  c = config.inq
+  number = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
+  weight = c.get("distill_weight", 0.0)
+  if not number(weight) or not 0 <= weight <= 1:
+    raise ValueError(f"inq.distill_weight must be a number in [0, 1] (0 = no distillation), "
+                     f"got {weight!r}")
+  temperature = c.get("distill_temperature", 1.0)
+  if not number(temperature) or not 0 < temperature < math.inf:
+    raise ValueError(f"inq.distill_temperature must be a number > 0, got {temperature!r}")
+  batches = c.get("bn_reestimate_batches", 0)
+  if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+    raise ValueError(f"inq.bn_reestimate_batches must be an int >= 0 (0 = off), got "
+                     f"{batches!r}")
 
 
 def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfig]:
@@ -46,6 +84,7 @@ def _positive_int(config, name: str) -> int:
 def check_config(config: ml_collections.ConfigDict):
   """Every error in `config` that needs no data: (INQConfig, PruneConfig or None)."""
   inq_cfg, prune_cfg = inq_config(config), prune_config(config)
+  check_lowbit_options(config)
   if config.optimizer not in ("sgd", "adam"):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {config.optimizer!r}")
   for key in ("baseline.epochs", "prune.epochs", "inq.epochs", "inq.final_finetune_epochs"):

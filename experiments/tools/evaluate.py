@@ -8,13 +8,16 @@ trainer's own evaluation (`steps.make_eval_step` and `loops.evaluate`, same
 batches, same compiled step), so the accuracy equals the run's final test
 accuracy bit for bit. Prints one JSON line: {"test_accuracy", "test_loss",
 ("top5_accuracy",) "weights", "model", "dataset", "test_split", "test_examples",
-"bits"}. The weights come from `inq_jax.export.load_with_extras` (the params and
+"bits", "layer_bits", "mean_bits"}: "bits" is the file's default width,
+"layer_bits" each quantized leaf's own width and "mean_bits" the average
+width per quantized weight (they differ with `inq.layer_bits`). The weights come from `inq_jax.export.load_with_extras` (the params and
 extras["batch_stats"]); the file is checked (CRCs, codebooks) as it is read.
 """
 
 import json
 
 import jax
+import numpy as np
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -53,14 +56,14 @@ def evaluate(config, weights: str) -> dict:
 
   Returns:
     {"test_accuracy", "test_loss", ("top5_accuracy",) "weights", "model",
-     "dataset", "test_split", "test_examples", "bits"}.
+     "dataset", "test_split", "test_examples", "bits", "layer_bits", "mean_bits"}.
 
   Raises:
     ValueError if the file is damaged or does not fit the config's model.
   """
   with reporting.read_locally(weights) as local:  # inq_jax.export reads local files
     params, extras = export.load_with_extras(local)
-    bits = export.read_header(local)["bits"]
+    widths = file_bits(export.read_header(local))
   variables = {"params": params, "batch_stats": extras.get("batch_stats", {})}
   data = input_pipeline.get_dataset(config.dataset)
   model = models.from_config(config, data.num_classes)
@@ -76,8 +79,16 @@ def evaluate(config, weights: str) -> dict:
     out["top5_accuracy"] = result["top5_accuracy"]
   out.update({"weights": weights, "model": config.model, "dataset": config.dataset.name,
               "test_split": config.dataset.test_split, "test_examples": data.test_size,
-              "bits": bits})
+              **widths})
   return out
+
+
+def file_bits(header: dict) -> dict:
+  """{"bits", "layer_bits", "mean_bits"} of an export file's (checked) header."""
+  leaves = [leaf for leaf in header["leaves"] if leaf["kind"] == "quantized"]
+  return {"bits": header["bits"], **reporting.bits_entry(
+      {leaf["path"]: (leaf["bits"], int(np.prod(leaf["shape"], dtype=np.int64)))
+       for leaf in leaves})}
 
 
 def main(argv):
