@@ -210,11 +210,12 @@ class Run:
     batches = itertools.chain.from_iterable(
         self.data.train_batches(self.config.batch_size, epoch, seed, augment=False)
         for epoch in itertools.count())
+    stats = batch_stats
     for batch in itertools.islice(batches, n):
-      batch_stats = self._bn_stats_step(params, batch_stats, self.devices.put_batch(batch))
+      stats = self._bn_stats_step(params, stats, self.devices.put_batch(batch))
       if self.devices.sync_each_step:
-        jax.block_until_ready(batch_stats)
-    return batch_stats
+        jax.block_until_ready(stats)
+    return stats
 
   def save(self, state: TrainState, progress: Progress) -> None:
     # Fields set on the host (epoch, stage) become global arrays, which a

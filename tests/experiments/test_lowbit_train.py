@@ -130,7 +130,8 @@ def test_distillation_trains_against_the_runs_own_baseline(fmnist_data_dir, tmp_
   a, t = 0.75, 2.5
   config = tiny_config(fmnist_data_dir, **{"inq.distill_weight": a,
                                            "inq.distill_temperature": t,
-                                           "inq.learning_rate": 0.0, "inq.epochs": 0.25})
+                                           "inq.learning_rate": 0.0, "inq.epochs": 0.25,
+                                           "inq.final_finetune_epochs": 0.25})
   rec = Recorder()
   train.train_and_evaluate(config, str(tmp_path), callback=rec)
   data = input_pipeline.get_dataset(config.dataset)
@@ -138,21 +139,22 @@ def test_distillation_trains_against_the_runs_own_baseline(fmnist_data_dir, tmp_
   template = models.init_variables(model, (1, 28, 28, 1), jax.random.key(0))
   teacher = checkpoints.load_variables(str(tmp_path / checkpoints.BASELINE_DIR),
                                        {"params": template["params"], "batch_stats": {}})
-  student = rec.advanced[0]  # the params right after quantizing the first portion
-  segment = next(s for s in recipe.plan(config) if s.stage == INQ and s.index == 1)
-  losses = []
-  for i, batch in enumerate(data.train_batches(config.batch_size, 0, segment.data_seed)):
-    if i == 4:  # 0.25 epochs of 16 steps
-      break
-    x = steps.prepare_images(jnp.asarray(batch["image"]), data.normalization)
-    s_logits = np.float64(model.apply({"params": student}, x, train=True))
-    t_logits = np.float64(model.apply({"params": teacher["params"]}, x, train=False))
-    losses.append([_numpy_distill(s_logits, t_logits, batch["label"], *at)
-                   for at in ((a, t), (0.0, t), (a, 1.0))])
-  want, labels_only, at_t1 = np.mean(losses, axis=0)
-  assert _phase_train_loss(tmp_path, 1) == pytest.approx(want, rel=1e-5)
-  # Not vacuous: the labels alone, or T = 1, give other losses.
-  assert abs(labels_only - want) > 1e-3 and abs(at_t1 - want) > 1e-3
+  for phase in (1, 2):  # a phase, and the final finetune
+    student = rec.advanced[phase - 1]  # the params right after quantizing the portion
+    segment = next(s for s in recipe.plan(config) if s.stage == INQ and s.index == phase)
+    losses = []
+    for i, batch in enumerate(data.train_batches(config.batch_size, 0, segment.data_seed)):
+      if i == 4:  # 0.25 epochs of 16 steps
+        break
+      x = steps.prepare_images(jnp.asarray(batch["image"]), data.normalization)
+      s_logits = np.float64(model.apply({"params": student}, x, train=True))
+      t_logits = np.float64(model.apply({"params": teacher["params"]}, x, train=False))
+      losses.append([_numpy_distill(s_logits, t_logits, batch["label"], *at)
+                     for at in ((a, t), (0.0, t), (a, 1.0))])
+    want, labels_only, at_t1 = np.mean(losses, axis=0)
+    assert _phase_train_loss(tmp_path, phase) == pytest.approx(want, rel=1e-5), phase
+    # Not vacuous: the labels alone, or T = 1, give other losses.
+    assert abs(labels_only - want) > 1e-3 and abs(at_t1 - want) > 1e-3
 
 
 def _numpy_distill(s, t_logits, labels, a, t):
