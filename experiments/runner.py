@@ -10,7 +10,6 @@ BatchNorm statistics after a quantization step (`config.inq.bn_reestimate_batche
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -207,15 +206,8 @@ class Run:
       self._bn_stats_step = steps.make_bn_stats_step(self.model, self.devices,
                                                      normalization=self.data.normalization)
     seed = self.config.seed * 1000 + 700 + index
-    batches = itertools.chain.from_iterable(
-        self.data.train_batches(self.config.batch_size, epoch, seed, augment=False)
-        for epoch in itertools.count())
-    stats = batch_stats
-    for batch in itertools.islice(batches, n):
-      stats = self._bn_stats_step(params, stats, self.devices.put_batch(batch))
-      if self.devices.sync_each_step:
-        jax.block_until_ready(stats)
-    return stats
+    batches = loops.bn_batches(self.data, self.config.batch_size, seed, n)
+    return loops.reestimate_bn(self._bn_stats_step, params, batch_stats, batches, self.devices)
 
   def save(self, state: TrainState, progress: Progress) -> None:
     # Fields set on the host (epoch, stage) become global arrays, which a

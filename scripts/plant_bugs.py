@@ -141,9 +141,9 @@ LOWBIT_BUGS: Tuple[Bug, ...] = (
         "_, updates = model.apply(model_variables(params, batch_stats), images, train=False,",
         "BN re-estimation runs the model in evaluation mode: the statistics never move",
         (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
-    Bug("bnre-restart-each-batch", "experiments/runner.py",
-        "stats = self._bn_stats_step(params, stats, self.devices.put_batch(batch))",
-        "stats = self._bn_stats_step(params, batch_stats, self.devices.put_batch(batch))",
+    Bug("bnre-restart-each-batch", "experiments/loops.py",
+        "stats = bn_stats_step(params, stats, devices.put_batch(batch))",
+        "stats = bn_stats_step(params, batch_stats, devices.put_batch(batch))",
         "every re-estimation batch starts from the stale statistics: only the last batch "
         "counts, at 1 - momentum",
         (TEST_LOWBIT_TRAIN,)),

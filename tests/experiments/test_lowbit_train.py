@@ -13,9 +13,6 @@
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +29,6 @@ from inq_jax import export
 from inq_jax import quantize as inq
 from inq_jax.tree import leaves_with_paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIXED = (("^conv1/", 8), ("^fc2/", 8))
 
 
