@@ -16,7 +16,7 @@ The re-estimation is the trainer's own (`steps.make_bn_stats_step` over
 `loops.bn_batches`, by `loops.reestimate_bn`), which a run applies after every
 quantization step with `--config.inq.bn_reestimate_batches=N`; a PTQ run with
 it (portions (1.0,), no retraining) gives the "bn_reestimated" number through
-the trainer (experiments/configs/lowbit_options_resnet20.py's ptq_*_bnre cells).
+the trainer (experiments/configs/sweep_lowbit_options_resnet20.py's ptq_*_bnre cells).
 """
 
 import argparse

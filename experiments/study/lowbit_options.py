@@ -1,7 +1,7 @@
 """The low-bit options of issue #32, each alone and together, from a study's fp32 baselines.
 
   python -m experiments.study.lowbit_options \
-      --config=experiments/configs/lowbit_options_lenet.py \
+      --config=experiments/configs/sweep_lowbit_options_lenet.py \
       --workdir=workdirs/lowbit_options_lenet [--only=REGEX] [--report_only]
 
 A cell is an ordinary run of `train.train_and_evaluate` in WORKDIR/seed{S}/{variant}{b}:

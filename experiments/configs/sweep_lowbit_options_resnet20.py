@@ -4,7 +4,7 @@ distillation and mixed widths, from the ResNet-20 study's fp32 baseline.
 Command (from the repository root, after `bash scripts/setup.sh`):
 
   .venv/bin/python -m experiments.study.lowbit_options \
-      --config=experiments/configs/lowbit_options_resnet20.py \
+      --config=experiments/configs/sweep_lowbit_options_resnet20.py \
       --workdir=workdirs/lowbit_options_resnet20
 
 Rerunning the command resumes; the report goes to results/lowbit_options/resnet20.md.
@@ -45,7 +45,7 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.title = ("Low-bit options on Fashion-MNIST (ResNet-20, batch norm): BN re-estimation, "
              "distillation, mixed widths")
-  c.command_config = "experiments/configs/lowbit_options_resnet20.py"
+  c.command_config = "experiments/configs/sweep_lowbit_options_resnet20.py"
   c.experiment = sweep_fashion_mnist_resnet20.get_config().experiment
   c.portions = ml_collections.ConfigDict(
       {**sweep_fashion_mnist.get_config().portions.to_dict()})

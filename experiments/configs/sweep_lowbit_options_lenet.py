@@ -3,7 +3,7 @@
 Command (from the repository root, after `bash scripts/setup.sh`):
 
   .venv/bin/python -m experiments.study.lowbit_options \
-      --config=experiments/configs/lowbit_options_lenet.py \
+      --config=experiments/configs/sweep_lowbit_options_lenet.py \
       --workdir=workdirs/lowbit_options_lenet
 
 Rerunning the command resumes; the report goes to results/lowbit_options/lenet.md.
@@ -38,7 +38,7 @@ DISTILL = {"distill_weight": 0.5, "distill_temperature": 4.0}
 def get_config():
   c = ml_collections.ConfigDict()
   c.title = "Low-bit options on Fashion-MNIST (LeNet): distillation and mixed widths"
-  c.command_config = "experiments/configs/lowbit_options_lenet.py"
+  c.command_config = "experiments/configs/sweep_lowbit_options_lenet.py"
   c.experiment = fashion_mnist_lenet_lowbit.get_config("3")  # bits and portions per cell
   c.experiment.max_checkpoints_to_keep = 1
   c.portions = ml_collections.ConfigDict(
