@@ -44,8 +44,10 @@ def aggregate(finished: dict) -> tuple[dict, dict]:
     if kind == "fp32":
       summary["fp32"] = cell
       continue
-    # The average code width per quantized weight (per-layer widths, inq.layer_bits).
-    cell["mean_bits"] = float(np.mean([r[3]["final"].get("mean_bits", bits) for r in rows]))
+    # Mixed widths (inq.layer_bits): the average code width per quantized weight.
+    mean_bits = float(np.mean([r[3]["final"].get("mean_bits", bits) for r in rows]))
+    if abs(mean_bits - bits) > 1e-9:
+      cell["mean_bits"] = mean_bits
     summary.setdefault(kind, {})[str(bits)] = cell
     fit = rows[0][3].get("codebook")  # the first seed's: the codebooks are fixed at init
     calibration = "mse" if "_mse" in kind else "absmax"
