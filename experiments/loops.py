@@ -1,7 +1,9 @@
 """The one epoch loop of every stage and the one evaluation of every tool.
 
 `train_epoch` runs the baseline's, the pruning steps' and the INQ phases'
-epochs; `evaluate` is shared by train.py, tools/evaluate.py and the study.
+epochs; `evaluate` is shared by train.py, tools/evaluate.py and the study;
+`reestimate_bn` (over `bn_batches`) re-estimates BatchNorm statistics for the
+trainer (`inq.bn_reestimate_batches`) and the study's diagnostic.
 """
 
 from __future__ import annotations
@@ -104,3 +106,25 @@ def train_split_eval_batches(data, eval_batch_size: int, devices: Devices, seed:
   count = -(-TRAIN_LOSS_EXAMPLES // size)
   return ({**b, "mask": np.ones(len(b["label"]), bool)}
           for b in itertools.islice(batches, count))
+
+
+def bn_batches(data, batch_size: int, seed: int, count: int):
+  """`count` plain (unaugmented) train batches of one seeded draw, over epochs as needed."""
+  batches = itertools.chain.from_iterable(
+      data.train_batches(batch_size, epoch, seed, augment=False) for epoch in itertools.count())
+  return itertools.islice(batches, count)
+
+
+def reestimate_bn(bn_stats_step, params, batch_stats, batches, devices: Devices):
+  """The BatchNorm statistics after `batches`, each run forward in train mode.
+
+  `bn_stats_step` is `steps.make_bn_stats_step`'s: every BatchNorm's running
+  statistics move toward each batch's with the model's own momentum (flax:
+  new = momentum * old + (1 - momentum) * batch). `params` are only read.
+  """
+  stats = batch_stats
+  for batch in batches:
+    stats = bn_stats_step(params, stats, devices.put_batch(batch))
+    if devices.sync_each_step:
+      jax.block_until_ready(stats)
+  return stats

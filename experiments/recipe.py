@@ -1,6 +1,7 @@
 """What an experiment config asks for, checked before anything is read or written.
 
-`inq_config` and `prune_config` are the library's configs of a run;
+`inq_config` and `prune_config` are the library's configs of a run,
+`distill_options` its distillation (issue #32's low-bit option) or None;
 `check_config` every error that needs no data, `check_initial` those that need
 the model's initial weights (both before the workdir is claimed); and `plan`
 the segments a run trains (the baseline, each pruning step, each INQ phase)
@@ -30,6 +31,7 @@ import tensorflow_datasets as tfds
 
 from experiments import models
 from experiments import reporting
+from experiments import steps
 from experiments.configs import common
 from experiments.data import builders
 from experiments.errors import ConfigError, InputNotFoundError
@@ -42,10 +44,27 @@ from inq_jax import tree
 
 
 def inq_config(config: ml_collections.ConfigDict) -> quantize.INQConfig:
+  """The run's `INQConfig` (`config.inq.layer_bits`: per-layer widths, first match wins)."""
   c = config.inq
   return quantize.INQConfig(bits=c.bits, portions=tuple(c.portions), strategy=c.strategy,
                             include=c.include, exclude=c.exclude, granularity=c.granularity,
-                            calibration=c.calibration, seed=config.seed)
+                            calibration=c.calibration, seed=config.seed,
+                            layer_bits=_pairs(c.layer_bits))
+
+
+def _pairs(layer_bits):
+  # A config file or the command line gives lists; INQConfig checks the rest.
+  if isinstance(layer_bits, (list, tuple)):
+    return tuple(tuple(p) if isinstance(p, list) else p for p in layer_bits)
+  return layer_bits
+
+
+def distill_options(config: ml_collections.ConfigDict) -> Optional[steps.Distill]:
+  """The INQ segments' distillation (`steps.Distill`), or None when `inq.distill_weight` is 0."""
+  c = config.inq
+  if not c.distill_weight:
+    return None
+  return steps.Distill(weight=float(c.distill_weight), temperature=float(c.distill_temperature))
 
 
 def prune_config(config: ml_collections.ConfigDict) -> Optional[prune.PruneConfig]:
@@ -297,6 +316,14 @@ SCHEMA: dict = {
     "inq.carry_optimizer_state": _bool(),
     "inq.final_finetune_epochs": _number("a number of epochs >= 0 (fractions allowed)", 0,
                                          MAX_EPOCHS),
+    # The low-bit options (issue #32).
+    "inq.layer_bits": _library(
+        lambda v: quantize.INQConfig(layer_bits=_pairs(v)),
+        ((("^conv1/", 9),), (("(", 8),), (("^conv1/",),), ("^conv1/", 8), 8, "^conv1/=8",
+         None)),
+    "inq.distill_weight": _number("a number in [0, 1] (0 = no distillation)", 0, 1),
+    "inq.distill_temperature": _number("a number > 0", 0, 1000, lo_open=True),
+    "inq.bn_reestimate_batches": _number("an int >= 0 (0 = off)", 0, 100_000, integer=True),
     **_stage_rules("prune"),
     "prune.sparsity": _library(
         lambda v: v == () or v == [] or prune.PruneConfig(sparsity=v),

@@ -225,9 +225,8 @@ def plot_accuracy(workdir: str, results: dict) -> Optional[str]:
   ax.set_xticks(range(len(acc)), labels)
   ax.set_xlabel("accumulated portion quantized")
   ax.set_ylabel("test accuracy (%)")
-  bits = results.get("final", {}).get("bits", "")
-  ax.set_title(f"INQ {bits}-bit: {results['config']['model']} on "
-               f"{results['config']['dataset']['name']}")
+  ax.set_title(f"INQ {bits_label(results.get('final') or {})}: {results['config']['model']} "
+               f"on {results['config']['dataset']['name']}")
   ax.grid(alpha=0.3)
   ax.legend(loc="best", fontsize=8)
   fig.subplots_adjust(left=0.11, right=0.98, bottom=0.15, top=0.9)  # not tight_layout: slow
@@ -277,14 +276,40 @@ def plot_weights(workdir: str, name: str, before: dict, after: np.ndarray, n1, n
 
 
 def codebook_entry(fit: dict) -> dict:
-  """results.json's "codebook": {path: {"n1", "zero_fraction", "relative_error"}}.
+  """results.json's "codebook": {path: {"bits", "n1", "zero_fraction", "relative_error"}}.
 
   From `inq_jax.quantize.codebook_fit` of the weights INQ starts from: what
   rounding every pretrained weight at once would do (n1 is the largest of a
-  per-channel codebook's).
+  per-channel codebook's; bits the layer's own width).
   """
-  return {path: {"n1": int(np.max(f.n1)), "zero_fraction": f.zero_share,
-                 "relative_error": f.relative_error} for path, f in fit.items()}
+  return {path: {"bits": int(f.bits), "n1": int(np.max(f.n1)),
+                 "zero_fraction": f.zero_share, "relative_error": f.relative_error}
+          for path, f in fit.items()}
+
+
+def bits_entry(widths: dict) -> dict:
+  """results.json's final "layer_bits" and "mean_bits", from {path: (bits, weights)}.
+
+  "layer_bits": every quantized leaf's own width; "mean_bits": the average
+  width per quantized weight (each leaf weighted by its number of weights),
+  what a model of mixed widths costs per weight.
+  """
+  total = sum(n for _, n in widths.values())
+  mean = sum(b * n for b, n in widths.values()) / total if total else float("nan")
+  return {"layer_bits": {p: int(b) for p, (b, _) in widths.items()}, "mean_bits": mean}
+
+
+def mixed_widths(final: dict) -> bool:
+  """Whether a finished run's layers have different widths from its `bits`."""
+  return any(b != final.get("bits") for b in (final.get("layer_bits") or {}).values())
+
+
+def bits_label(final: dict) -> str:
+  """'3-bit', or for mixed widths '3-bit (mixed, 3.06 bits/weight)': for titles and lines."""
+  bits = final.get("bits", "")
+  if not mixed_widths(final):
+    return f"{bits}-bit"
+  return f"{bits}-bit (mixed, {final['mean_bits']:.2f} bits/weight)"
 
 
 def summary_lines(results: dict) -> list:
@@ -297,6 +322,12 @@ def summary_lines(results: dict) -> list:
                  f"{p['train_loss']:.4f}, {p['seconds']:.1f}s")
   f = results.get("final")
   if f:
-    lines.append(f"final {f['bits']}-bit: test accuracy {100 * f['test_accuracy']:.2f}%, "
+    lines.append(f"final {bits_label(f)}: test accuracy {100 * f['test_accuracy']:.2f}%, "
                  f"all_pow2={f['all_pow2']}, max_distinct_values={f['max_distinct_values']}")
+    if mixed_widths(f):
+      by_width = {}
+      for path, b in f["layer_bits"].items():
+        by_width.setdefault(b, []).append(path)
+      lines.append("layer widths: " + "; ".join(
+          f"{b} bits: {', '.join(paths)}" for b, paths in sorted(by_width.items())))
   return lines

@@ -1,7 +1,11 @@
 """A run's fixed parts (data, model, initial weights, checkpoints, metrics) and its training.
 
 `Run.train` trains one segment of the plan (`recipe.plan`) from wherever its
-state stands, saving a checkpoint after every epoch.
+state stands, saving a checkpoint after every epoch. With distillation
+(`config.inq.distill_weight` > 0) every INQ segment trains against the run's
+own fp32 baseline, `Run.teacher` (read back from WORKDIR/baseline_variables,
+so a resumed run has the same teacher). `Run.reestimate_bn` re-estimates the
+BatchNorm statistics after a quantization step (`config.inq.bn_reestimate_batches`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from experiments.data import input_pipeline
 from experiments.mesh import Devices
 from experiments.models import pretrained
 from experiments.recipe import Segment
-from experiments.train_state import BASELINE, STAGE_NAMES, TrainState
+from experiments.train_state import BASELINE, INQ, STAGE_NAMES, TrainState
 from inq_jax import tree
 
 Callback = Callable[..., None]
@@ -81,6 +85,8 @@ class Run:
     self.eval_step = steps.make_eval_step(self.model, self.devices,
                                           top5=self.data.num_classes > 10,
                                           normalization=self.data.normalization)
+    self.distill = recipe.distill_options(config)
+    self._teacher = self._bn_stats_step = None  # made when first needed
     self.initial = self._initial_variables()  # validates init_checkpoint before any write
     # INQ's selection must pick some of this model's weights, and weights from a
     # file must be usable: checked now, not once the baseline has trained.
@@ -166,6 +172,43 @@ class Run:
     return loops.evaluate(self.eval_step, state.params, state.batch_stats, batches,
                           self.devices)
 
+  def teacher(self):
+    """The distillation teacher's variables, replicated: the run's fp32 baseline.
+
+    Read from WORKDIR/baseline_variables, which the baseline stage writes
+    before any INQ checkpoint exists, so a fresh run and a resumed one get the
+    same teacher: the float model INQ started from (with pruning: the dense
+    baseline, before pruning). Loaded once per session.
+    """
+    if self._teacher is None:
+      source = str(reporting.abs_path(self.workdir) / checkpoints.BASELINE_DIR)
+      variables = checkpoints.load_variables(source, self.initial)
+      self._teacher = self.devices.replicate(
+          steps.model_variables(variables["params"], variables["batch_stats"]))
+    return self._teacher
+
+  def reestimate_bn(self, params, batch_stats, index: int):
+    """The BatchNorm statistics of `params`, re-estimated from train batches.
+
+    `config.inq.bn_reestimate_batches` batches of `batch_size` plain
+    (unaugmented) train images, a fixed draw per phase `index`, each run
+    forward in train mode (`steps.make_bn_stats_step`): every BatchNorm's
+    running statistics move toward the batch's with the model's own momentum
+    (flax: new = momentum * old + (1 - momentum) * batch; with momentum 0.9,
+    50 batches leave 0.5% of the old statistics). No gradient: `params` are
+    only read. Returns `batch_stats` as it is when the option is off (0) or
+    the model has no BatchNorm.
+    """
+    n = self.config.inq.get("bn_reestimate_batches", 0)
+    if not n or not jax.tree_util.tree_leaves(batch_stats):
+      return batch_stats
+    if self._bn_stats_step is None:
+      self._bn_stats_step = steps.make_bn_stats_step(self.model, self.devices,
+                                                     normalization=self.data.normalization)
+    seed = self.config.seed * 1000 + 700 + index
+    batches = loops.bn_batches(self.data, self.config.batch_size, seed, n)
+    return loops.reestimate_bn(self._bn_stats_step, params, batch_stats, batches, self.devices)
+
   def save(self, state: TrainState, progress: Progress) -> None:
     # Fields set on the host (epoch, stage) become global arrays, which a
     # multi-process orbax save needs; what is already replicated stays put.
@@ -185,10 +228,16 @@ class Run:
     chunks = optimizer.epoch_steps(segment.epochs, self.steps_per_epoch)
     if int(state.epoch) >= len(chunks):
       return Trained(state, progress, None, 0.0, None)
+    # Distillation: every INQ segment (each phase and the final finetune).
+    teacher = self.teacher() if self.distill and segment.stage == INQ else None
     train_step = steps.make_train_step(self.model, tx, self.devices, self.config.seed,
-                                       normalization=self.data.normalization)
+                                       normalization=self.data.normalization,
+                                       distill=self.distill if teacher is not None else None)
     train_step, compile_seconds = steps.compile_step(
-        train_step, state, self.config.batch_size, self.data.image_shape, self.devices)
+        train_step, state, self.config.batch_size, self.data.image_shape, self.devices,
+        teacher=teacher)
+    if teacher is not None:
+      train_step = _with_teacher(train_step, teacher)
     seconds, entry = progress.seconds + compile_seconds, progress.entry
     metrics = tested = None
     for e in range(int(state.epoch), len(chunks)):
@@ -212,3 +261,8 @@ class Run:
       self.callback("epoch", stage=segment.record["stage"],
                     phase=segment.record.get("phase", 0), epoch=e + 1, ts=state)
     return Trained(state, progress, metrics, compile_seconds, tested)
+
+
+def _with_teacher(compiled, teacher):
+  """`step(state, batch)` of a distilling step `compiled(state, batch, teacher)`."""
+  return lambda state, batch: compiled(state, batch, teacher)

@@ -210,13 +210,17 @@ def _advance(run: Run, state: TrainState, results: dict):
     if k > 1 and run.segment(INQ, k - 1).epochs == 0:  # nothing to retrain: stale on purpose
       warnings.simplefilter("ignore", quantize.StaleParamsWarning)
     params, inq_state = quantize.advance(state.params, state.inq_state)
+  # The BatchNorm statistics of the weights just quantized (inq.bn_reestimate_batches),
+  # so the accuracy below is the codebook's cost, not that of stale statistics.
+  batch_stats = run.reestimate_bn(params, state.batch_stats, k)
   tx, _ = run.optimizer(run.segment(INQ, k))
   opt_state = tx.init(params)
   if run.config.inq.carry_optimizer_state and k > 1:
     opt_state = opt_state.copy()  # the chain's own mapping type: the step's signature
     opt_state["base"] = optimizer.reset_count(state.opt_state["base"])
   state = run.devices.replicate(
-      state.replace(params=params, inq_state=inq_state, opt_state=opt_state).at(INQ, k))
+      state.replace(params=params, batch_stats=batch_stats, inq_state=inq_state,
+                    opt_state=opt_state).at(INQ, k))
   jax.block_until_ready(state)
   seconds = time.perf_counter() - start
   evaluated = run.evaluate(state)  # what this quantization step costs before retraining
@@ -287,8 +291,11 @@ def _final(run: Run, state: TrainState, results: dict) -> dict:
   except ValueError as e:  # reported, not hidden: results.json says so
     logging.error("verify failed: %s", e)
     all_pow2, distinct = False, -1
+  widths = reporting.bits_entry(
+      {p: (inq_state.bits(p), int(np.size(m)))
+       for p, m in tree.leaves_with_paths(inq_state.masks)[0] if p in inq_state.exponents})
   final = {"test_accuracy": results["phases"][-1]["test_accuracy"], "bits": run.inq_cfg.bits,
-           "all_pow2": all_pow2, "max_distinct_values": distinct,
+           **widths, "all_pow2": all_pow2, "max_distinct_values": distinct,
            "quantized_leaves": len(inq_state.exponents),
            "quantized_weights": int(sum(np.size(m) for p, m in
                                         tree.leaves_with_paths(inq_state.masks)[0]

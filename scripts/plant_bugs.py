@@ -90,6 +90,91 @@ class Bug:
   tests: Tuple[str, ...]  # test files (or node ids) expected to catch it
 
 
+# The low-bit options of issue #32 (distillation, per-layer widths, BN re-estimation):
+# a block of its own, appended to BUGS.
+TEST_LOWBIT_STEPS = T + "experiments/test_lowbit_steps.py"
+TEST_LOWBIT_TRAIN = T + "experiments/test_lowbit_train.py"
+LOWBIT_BUGS: Tuple[Bug, ...] = (
+    Bug("distill-teacher-train-mode", "experiments/steps.py",
+        "teacher_logits = model.apply(teacher, images, train=False).astype(jnp.float32)",
+        'teacher_logits = model.apply(teacher, images, train=True, mutable=["batch_stats"], '
+        'rngs={"dropout": rng})[0].astype(jnp.float32)',
+        "the distillation teacher runs in train mode (the student's call copied): batch "
+        "statistics instead of its running ones, dropout on",
+        (TEST_LOWBIT_STEPS,)),
+    Bug("distill-student-untempered", "experiments/steps.py",
+        "student_log_p = jax.nn.log_softmax(logits / t)",
+        "student_log_p = jax.nn.log_softmax(logits)",
+        "the temperature softens the teacher's predictions but not the student's",
+        (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
+    Bug("distill-weight-ignored", "experiments/steps.py",
+        "loss = (1 - a) * ce + a * t ** 2 * kl",
+        "loss = ce + t ** 2 * kl",
+        "the distillation weight is ignored: the labels' and the teacher's terms are summed",
+        (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
+    Bug("distill-no-t-squared", "experiments/steps.py",
+        "loss = (1 - a) * ce + a * t ** 2 * kl",
+        "loss = (1 - a) * ce + a * kl",
+        "the soft term is not scaled by T^2: its gradient shrinks as 1/T^2",
+        (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
+    Bug("distill-kl-reversed", "experiments/steps.py",
+        "kl = jnp.sum(jnp.exp(teacher_log_p) * (teacher_log_p - student_log_p), axis=-1).mean()",
+        "kl = jnp.sum(jnp.exp(student_log_p) * (student_log_p - teacher_log_p), axis=-1).mean()",
+        "KL(student || teacher) instead of KL(teacher || student)",
+        (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
+    Bug("distill-teacher-initial", "experiments/runner.py",
+        "variables = checkpoints.load_variables(source, self.initial)",
+        "variables = self.initial",
+        "the teacher is the run's initial variables (random for a run that trains its "
+        "baseline), not the fp32 baseline",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("distill-not-in-finetune", "experiments/runner.py",
+        "teacher = self.teacher() if self.distill and segment.stage == INQ else None",
+        "teacher = self.teacher() if self.distill and segment.stage == INQ and "
+        "segment.index < self.inq_cfg.num_steps else None",
+        "the final finetune trains on the labels alone",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("layer-bits-not-passed", "experiments/recipe.py",
+        "                            layer_bits=_pairs(c.layer_bits))",
+        "                            )",
+        "inq.layer_bits never reaches the INQConfig: every layer at the default width",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("mean-bits-unweighted", "experiments/reporting.py",
+        'mean = sum(b * n for b, n in widths.values()) / total if total else float("nan")',
+        'mean = sum(b for b, _ in widths.values()) / len(widths) if total else float("nan")',
+        "the average bits per weight is the mean over layers, not over weights (LeNet's "
+        "8-bit conv1 and fc2 would count half)",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("bits-label-never-mixed", "experiments/reporting.py",
+        'return any(b != final.get("bits") for b in (final.get("layer_bits") or {}).values())',
+        'return all(b != final.get("bits") for b in (final.get("layer_bits") or {}).values())',
+        "a run of mixed widths is reported as a plain b-bit run (summary, plot title)",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("bnre-eval-mode", "experiments/steps.py",
+        "_, updates = model.apply(model_variables(params, batch_stats), images, train=True,",
+        "_, updates = model.apply(model_variables(params, batch_stats), images, train=False,",
+        "BN re-estimation runs the model in evaluation mode: the statistics never move",
+        (TEST_LOWBIT_STEPS, TEST_LOWBIT_TRAIN)),
+    Bug("bnre-restart-each-batch", "experiments/loops.py",
+        "stats = bn_stats_step(params, stats, devices.put_batch(batch))",
+        "stats = bn_stats_step(params, batch_stats, devices.put_batch(batch))",
+        "every re-estimation batch starts from the stale statistics: only the last batch "
+        "counts, at 1 - momentum",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("bnre-float-weights", "experiments/train.py",
+        "batch_stats = run.reestimate_bn(params, state.batch_stats, k)",
+        "batch_stats = run.reestimate_bn(state.params, state.batch_stats, k)",
+        "BN statistics re-estimated with the weights before the quantization step",
+        (TEST_LOWBIT_TRAIN,)),
+    Bug("bnre-discarded", "experiments/train.py",
+        "state.replace(params=params, batch_stats=batch_stats, inq_state=inq_state,",
+        "state.replace(params=params, inq_state=inq_state,",
+        "the re-estimated statistics are computed and dropped: the quantized accuracy is the "
+        "stale statistics' again",
+        (TEST_LOWBIT_TRAIN,)),
+)
+
+
 BUGS: Tuple[Bug, ...] = (
     # ------------------------------------------------------------ models
     Bug("bn-momentum-pytorch", LAYERS,
@@ -280,8 +365,8 @@ BUGS: Tuple[Bug, ...] = (
         "and a finished schedule",
         (TEST_CONTRACT,)),
     Bug("quantized-params-dropped", TRAIN,
-        "state.replace(params=params, inq_state=inq_state, opt_state=opt_state).at(INQ, k))",
-        "state.replace(inq_state=inq_state, opt_state=opt_state).at(INQ, k))",
+        "state.replace(params=params, batch_stats=batch_stats, inq_state=inq_state,",
+        "state.replace(batch_stats=batch_stats, inq_state=inq_state,",
         "advance's quantized weights are not written back: the frozen weights stay float "
         "(and frozen), the final model is not on the codebook",
         (TEST_CONTRACT,)),
@@ -300,8 +385,8 @@ BUGS: Tuple[Bug, ...] = (
         "is batch_size times too large",
         (TEST_STEPS,)),
     Bug("eval-in-train-mode", STEPS,
-        "logits = model.apply(_variables(params, batch_stats), images, train=False)",
-        "logits = model.apply(_variables(params, batch_stats), images, train=True)",
+        "logits = model.apply(model_variables(params, batch_stats), images, train=False)",
+        "logits = model.apply(model_variables(params, batch_stats), images, train=True)",
         "evaluation runs the model in training mode (batch statistics, dropout on)",
         (TEST_STEPS,)),
     Bug("eval-loss-counts-padding", STEPS,
@@ -441,8 +526,8 @@ BUGS: Tuple[Bug, ...] = (
         "fails later without naming the leaf",
         (TEST_EXPORT_CLI,)),
     Bug("export-cli-ignores-output", "experiments/tools/export.py",
-        "stats = checkpoints.export_model(FLAGS.output or checkpoints.export_path(FLAGS.workdir),",
-        "stats = checkpoints.export_model(checkpoints.export_path(FLAGS.workdir),",
+        "output = FLAGS.output or checkpoints.export_path(FLAGS.workdir)",
+        "output = checkpoints.export_path(FLAGS.workdir)",
         "the export command ignores --output and writes WORKDIR/model.inq",
         (TEST_EXPORT_CLI,)),
     Bug("codebook-report-signed-tail", "experiments/tools/codebook_report.py",
@@ -455,6 +540,8 @@ BUGS: Tuple[Bug, ...] = (
         "the integer LeNet flattens conv2's output channel-first (PyTorch's order), so fc1 "
         "multiplies the wrong activations",
         (T + "experiments/tools/test_shift_check.py",)),
+    # ------------------------------------------------------------ low-bit options (issue #32)
+    *LOWBIT_BUGS,
 )
 
 

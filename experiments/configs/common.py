@@ -57,6 +57,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.inq.exclude = ml_collections.FieldReference(None, field_type=str)
   c.inq.carry_optimizer_state = False  # the paper restarts the optimizer every step
   c.inq.final_finetune_epochs = 0.0    # train biases/BN with every kernel frozen
+  # Low-bit options beyond the paper (issue #32); all off by default, which is
+  # the paper's algorithm.
+  # Per-layer bit widths: ((regex, bits), ...) over '/'-joined param paths, the
+  # first match wins, `bits` for the rest; e.g. (("^conv1/", 8), ("^fc2/", 8)).
+  c.inq.layer_bits = ()
+  # Distillation from the run's own fp32 baseline in every INQ phase and the
+  # final finetune: loss = (1 - a) CE(labels) + a T^2 KL(teacher_T || student_T),
+  # a = distill_weight (0 = off), T = distill_temperature.
+  c.inq.distill_weight = 0.0
+  c.inq.distill_temperature = 4.0
+  # Re-estimate the BatchNorm statistics from this many train batches (train
+  # mode, no gradient) right after each quantization step; 0 = off.
+  c.inq.bn_reestimate_batches = 0
 
   # Optional stage between the two: iterative magnitude pruning with retraining
   # (inq_jax.prune); INQ then quantizes the unpruned weights, zeros stay frozen.

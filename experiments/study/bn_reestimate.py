@@ -10,8 +10,13 @@ error suggests. This script rounds the study's fp32 baseline with each codebook
 baseline's BN running statistics ("stale_bn"), then re-estimates those
 statistics from `--batches` train batches in train mode (no gradient, no
 weight changes; flax's BatchNorm momentum) and evaluates again. Prints one
-JSON line. INQ's retraining re-estimates them anyway (its steps run in train
-mode); PTQ and the accuracy measured right after a quantization step do not.
+JSON line.
+
+The re-estimation is the trainer's own (`steps.make_bn_stats_step` over
+`loops.bn_batches`, by `loops.reestimate_bn`), which a run applies after every
+quantization step with `--config.inq.bn_reestimate_batches=N`; a PTQ run with
+it (portions (1.0,), no retraining) gives the "bn_reestimated" number through
+the trainer (experiments/configs/sweep_lowbit_options_resnet20.py's ptq_*_bnre cells).
 """
 
 import argparse
@@ -48,12 +53,8 @@ def main():
     batches = loops.test_batches(data, config.eval_batch_size, devices)
     return loops.evaluate(eval_step, params, batch_stats, batches, devices)["accuracy"]
 
-  @jax.jit
-  def bn_update(params, batch_stats, images):
-    x = steps.prepare_images(images, data.normalization)
-    _, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                             mutable=["batch_stats"])
-    return updates["batch_stats"]
+  bn_step = steps.make_bn_stats_step(model, devices, normalization=data.normalization)
+  variables = devices.replicate(variables)
 
   out = {"baseline": args.baseline, "batches": args.batches,
          "fp32": test(variables["params"], variables["batch_stats"])}
@@ -64,10 +65,8 @@ def main():
                                     quantize.init(variables["params"], recipe.inq_config(c)))
     stats = variables["batch_stats"]
     stale = test(quantized, stats)
-    for i, batch in enumerate(data.train_batches(128, 0, 7, augment=False)):
-      if i == args.batches:
-        break
-      stats = bn_update(quantized, stats, batch["image"])
+    stats = loops.reestimate_bn(bn_step, quantized, stats,
+                                loops.bn_batches(data, 128, 7, args.batches), devices)
     out[f"ptq{bits}_{calibration}"] = {"stale_bn": stale,
                                        "bn_reestimated": test(quantized, stats)}
   print(json.dumps(out), flush=True)

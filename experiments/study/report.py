@@ -44,6 +44,10 @@ def aggregate(finished: dict) -> tuple[dict, dict]:
     if kind == "fp32":
       summary["fp32"] = cell
       continue
+    # Mixed widths (inq.layer_bits): the average code width per quantized weight.
+    mean_bits = float(np.mean([r[3]["final"].get("mean_bits", bits) for r in rows]))
+    if abs(mean_bits - bits) > 1e-9:
+      cell["mean_bits"] = mean_bits
     summary.setdefault(kind, {})[str(bits)] = cell
     fit = rows[0][3].get("codebook")  # the first seed's: the codebooks are fixed at init
     calibration = "mse" if "_mse" in kind else "absmax"
@@ -272,11 +276,17 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
   if "fp32" in summary:
     rows.append(("fp32 baseline", *_fmt(summary["fp32"], None,
                                         seeds["fp32"] if ragged else None)))
+  # Mixed widths: a column of the average bits per quantized weight beside the accuracy.
+  mixed = any(abs(c.get("mean_bits", int(b)) - int(b)) > 1e-9
+              for kind in NAMES for b, c in summary.get(kind, {}).items())
+  if "fp32" in summary and mixed:
+    rows[-1] = (*rows[-1], "32")
   for kind in NAMES:
     for b, cell in sorted(summary.get(kind, {}).items(), key=lambda kv: -int(kv[0])):
       rows.append((NAMES[kind].format(b=b),
                    *_fmt(cell, _baseline_of(summary, seeds, kind, b),
-                         seeds[f"{kind}{b}"] if ragged else None)))
+                         seeds[f"{kind}{b}"] if ragged else None),
+                   *((f"{cell.get('mean_bits', int(b)):.3f}",) if mixed else ())))
   done = sorted({s for v in seeds.values() for s in v})
   missing = [s for s in sc.seeds if s not in done]
   total = sum(c["seconds"] for c in _all_cells(summary))
@@ -294,8 +304,9 @@ def markdown(sc, summary, details, workdir, report_dir: str = "results") -> str:
       f"copy is [`{SWEEP_JSON}`]({SWEEP_JSON}) (accuracies as fractions; `seconds` is the "
       f"wall time summed over seeds). Every cell starts from its seed's fp32 baseline.",
       "",
-      "| cell | test accuracy % (mean ± std) | per seed | Δ vs fp32 (points) | wall time (min, all seeds) |",
-      "|---|---|---|---|---|",
+      "| cell | test accuracy % (mean ± std) | per seed | Δ vs fp32 (points) | wall time (min, all seeds) |"
+      + (" bits per weight (average) |" if mixed else ""),
+      "|---|---|---|---|---|" + ("---|" if mixed else ""),
       *[f"| {' | '.join(r)} |" for r in rows],
       "",
       f"Total wall time: {total / 60:.1f} min.",

@@ -8,13 +8,16 @@ trainer's own evaluation (`steps.make_eval_step` and `loops.evaluate`, same
 batches, same compiled step), so the accuracy equals the run's final test
 accuracy bit for bit. Prints one JSON line: {"test_accuracy", "test_loss",
 ("top5_accuracy",) "weights", "model", "dataset", "test_split", "test_examples",
-"bits"}. The weights come from `inq_jax.export.load_with_extras` (the params and
+"bits", "layer_bits", "mean_bits"}: "bits" is the file's default width,
+"layer_bits" each quantized leaf's own width and "mean_bits" the average
+width per quantized weight (they differ with `inq.layer_bits`). The weights come from `inq_jax.export.load_with_extras` (the params and
 extras["batch_stats"]); the file is checked (CRCs, codebooks) as it is read.
 """
 
 import json
 
 import jax
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -49,7 +52,9 @@ def _check_fits(model, data, variables, weights: str, model_name: str):
 
 
 def read_weights(weights: str):
-  """(params, extras, bits) of the exported file `weights` (local or gs://).
+  """(params, extras, widths) of the exported file `weights` (local or gs://).
+
+  `widths` is `file_bits` of its header: {"bits", "layer_bits", "mean_bits"}.
 
   Raises:
     InputNotFoundError if it is missing; InputError (a ValueError) naming the
@@ -60,10 +65,10 @@ def read_weights(weights: str):
   try:
     with reporting.read_locally(weights) as local:  # inq_jax.export reads local files
       params, extras = export.load_with_extras(local)
-      bits = export.read_header(local)["bits"]
+      widths = file_bits(export.read_header(local))
   except (ValueError, OSError) as e:  # the reader names what is wrong with the file
     raise errors.InputError(f"--weights {weights} cannot be used: {e}") from None
-  return params, extras, bits
+  return params, extras, widths
 
 
 def evaluate(config, weights: str) -> dict:
@@ -71,14 +76,14 @@ def evaluate(config, weights: str) -> dict:
 
   Returns:
     {"test_accuracy", "test_loss", ("top5_accuracy",) "weights", "model",
-     "dataset", "test_split", "test_examples", "bits"}.
+     "dataset", "test_split", "test_examples", "bits", "layer_bits", "mean_bits"}.
 
   Raises:
     ConfigError for a bad config value; InputError (a ValueError) if the file is
     damaged or does not fit the config's model.
   """
   recipe.check_values(config)  # the settings it reads (model, dataset, batch, dtype) too
-  params, extras, bits = read_weights(weights)
+  params, extras, widths = read_weights(weights)
   variables = {"params": params, "batch_stats": extras.get("batch_stats", {})}
   data = input_pipeline.get_dataset(config.dataset)
   model = models.from_config(config, data.num_classes)
@@ -94,8 +99,16 @@ def evaluate(config, weights: str) -> dict:
     out["top5_accuracy"] = result["top5_accuracy"]
   out.update({"weights": weights, "model": config.model, "dataset": config.dataset.name,
               "test_split": config.dataset.test_split, "test_examples": data.test_size,
-              "bits": bits})
+              **widths})
   return out
+
+
+def file_bits(header: dict) -> dict:
+  """{"bits", "layer_bits", "mean_bits"} of an export file's (checked) header."""
+  leaves = [leaf for leaf in header["leaves"] if leaf["kind"] == "quantized"]
+  return {"bits": header["bits"], **reporting.bits_entry(
+      {leaf["path"]: (leaf["bits"], int(np.prod(leaf["shape"], dtype=np.int64)))
+       for leaf in leaves})}
 
 
 def main(argv):

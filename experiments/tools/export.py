@@ -7,7 +7,8 @@ Reads WORKDIR/final/ (written by the training script at the end of every run,
 `checkpoints.save_final`) and writes it with the trainer's own export,
 `checkpoints.export_model`: the params (every quantized kernel as b-bit
 codes, see `inq_jax.export`) and the batch statistics, and prints the size
-statistics as one JSON line. The default output is WORKDIR/model.inq, the file
+statistics as one JSON line (with each quantized leaf's own width,
+"layer_bits", and the average bits per quantized weight, "mean_bits"). The default output is WORKDIR/model.inq, the file
 `python -m inq_jax.verify_file WORKDIR/model.inq` checks and that
 
   python -m experiments.tools.evaluate --config=CONFIG --weights=FILE

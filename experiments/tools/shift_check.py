@@ -44,6 +44,9 @@ It prints one JSON line:
                          below 2^53 accumulator units), which makes it a
                          bit-exact reference.
   float64_sums_exact     see above.
+  bits, layer_bits, mean_bits
+                         the file's default width, each kernel's own width and
+                         the average per weight (`experiments.tools.evaluate`'s).
   weights                the file.
   seconds                wall time of both passes.
 
@@ -91,6 +94,7 @@ from ml_collections import config_flags
 
 from experiments import errors, models, recipe
 from experiments.data import input_pipeline
+from experiments.tools import evaluate
 from inq_jax import export
 from inq_jax import quantize
 from inq_jax import shift
@@ -379,6 +383,7 @@ def check(config, weights, frac_bits: int = 8, limit: Optional[int] = None,
   model = models.from_config(config, classes)
   out = compare_batches(layers, _test_batches(data, batch_size, limit), frac_bits, model,
                         workers)
+  out.update(evaluate.file_bits(export.read_header(weights)))
   out["weights"] = str(weights)
   out["seconds"] = round(time.perf_counter() - start, 2)
   return out

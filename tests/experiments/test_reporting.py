@@ -130,8 +130,10 @@ def test_codebook_entry_is_the_results_json_form():
                                      saturated_share=0.0, relative_error=0.25),
          "b/kernel": inq.CodebookFit(5, -1, 0.1, 0.0, 0.125)}
   assert reporting.codebook_entry(fit) == {
-      "a/kernel": {"n1": 0, "zero_fraction": 0.7, "relative_error": 0.25},
-      "b/kernel": {"n1": -1, "zero_fraction": 0.1, "relative_error": 0.125}}
+      "a/kernel": {"bits": 3, "n1": 0, "zero_fraction": 0.7, "relative_error": 0.25},
+      "b/kernel": {"bits": 5, "n1": -1, "zero_fraction": 0.1, "relative_error": 0.125}}
+
+
 def test_pyplot_draws_without_a_display(tmp_path):
   plt = reporting.pyplot()
   assert plt.get_backend().lower() == "agg"
