@@ -37,12 +37,11 @@ from typing import NamedTuple, Optional
 
 import ml_collections
 import numpy as np
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from experiments import checkpoints, recipe, reporting, train
+from experiments import checkpoints, errors, recipe, reporting, train, workdir_lock
 from experiments.study import report as sweep_report
 from experiments.study import sweep
 
@@ -72,18 +71,82 @@ def cells(sc: ml_collections.ConfigDict) -> list:
   return out
 
 
+def _grid(v, config):
+  del config
+  problem = ("must be blocks of (seeds, variants, bit widths), e.g. "
+             "(((0,), ('recipe',), (3, 2)),)")
+  if not isinstance(v, (tuple, list)) or not v:
+    return problem
+  for block in v:
+    if not isinstance(block, (tuple, list)) or len(block) != 3:
+      return problem
+    seeds, variants, bits = block
+    if sweep._seeds(seeds, None) or sweep._bits(bits, None):  # pylint: disable=protected-access
+      return sweep._seeds(seeds, None) or sweep._bits(bits, None)  # pylint: disable=protected-access
+    if not isinstance(variants, (tuple, list)) or not variants or not all(
+        isinstance(x, str) for x in variants):
+      return problem
+  return None
+
+
+def _variants(v, config):
+  del config
+  if not isinstance(v, (dict, ml_collections.ConfigDict)) or not v:
+    return "must map each variant's name to its overrides of experiment.inq, e.g. {'recipe': {}}"
+  return None
+
+
+def _baseline_config(v, config):
+  del config
+  if not isinstance(v, str) or not os.path.exists(
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", f"{v}.py")):
+    return "must name a study config of experiments/configs (e.g. 'sweep_fashion_mnist')"
+  return None
+
+
+# Every key of a study config (`experiment` is checked against recipe.SCHEMA,
+# each variant's overrides against its `inq.*` rules).
+SCHEMA = {
+    "experiment": sweep.SCHEMA["experiment"],
+    "portions": sweep.SCHEMA["portions"],
+    "baseline.config": recipe.Rule(_baseline_config, ("no_such_study", 3, None)),
+    "baseline.workdir": sweep.SCHEMA["report_dir"],
+    "variants": recipe.Rule(_variants, ({}, (), None)),
+    "grid": recipe.Rule(_grid, ((), (((0,), ("recipe",)),), (((0,), ("recipe",), (9,)),),
+                                (((-1,), ("recipe",), (3,)),), None)),
+    "report_dir": sweep.SCHEMA["report_dir"],
+    "report_name": sweep.SCHEMA["report_dir"],
+    "title": sweep.SCHEMA["title"],
+    "command_config": sweep.SCHEMA["command_config"],
+}
+
+
 def check_study_config(sc: ml_collections.ConfigDict) -> None:
-  """Every study-level error before anything runs (cells check their own configs)."""
+  """Every study-level error before anything runs (cells check their whole configs).
+
+  Raises:
+    ConfigError naming the key, the value and the fix.
+  """
+  recipe.check_values(sc, SCHEMA)
+  recipe.check_values(sc.experiment, prefix="experiment.")
   for cell in cells(sc):
     if cell.variant not in sc.variants:
-      raise ValueError(f"grid names variant {cell.variant!r}; variants has "
-                       f"{sorted(sc.variants.keys())}")
+      raise errors.ConfigError("grid", None, f"names variant {cell.variant!r}; variants has "
+                               f"{sorted(sc.variants.keys())}", shows_value=True)
     if f"b{cell.bits}" not in sc.portions:
-      raise ValueError(f"portions has no schedule 'b{cell.bits}' for cell {cell.name}")
+      raise errors.ConfigError("portions", None, f"has no schedule 'b{cell.bits}' for cell "
+                               f"{cell.name}", shows_value=True)
   for name, overrides in sc.variants.items():
     unknown = sorted(set(overrides.keys()) - set(sc.experiment.inq.keys()))
     if unknown:
-      raise ValueError(f"variant {name!r} overrides unknown inq fields {unknown}")
+      raise errors.ConfigError(f"variants.{name}", None, f"overrides unknown inq fields "
+                               f"{unknown}", f"use keys of experiment.inq, e.g. "
+                               f"{sorted(sc.experiment.inq.keys())[:4]}", shows_value=True)
+    for key, value in overrides.items():
+      rule = recipe.SCHEMA[f"inq.{key}"]
+      problem = rule.check(value, sc.experiment)
+      if problem:
+        raise recipe.refuse(f"variants.{name}.{key}", value, problem, rule)
 
 
 def baseline_study(sc: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -145,9 +208,20 @@ def run_study(sc: ml_collections.ConfigDict, workdir: str, only: Optional[str] =
     probe.init_checkpoint = None
     try:
       recipe.check_config(probe)
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"cell {cell.name}: {e}") from e
-  os.makedirs(workdir, exist_ok=True)
+    except errors.ConfigError as e:
+      raise errors.ConfigError(f"experiment.{e.key}", e.value,
+                               f"(study cell {cell.name}) {e}", shows_value=True) from None
+  workdir_lock.probe(workdir, "study")  # a live study here: refused before any data is read
+  # New cells or variants may join a study; each cell refuses a changed config of its own.
+  lock = checkpoints.claim_workdir(workdir, sc, what="study", may_change=("grid", "variants"))
+  try:
+    return _run_cells(sc, workdir, chosen, report_dir)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _run_cells(sc, workdir: str, chosen: list, report_dir: Optional[str]) -> dict:
   book_path = os.path.join(workdir, CELLS_FILE)
   book = _load_json(book_path, {})
   for i, cell in enumerate(chosen):
@@ -322,7 +396,8 @@ def define_flags():
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise errors.UserError(f"unexpected arguments {argv[1:]}: settings are flags, e.g. "
+                           "--only='^seed0/'")
   logging.set_verbosity(logging.WARNING)
   sc, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   if flags.FLAGS.report_only:
@@ -335,4 +410,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  errors.run(main, "experiments.study.lowbit_options")

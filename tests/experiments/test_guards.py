@@ -175,6 +175,7 @@ except ImportError:  # the branch's start (ce7b596): these tests must fail there
 from experiments.configs import common, smoke, sweep_fashion_mnist  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.data import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.study import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments.study import lowbit_options  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
 EXPERIMENT_CONFIGS = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")
@@ -296,8 +297,14 @@ def test_every_stock_config_passes_and_every_key_of_it_has_a_rule():
     recipe.check_config(config)
   for name in SWEEP_CONFIGS:
     sc = importlib.import_module(f"experiments.configs.{name}").get_config()
-    assert [k for k in recipe.leaf_keys(sc, sweep.SCHEMA) if k not in sweep.SCHEMA] == [], name
-    sweep.check_sweep_config(sc)
+    study = study_of(sc)
+    assert [k for k in recipe.leaf_keys(sc, study.SCHEMA) if k not in study.SCHEMA] == [], name
+    study.check_study_config(sc) if study is lowbit_options else study.check_sweep_config(sc)
+
+
+def study_of(sc):
+  """The study module that runs the study config `sc` (its docstring's command)."""
+  return lowbit_options if "variants" in sc else sweep
 
 
 @pytest.mark.parametrize("key,value", SCHEMA_CASES,

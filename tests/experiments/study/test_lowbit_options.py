@@ -61,6 +61,12 @@ def test_resnet_ptq_cells_do_not_retrain():
     (lambda sc: sc.__setattr__("grid", (((0,), ("recipe",), (4,)),)), "schedule 'b4'"),
     (lambda sc: sc.variants.__setattr__("bad", {"distill_wieght": 0.5}),
      r"unknown inq fields \['distill_wieght'\]"),
+    (lambda sc: sc.variants.__setattr__("bad", {"distill_weight": 1.5}),
+     r"variants.bad.distill_weight must be at most 1 .*got 1.5"),
+    (lambda sc: sc.variants.__setattr__("bad", {"layer_bits": (("(", 8),)}),
+     r"variants.bad.layer_bits.*layer_bits regex"),
+    (lambda sc: sc.__setattr__("grid", (((0,), ("recipe",)),)), "grid must be blocks"),
+    (lambda sc: sc.__setattr__("report_nmae", "x"), "did you mean report_name"),
 ])
 def test_bad_study_config(change, match):
   sc = lenet_study.get_config()
