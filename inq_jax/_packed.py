@@ -54,6 +54,37 @@ SUB, LANES, BLOCK = _partition.SUB, _partition.LANES, _partition.BLOCK
 BIN_BLOCKS = (1 << 21) // BLOCK
 FROZEN_KEY = _partition.FROZEN_KEY
 
+# XLA:CPU options for these programs: a user waits for their compilation at
+# `init`, at the first `advance` and at `verify`. Without the new fusion
+# emitters and with one codegen split, the programs compile in about 0.7x the
+# time and run as fast (ResNet-50 shapes, 2-core CPU; docs/performance.md).
+# Other backends compile with their defaults.
+CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False,
+                        "xla_cpu_parallel_codegen_split_count": 1}
+
+
+def _program(static_argnames):
+  """`jax.jit` with `CPU_COMPILER_OPTIONS` when the first array argument lives on a CPU."""
+  def wrap(fn):
+    plain = jax.jit(fn, static_argnames=static_argnames)
+    cpu = jax.jit(fn, static_argnames=static_argnames, compiler_options=CPU_COMPILER_OPTIONS)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      return (cpu if _on_cpu(args) else plain)(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: (cpu if _on_cpu(args) else plain).lower(
+        *args, **kwargs)
+    return call
+  return wrap
+
+
+def _on_cpu(args) -> bool:
+  for leaf in jax.tree.leaves(args):
+    if isinstance(leaf, jax.Array):
+      return next(iter(leaf.devices())).platform == "cpu"
+  return jax.default_backend() == "cpu"
+
+
 # Stats `advance` measures before the step, one int per leaf each (see `advance`).
 BEFORE = ("nonfinite", "frozen", "outside", "zeros", "saturated", "frozen_sum", "float_sum")
 
@@ -315,7 +346,7 @@ def _from_bits(bits, dtype):
   return jax.lax.bitcast_convert_type(bits, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "channel", "mse"))
+@_program(("bits", "channel", "mse"))
 def init_stats(leaves, frozen, *, bits, channel, mse):
   """What `init` needs from the pretrained weights, in one program.
 
@@ -454,7 +485,7 @@ def _random_keys(group: Group, seg, leaf_ids, seed_step):
   return (x >> 2).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "strategy", "unpack"))
+@_program(("bits", "strategy", "unpack"))
 def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
   """One INQ step over every quantized leaf; see `inq_jax._state.advance`.
 
@@ -529,7 +560,7 @@ def advance(leaves, masks, n1s, ks, seed_step, *, bits, strategy, unpack=True):
 _ZERO_ID = 4096  # the id of the value 0; +-2^k is 4096 +- (k + 2048), in [1, 8191]
 
 
-@functools.partial(jax.jit, static_argnames=("bits",))
+@_program(("bits",))
 def value_ids(leaves, masks, n1s, *, bits):
   """(int32 value ids, packed per dtype group; int32 [leaves, 2]: outside count, checksum).
 
