@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib
-import json
 import os
 import re
 import time
@@ -174,16 +173,9 @@ def cell_config(sc, cell: Cell) -> ml_collections.ConfigDict:
   return c
 
 
-def _load_json(path: str, default):
-  if not os.path.exists(path):
-    return default
-  with open(path) as f:
-    return json.load(f)
-
-
-def _finished(workdir: str) -> Optional[dict]:
-  r = _load_json(os.path.join(workdir, reporting.RESULTS_FILE), None)
-  return r if r and r.get("final") else None
+# A finished cell's results.json (None while unfinished), and a JSON file or a default.
+_finished = sweep.finished_results
+_load_json = sweep.load_json
 
 
 def _ensure_baseline(sc, seed: int) -> dict:

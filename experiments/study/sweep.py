@@ -198,16 +198,17 @@ def cell_steps(config, steps_per_epoch: int) -> int:
              for segment in recipe.plan(config))
 
 
-def _load_json(path: str, default):
+def load_json(path: str, default):
+  """The JSON file at `path`, or `default` when there is none."""
   if not os.path.exists(path):
     return default
   with open(path) as f:
     return json.load(f)
 
 
-def _results(workdir: str) -> Optional[dict]:
+def finished_results(workdir: str) -> Optional[dict]:
   """A finished cell's results.json (None while the cell is unfinished)."""
-  r = _load_json(os.path.join(workdir, reporting.RESULTS_FILE), None)
+  r = load_json(os.path.join(workdir, reporting.RESULTS_FILE), None)
   return r if r and r.get("final") else None
 
 
@@ -241,8 +242,8 @@ def _run_cells(sc, workdir: str, all_cells: list, configs: dict, report_dir: str
   per_epoch = input_pipeline.steps_per_epoch(sc.experiment.dataset, sc.experiment.batch_size)
   counts = {cell: cell_steps(configs[cell], per_epoch) for cell in all_cells}
   book_path = os.path.join(workdir, CELLS_FILE)
-  book = _load_json(book_path, {})
-  done = {cell for cell in all_cells if _results(os.path.join(workdir, cell.name))}
+  book = load_json(book_path, {})
+  done = {cell for cell in all_cells if finished_results(os.path.join(workdir, cell.name))}
   bar = reporting.progress_bar(sum(counts.values()), "sweep")
   bar.update(sum(counts[c] for c in done))
   start_all = last_report = time.perf_counter()
@@ -287,7 +288,7 @@ def report(sc: ml_collections.ConfigDict, workdir: str, *,
            report_dir: Optional[str] = None) -> dict:
   """Rewrites the report from whatever cells have finished (e.g. after editing notes)."""
   check_sweep_config(sc)
-  book = _load_json(os.path.join(workdir, CELLS_FILE), {})
+  book = load_json(os.path.join(workdir, CELLS_FILE), {})
   report_dir = report_dir or sc.report_dir
   summary = sweep_report.write(sc, workdir, report_dir, _collect(workdir, cells(sc), book))
   print(f"report: {os.path.join(report_dir, sweep_report.RESULTS_MD)}", flush=True)
@@ -298,7 +299,7 @@ def _collect(workdir: str, all_cells, book: dict) -> dict:
   """{cell: (results, seconds)} of the finished cells."""
   out = {}
   for cell in all_cells:
-    r = _results(os.path.join(workdir, cell.name))
+    r = finished_results(os.path.join(workdir, cell.name))
     if r is not None:
       out[cell] = (r, book.get(cell.name, {}).get("seconds", float("nan")))
   return out
