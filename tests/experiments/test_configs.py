@@ -4,6 +4,7 @@ import importlib
 import pathlib
 
 import jax
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
@@ -11,7 +12,8 @@ from tensorflow_datasets.testing import mocking
 from experiments.data import builders
 from experiments.data import input_pipeline as ip
 from experiments.data import synthetic_imagenet
-from experiments import recipe, train
+from experiments import models, recipe, train
+from inq_jax import tree
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "configs"
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.py")
@@ -102,6 +104,18 @@ def test_lowbit_recipe_stays_within_the_retraining_budget(bits):
   retraining = (len(portions) - 1) * config.inq.epochs \
       + config.inq.final_finetune_epochs
   assert retraining == {"3": 16, "2": 20}[bits]
+  # The mixed widths: conv1 and fc2 at 8 bits, 1% of the weights, so the
+  # model averages 3.06 (2.08) bits per weight, as the docstrings say.
+  model = models.from_config(config, 10)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, (1, 28, 28, 1),
+                                                        jax.random.key(0)))["params"]
+  inq_cfg = recipe.inq_config(config)
+  widths = {p: (inq_cfg.bits_for(p), int(np.prod(s.shape)))
+            for p, s in tree.leaves_with_paths(shapes)[0] if inq_cfg.selects(p)}
+  assert {p: b for p, (b, _) in widths.items() if b == 8} == {"conv1/kernel": 8,
+                                                              "fc2/kernel": 8}
+  mean = sum(b * n for b, n in widths.values()) / sum(n for _, n in widths.values())
+  assert round(mean, 2) == {"3": 3.06, "2": 2.08}[bits]
 
 
 def test_lowbit_recipe_refuses_other_bit_widths():
