@@ -4,7 +4,8 @@ A `Reported` error's message is the whole story (the config key and its value,
 or the path, and what to do), so the commands (`experiments.main`, the sweep,
 `experiments.tools.*`) print it as one short message and exit, without a
 traceback: status 2 for a mistake in the command (`UserError`), 1 for the
-machine's (`OutOfSpaceError`). Every other exception is a bug and keeps its
+machine's (`OutOfSpaceError`, and Cloud Storage unreachable: missing
+credentials or no network). Every other exception is a bug and keeps its
 traceback. The classes also derive from the builtin a caller would expect
 (ValueError, FileNotFoundError, OSError), so library callers can catch those.
 """
@@ -201,6 +202,8 @@ def guard(main: Callable, prog: str) -> Callable:
     except OSError as e:
       if "Failed loading config file" in str(e):  # --config read when first used
         _fail(prog, _config_file_message(e), 2)
+      if _from_cloud_client(e):
+        _fail(prog, _cloud_message(e), 1)
       if not is_out_of_space(e):
         raise
       # A full disk also fails the clean-up after the write that reported it
@@ -210,7 +213,27 @@ def guard(main: Callable, prog: str) -> Callable:
         _fail(prog, str(first), first.exit_code)
       _fail(prog, f"out of space: {e}. Free some space and rerun the same command to "
             "resume from the last checkpoint", 1)
+    except Exception as e:  # pylint: disable=broad-except
+      if not _from_cloud_client(e):
+        raise
+      _fail(prog, _cloud_message(e), 1)
   return wrapped
+
+
+# Errors of the clients that reach gs:// (missing credentials, no network): the
+# machine's set-up, not a bug; they keep no traceback either.
+_CLOUD_MODULES = ("google.auth", "aiohttp", "gcsfs")
+
+
+def _from_cloud_client(e: BaseException) -> bool:
+  return type(e).__module__.startswith(_CLOUD_MODULES)
+
+
+def _cloud_message(e: BaseException) -> str:
+  text = str(e).splitlines()[0][:300] if str(e) else ""
+  return (f"cannot reach Cloud Storage ({type(e).__name__}: {text}). Check the network and "
+          "the credentials: `gcloud auth application-default login` on a workstation; on a "
+          "TPU or GCE VM its service account needs access to the bucket")
 
 
 def run(main: Callable, prog: str, argv: Optional[list] = None) -> None:

@@ -34,7 +34,7 @@ from experiments import reporting
 from experiments import steps
 from experiments.configs import common
 from experiments.data import builders
-from experiments.errors import ConfigError, InputNotFoundError
+from experiments.errors import ConfigError, InputError, InputNotFoundError
 from experiments.errors import show as errors_show
 from experiments.models import pretrained
 from experiments.train_state import BASELINE, INQ, PRUNE
@@ -182,8 +182,10 @@ def _path(what: str, exists: Optional[str], fix: str) -> Rule:
       return None
     if not isinstance(v, str) or (v and not v.strip()) or "\0" in v:
       return f"must be {what}"
+    if reporting.is_remote(v) and not re.match(r"^[a-z][a-z0-9+.-]*://[^/\s]+", v):
+      return f"must be {what}, and a remote one must name its bucket (gs://BUCKET/...)"
     return None
-  return Rule(check, (3, "   ", "a\0b"), fix=fix, exists=exists)
+  return Rule(check, (3, "   ", "a\0b", "gs://", "gs:///data"), fix=fix, exists=exists)
 
 
 def _library(make: Callable[[Any], Any], bad: tuple, *, fix: str = "") -> Rule:
@@ -439,12 +441,26 @@ def check_paths(config, schema: Optional[dict] = None, *, prefix: str = "") -> N
     if not value:
       continue
     path = reporting.abs_path(value)
-    if not path.exists():
+    try:
+      exists, is_dir = path.exists(), path.is_dir()
+    except _BUGS:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (gcsfs/auth errors of any kind)
+      raise InputError(f"{prefix}{key} {value} cannot be checked: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200] if str(e) else ''}; check the path, "
+                       "the network and, for gs://, the credentials (gcloud auth "
+                       "application-default login)") from None
+    if not exists:
       raise InputNotFoundError(f"{prefix}{key} {value} does not exist; {_PATH_FIX}")
-    if rule.exists == "dir" and not path.is_dir():
+    if rule.exists == "dir" and not is_dir:
       raise refuse(key, value, "must be a directory, not a file", rule, prefix)
-    if rule.exists == "file" and path.is_dir():
+    if rule.exists == "file" and is_dir:
       raise refuse(key, value, "must be a file, not a directory", rule, prefix)
+
+
+# What a bug raises, as opposed to a file system or a network failing: a bug
+# keeps its traceback.
+_BUGS = (TypeError, AttributeError, KeyError, NameError, AssertionError)
 
 
 def check_config(config: ml_collections.ConfigDict):

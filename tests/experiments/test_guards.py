@@ -443,6 +443,25 @@ def test_main_refuses_a_bad_command_in_one_line_with_status_2(tmp_path, fmnist_d
   assert not (tmp_path / "w").exists()  # nothing written by any of them
 
 
+def test_gs_without_credentials_is_one_line_naming_the_fix(tmp_path, fmnist_data_dir):
+  # A gs:// workdir on a machine whose Google credentials are missing (here: a
+  # credentials file that does not exist, the same on any machine): the set-up's
+  # mistake, one line and status 1, not a traceback from google.auth.
+  run_env = env(GOOGLE_APPLICATION_CREDENTIALS=str(tmp_path / "no_such_key.json"))
+  for name in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
+               "CLOUD_STORAGE_EMULATOR_ENDPOINT"):
+    run_env.pop(name, None)
+  result = subprocess.run(
+      [sys.executable, "-m", MAIN, "--config=experiments/configs/smoke.py",
+       "--workdir=gs://inq-test-no-credentials/run",
+       f"--config.dataset.data_dir={fmnist_data_dir}"],
+      env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  line = _error_line({"err": result.stderr}, MAIN)
+  assert "cannot reach Cloud Storage" in line and "gcloud auth" in line, line
+
+
 def test_sweep_and_tools_refuse_bad_commands_in_one_line(tmp_path, fmnist_data_dir):
   w = str(tmp_path / "w")
   weights = tmp_path / "garbage.inq"
