@@ -55,7 +55,8 @@ def get_config():
       "both": {**DISTILL, "layer_bits": MIXED},
   })
   c.grid = (((0,), ("recipe", "distill", "mixed", "both"), (3, 2)),
-            ((1, 2), ("mixed", "recipe"), (3, 2)))
+            ((1, 2), ("mixed",), (3, 2)),
+            ((1, 2), ("recipe",), (3, 2)))
   c.report_dir = "results/lowbit_options"
   c.report_name = "lenet"
   return c
