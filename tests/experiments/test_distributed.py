@@ -80,6 +80,6 @@ def test_stock_smoke_config_on_1_3_and_8_devices(tmp_path, fmnist_data_dir, smok
 def test_train_batch_not_divisible_by_devices_says_what_to_set(tmp_path, fmnist_data_dir):
   proc = run(tmp_path / "w", 8, fmnist_data_dir, "batch_size=100")
   assert proc.returncode != 0
-  assert "batch_size=100 is not divisible by the 8 devices" in proc.stderr
+  assert "batch_size is not divisible by the 8 devices, got 100" in proc.stderr
   assert "--config.batch_size" in proc.stderr
   assert not (tmp_path / "w").exists()  # refused before the workdir is claimed
