@@ -500,8 +500,8 @@ def check_config(config: ml_collections.ConfigDict):
 def check_initial(config: ml_collections.ConfigDict, variables: dict) -> None:
   """What needs the run's initial weights, before the workdir is claimed.
 
-  `include`/`exclude` must select some of this model's weights; `plot_layer`
-  must match a quantized one; weights from a file (`init_checkpoint`,
+  `include`/`exclude` must select some of this model's weights, every
+  `layer_bits` regex and `plot_layer` must match a quantized one; weights from a file (`init_checkpoint`,
   `init_torchvision`) must be finite, and the quantized ones ones the
   library's `quantize.init` accepts (no NaN, not all zero or subnormal).
 
@@ -518,6 +518,12 @@ def check_initial(config: ml_collections.ConfigDict, variables: dict) -> None:
         else "inq.exclude"
     value = inq_cfg.include if key == "inq.include" else inq_cfg.exclude
     raise ConfigError(key, value, _Said(message), "give a regex (re.search) over those '/'-joined paths",
+                      shows_value=True) from None
+  try:  # every layer_bits regex must match a quantized leaf (the library's own rule)
+    quantize.abstract_state(params, inq_cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("inq.layer_bits", config.inq.layer_bits, _Said(str(e)),
+                      "give regexes (re.search) over those '/'-joined paths, or ()",
                       shows_value=True) from None
   if config.plot_layer and not any(re.search(config.plot_layer, p) for p, _ in selected):
     raise refuse("plot_layer", config.plot_layer,

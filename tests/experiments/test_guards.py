@@ -408,6 +408,8 @@ def _main_cases(tmp_path, data_dir):
       (base + ["--config.dataset.workers=-2"], ["dataset.workers", "-2"]),
       (base + ["--config.inq.include=conv9"], ["inq.include", "conv9"]),
       (base + ["--config.plot_layer=conv9"], ["plot_layer", "conv9"]),
+      (base + ["--config.inq.layer_bits=((\"^conv9/\",8),)"],
+       ["inq.layer_bits", "'^conv9/'", "matches no quantized parameter"]),
       (base + ["--config.dataset.test_split=test[10000:]"], ["dataset.test_split",
                                                              "test[10000:]", "no example"]),
       (base + ["--config.dataset.train_split=train[:0]"], ["dataset.train_split",
