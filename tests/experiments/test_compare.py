@@ -210,9 +210,13 @@ def test_a_benchmark_missing_from_the_reference_or_failing_is_an_error(fake_repo
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_the_worktree_is_removed_when_interrupted(fake_repo, monkeypatch, sig):
   monkeypatch.setenv("FAKE_SLEEP", "60")
+  # SIGINT as a terminal's Ctrl-C finds it: a child inherits an ignored SIGINT
+  # (as test runners' workers and background shell jobs have it), and Python then
+  # installs no KeyboardInterrupt handler, so the tool would sleep the signal out.
   proc = subprocess.Popen([sys.executable, "-m", "experiments.benchmarks.compare",
                            "--repo", str(fake_repo), "--ref", "HEAD", "--runs", "1", "fake"],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     # The tree's run comes first (its code does not sleep), then the reference's,
     # which sleeps: interrupt the tool while that run is going.
