@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from experiments import reporting
 from experiments import workdir_lock
 from experiments.configs import common
-from experiments.errors import (ConfigError, InputNotFoundError, Reported, WorkdirError,
+from experiments.errors import (BUGS, ConfigError, InputNotFoundError, Reported, WorkdirError,
                                 WorkdirInUseError, is_out_of_space, out_of_space)
 from inq_jax import export as inq_export
 from inq_jax import quantize
@@ -473,7 +473,7 @@ def load_variables(source: str, template: Any, *, key: str = "init_checkpoint") 
   try:
     restored = checkpointer.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct,
                                                             template))
-  except _BUGS:
+  except BUGS:
     raise
   except Exception as e:  # pylint: disable=broad-except  (tensorstore's bare Exception too)
     raise refuse(f"cannot be read: its data is truncated or damaged "
@@ -572,11 +572,6 @@ def load_final(workdir: str):
   return tree["variables"], tree["inq"]
 
 
-# What a bug raises, as opposed to orbax and tensorstore reading damaged data
-# (ValueError, OSError, tensorstore's bare Exception): a bug keeps its traceback.
-_BUGS = (TypeError, AttributeError, KeyError, NameError, AssertionError)
-
-
 class _damaged_data:  # pylint: disable=invalid-name  (a context manager)
   """Re-raises a failed read of `what` as a WorkdirError naming it and `fix`."""
 
@@ -587,7 +582,7 @@ class _damaged_data:  # pylint: disable=invalid-name  (a context manager)
     return self
 
   def __exit__(self, kind, e, tb):
-    if e is None or isinstance(e, (Reported, *_BUGS)) or not isinstance(e, Exception):
+    if e is None or isinstance(e, (Reported, *BUGS)) or not isinstance(e, Exception):
       return False
     first = str(e).splitlines()[0][:200] if str(e) else ""
     raise WorkdirError(f"{self.what} cannot be read: it is damaged or truncated "

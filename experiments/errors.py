@@ -21,6 +21,11 @@ from typing import Any, Callable, Optional
 from absl import app
 from absl import flags
 
+# What a bug raises, as opposed to a file system, a network or a reader of
+# damaged data failing (ValueError, OSError, tensorstore's bare Exception): a
+# bug keeps its traceback.
+BUGS = (TypeError, AttributeError, KeyError, NameError, AssertionError)
+
 # A write that failed for want of space: the OS's errno, or tensorstore's
 # wording of it (orbax writes through tensorstore, whose errors are ValueErrors
 # carrying "[os_error_code='28']" or the strerror text).

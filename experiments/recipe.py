@@ -34,7 +34,7 @@ from experiments import reporting
 from experiments import steps
 from experiments.configs import common
 from experiments.data import builders
-from experiments.errors import ConfigError, InputError, InputNotFoundError
+from experiments.errors import BUGS, ConfigError, InputError, InputNotFoundError
 from experiments.errors import show as errors_show
 from experiments.models import pretrained
 from experiments.train_state import BASELINE, INQ, PRUNE
@@ -443,7 +443,7 @@ def check_paths(config, schema: Optional[dict] = None, *, prefix: str = "") -> N
     path = reporting.abs_path(value)
     try:
       exists, is_dir = path.exists(), path.is_dir()
-    except _BUGS:
+    except BUGS:
       raise
     except Exception as e:  # pylint: disable=broad-except  (gcsfs/auth errors of any kind)
       raise InputError(f"{prefix}{key} {value} cannot be checked: {type(e).__name__}: "
@@ -457,10 +457,6 @@ def check_paths(config, schema: Optional[dict] = None, *, prefix: str = "") -> N
     if rule.exists == "file" and is_dir:
       raise refuse(key, value, "must be a file, not a directory", rule, prefix)
 
-
-# What a bug raises, as opposed to a file system or a network failing: a bug
-# keeps its traceback.
-_BUGS = (TypeError, AttributeError, KeyError, NameError, AssertionError)
 
 
 def check_config(config: ml_collections.ConfigDict):

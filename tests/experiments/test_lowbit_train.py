@@ -43,12 +43,7 @@ def tiny_config(data_dir, **overrides):
   c.baseline.epochs = 1
   c.inq.epochs = 0.5
   c.inq.portions = (0.5, 1.0)
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
