@@ -62,20 +62,28 @@ class _QuietOutOfSpace(pylogging.Filter):
   """Drops orbax's own reports of a write that ran out of space.
 
   Orbax logs the failure with a traceback from each of its writer threads
-  (dozens of tracebacks for one full disk); the save then raises it once,
-  and `RunCheckpoints.save` reports it in one line naming the checkpoint.
+  (dozens of tracebacks for one full disk), and asyncio logs each of orbax's
+  write tasks whose failure nobody awaited ("Task exception was never
+  retrieved", when the task is garbage-collected: whether and when depends on
+  timing). The save raises the failure once, and `RunCheckpoints.save` reports
+  it in one line naming the checkpoint.
   """
 
   def filter(self, record):
-    if record.levelno < pylogging.ERROR or "/orbax/" not in record.pathname:
+    if record.levelno < pylogging.ERROR:
       return True
     text = record.getMessage()
     if record.exc_info:
       text += "".join(traceback.format_exception(*record.exc_info))
-    return not is_out_of_space(Exception(text))
+    # asyncio's report names the orbax coroutine only in its text.
+    from_orbax = "/orbax/" in record.pathname or "/orbax/" in text
+    return not (from_orbax and is_out_of_space(Exception(text)))
 
 
-pylogging.getLogger("absl").addFilter(_QuietOutOfSpace())
+# A filter acts on the records of its own logger only (not on those that
+# propagate to it), so it goes on both loggers that carry orbax's reports.
+for _name in ("absl", "asyncio"):
+  pylogging.getLogger(_name).addFilter(_QuietOutOfSpace())
 
 
 def _quiet_abandoned_writes() -> None:
