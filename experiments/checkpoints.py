@@ -370,6 +370,7 @@ class RunCheckpoints:
 def save_variables(target: str, variables: Any) -> None:
   """Saves model variables ({'params', 'batch_stats'}) for `config.init_checkpoint`."""
   checkpointer = ocp.StandardCheckpointer()
+  _quiet_abandoned_writes()  # a save that runs out of space abandons writes, as a run's does
   with _named_if_out_of_space(target):
     checkpointer.save(reporting.abs_path(target), variables, force=True)
     checkpointer.wait_until_finished()

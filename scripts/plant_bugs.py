@@ -470,6 +470,13 @@ BUGS: Tuple[Bug, ...] = (
         "a checkpoint write that runs out of space prints asyncio's tracebacks of orbax's "
         "unawaited write tasks beside the one-line error (when they are collected in time)",
         (T + "experiments/test_guards.py",)),
+    Bug("save-variables-abandoned-writes-shown", "experiments/checkpoints.py",
+        "  _quiet_abandoned_writes()  # a save that runs out of space abandons writes, as a "
+        "run's does",
+        "  pass",
+        "saving model variables (the baseline's, a converted init_checkpoint) on a full disk "
+        "prints a traceback for every write orbax abandoned beside the one-line error",
+        (T + "experiments/test_guards.py",)),
     Bug("finetune-on-the-wrong-phase", RECIPE,
         "epochs = config.inq.final_finetune_epochs if k == len(portions) else config.inq.epochs",
         "epochs = config.inq.final_finetune_epochs if k == len(portions) - 1 else "

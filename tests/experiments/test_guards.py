@@ -681,6 +681,35 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_rerun_resumes(
   assert json.loads((workdir / "results.json").read_text())["final"]["all_pow2"] is True
 
 
+SAVE_VARIABLES_FULL = textwrap.dedent("""
+    import resource, signal, sys
+    import numpy as np
+    import jax.numpy as jnp
+    from experiments import checkpoints, errors
+    def main(argv):
+      variables = {"params": {f"l{i}": {"kernel": jnp.asarray(
+          np.random.default_rng(i).random((300, 300), np.float32))} for i in range(12)},
+                   "batch_stats": {}}
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+      checkpoints.save_variables(sys.argv[1], variables)
+    errors.run(main, "save", argv=["save"])
+""")
+
+
+def test_a_full_disk_while_saving_variables_is_one_line(tmp_path):
+  # The baseline's variables (and a converted init_checkpoint) go through
+  # orbax too: a full disk there abandoned its writes with 7-10 tracebacks.
+  target = tmp_path / "baseline_variables"
+  proc = subprocess.run([sys.executable, "-c", SAVE_VARIABLES_FULL, str(target)], env=env(),
+                        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  errors_ = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+  assert _no_traceback(proc.stderr) and len(errors_) == 1, proc.stderr[-5000:]
+  assert errors_[0].startswith(f"save: error: out of space while writing {target}: the file "
+                               "size limit was reached"), errors_[0]
+
+
 def test_a_refused_setting_leaves_the_workdir_to_the_corrected_command(tmp_path,
                                                                        fmnist_data_dir):
   # Today a NaN learning rate fails late, after config.json is written, and the
