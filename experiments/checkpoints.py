@@ -63,10 +63,13 @@ class _QuietOutOfSpace(pylogging.Filter):
 
   Orbax logs the failure with a traceback from each of its writer threads
   (dozens of tracebacks for one full disk), and asyncio logs each of orbax's
-  write tasks whose failure nobody awaited ("Task exception was never
-  retrieved", when the task is garbage-collected: whether and when depends on
-  timing). The save raises the failure once, and `RunCheckpoints.save` reports
-  it in one line naming the checkpoint.
+  write tasks and tensorstore's futures whose failure nobody awaited ("Task
+  exception was never retrieved", "Future exception ...", when the object is
+  garbage-collected: whether and when depends on timing). The save raises the
+  failure once, and `RunCheckpoints.save` reports it in one line naming the
+  checkpoint. asyncio's reports are dropped whatever their source (a bare
+  future names none): in this process the async writers are orbax's, and a
+  full disk ends the run with the one-line error anyway.
   """
 
   def filter(self, record):
@@ -75,9 +78,8 @@ class _QuietOutOfSpace(pylogging.Filter):
     text = record.getMessage()
     if record.exc_info:
       text += "".join(traceback.format_exception(*record.exc_info))
-    # asyncio's report names the orbax coroutine only in its text.
-    from_orbax = "/orbax/" in record.pathname or "/orbax/" in text
-    return not (from_orbax and is_out_of_space(Exception(text)))
+    ours = record.name == "asyncio" or "/orbax/" in record.pathname
+    return not (ours and is_out_of_space(Exception(text)))
 
 
 # A filter acts on the records of its own logger only (not on those that
