@@ -111,6 +111,11 @@ def _quiet_abandoned_writes() -> None:
   sys.unraisablehook = hook
 
 
+# Every orbax save of this module (a run's checkpoints, `save_variables`) can
+# abandon writes; the reports can come before the save's own error.
+_quiet_abandoned_writes()  # at import, before any save
+
+
 def _check_workdir(workdir: str, *, create: bool) -> None:
   """Refuses a workdir that is a file or cannot be written; with `create`, makes it.
 
@@ -272,7 +277,6 @@ class RunCheckpoints:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            cleanup_tmp_directories=True)
     self._workdir, self._failed = workdir, False
-    _quiet_abandoned_writes()  # before any save: the reports can come before its error
     self._dir = reporting.abs_path(workdir) / CHECKPOINT_DIR
     # The handlers named up front, so that a fresh session can read a
     # checkpoint's metadata (`restore`'s `complete`) before saving anything.
@@ -372,7 +376,6 @@ class RunCheckpoints:
 def save_variables(target: str, variables: Any) -> None:
   """Saves model variables ({'params', 'batch_stats'}) for `config.init_checkpoint`."""
   checkpointer = ocp.StandardCheckpointer()
-  _quiet_abandoned_writes()  # a save that runs out of space abandons writes, as a run's does
   with _named_if_out_of_space(target):
     checkpointer.save(reporting.abs_path(target), variables, force=True)
     checkpointer.wait_until_finished()

@@ -441,8 +441,9 @@ def check_paths(config, schema: Optional[dict] = None, *, prefix: str = "") -> N
     if not value:
       continue
     path = reporting.abs_path(value)
-    try:
-      exists, is_dir = path.exists(), path.is_dir()
+    try:  # is_dir only of a path that exists (on gs:// each is a request)
+      exists = path.exists()
+      is_dir = exists and path.is_dir()
     except BUGS:
       raise
     except Exception as e:  # pylint: disable=broad-except  (gcsfs/auth errors of any kind)
@@ -456,7 +457,6 @@ def check_paths(config, schema: Optional[dict] = None, *, prefix: str = "") -> N
       raise refuse(key, value, "must be a directory, not a file", rule, prefix)
     if rule.exists == "file" and is_dir:
       raise refuse(key, value, "must be a file, not a directory", rule, prefix)
-
 
 
 def check_config(config: ml_collections.ConfigDict):
@@ -497,9 +497,10 @@ def check_initial(config: ml_collections.ConfigDict, variables: dict) -> None:
   """What needs the run's initial weights, before the workdir is claimed.
 
   `include`/`exclude` must select some of this model's weights, every
-  `layer_bits` regex and `plot_layer` must match a quantized one; weights from a file (`init_checkpoint`,
-  `init_torchvision`) must be finite, and the quantized ones ones the
-  library's `quantize.init` accepts (no NaN, not all zero or subnormal).
+  `layer_bits` regex and `plot_layer` must match a quantized one; weights from
+  a file (`init_checkpoint`, `init_torchvision`) must be finite, and the
+  quantized ones the library's `quantize.init` accepts (no NaN, not all
+  zero or subnormal).
 
   Raises:
     ConfigError naming the key (the pattern, or the file the weights came from).
@@ -517,7 +518,7 @@ def check_initial(config: ml_collections.ConfigDict, variables: dict) -> None:
                       shows_value=True) from None
   try:  # every layer_bits regex must match a quantized leaf (the library's own rule)
     quantize.abstract_state(params, inq_cfg)
-  except (TypeError, ValueError) as e:
+  except ValueError as e:  # the selection passed above: only layer_bits is left to refuse
     raise ConfigError("inq.layer_bits", config.inq.layer_bits, _Said(str(e)),
                       "give regexes (re.search) over those '/'-joined paths, or ()",
                       shows_value=True) from None

@@ -477,11 +477,10 @@ BUGS: Tuple[Bug, ...] = (
         "tensorstore future's report (no source in it) prints beside the one-line error",
         (T + "experiments/test_guards.py",)),
     Bug("save-variables-abandoned-writes-shown", "experiments/checkpoints.py",
-        "  _quiet_abandoned_writes()  # a save that runs out of space abandons writes, as a "
-        "run's does",
-        "  pass",
-        "saving model variables (the baseline's, a converted init_checkpoint) on a full disk "
-        "prints a traceback for every write orbax abandoned beside the one-line error",
+        "_quiet_abandoned_writes()  # at import, before any save", "pass",
+        "the abandoned writes of a save that ran out of space go unquieted: saving model "
+        "variables (the baseline's, a converted init_checkpoint) or a checkpoint on a full "
+        "disk prints a traceback for each beside the one-line error",
         (T + "experiments/test_guards.py",)),
     Bug("finetune-on-the-wrong-phase", RECIPE,
         "epochs = config.inq.final_finetune_epochs if k == len(portions) else config.inq.epochs",
